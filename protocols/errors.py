@@ -1,0 +1,50 @@
+"""Exceptions raised by the wire protocol and the secure-aggregation protocols.
+
+Every error names what was wrong (which client, which tensor, which field) and carries the gRPC
+status code a server should answer with, so the transport can turn it into a clean refusal.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ProtocolError(Exception):
+    """Base class of every protocol error; ``code`` is the gRPC status to report."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class MalformedMessage(ProtocolError):
+    """A message is structurally invalid: bad dtype, shape, size, checksum or chunk order."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class StaleMessage(ProtocolError):
+    """A message belongs to another run or to a round that is not open (any more)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnknownClient(ProtocolError):
+    """A message comes from a client id the server does not know (it never joined or left)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Refused(ProtocolError):
+    """A well-formed message the server will not accept (not in the cohort, duplicate, ...)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ProtocolAbort(ProtocolError):
+    """A protocol instance cannot finish (for example too few clients survived)."""
+
+    code = grpc.StatusCode.ABORTED

@@ -1,0 +1,18 @@
+"""Secure-aggregation protocols: what a client sends instead of its update, and how the server
+turns those messages into sums without seeing individual updates (except in ``plain`` mode).
+
+Each protocol is one file with a client half and a server half plus one line in
+:mod:`protocols.secagg.registry`.
+"""
+
+from protocols.secagg.base import BucketSum, Contribution, SecureAggregation
+from protocols.secagg.registry import available, create_secure_aggregation, register_secure_aggregation
+
+__all__ = [
+    "BucketSum",
+    "Contribution",
+    "SecureAggregation",
+    "available",
+    "create_secure_aggregation",
+    "register_secure_aggregation",
+]

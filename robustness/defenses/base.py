@@ -1,0 +1,47 @@
+"""The interface of a defense: a function of an ``(n, d)`` matrix of updates plus weights.
+
+Rows are whatever the secure-aggregation stage revealed: individual client updates in plain mode,
+bucket means otherwise. A defense returns the rows (possibly fewer, or one robust aggregate) and
+weights that the PEFT rule then combines, plus the indices of the rows it excluded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DefenseResult:
+    """Output of a defense.
+
+    Attributes
+    ----------
+    updates:
+        ``(m, d)`` float32 rows to be combined by the aggregation rule.
+    weights:
+        ``(m,)`` non-negative weights of those rows.
+    excluded:
+        Indices (into the input rows) the defense rejected.
+    info:
+        Scalar diagnostics for the metrics line.
+    """
+
+    updates: np.ndarray
+    weights: np.ndarray
+    excluded: tuple[int, ...] = ()
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Defense(ABC):
+    """Base class of every defense; ``name`` is its ``[robustness] defense`` value."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+
+    @abstractmethod
+    def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> DefenseResult:
+        """Apply the defense to ``updates`` (shape ``(n, d)``) with ``weights`` (shape ``(n,)``)."""

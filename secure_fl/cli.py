@@ -1,0 +1,186 @@
+"""Command line: ``secure-fl`` (simulate, config, presets), ``secure-fl-server``, ``secure-fl-client``.
+
+A thin layer over the library: parse arguments, resolve the config (file or preset, then
+``--set`` overrides), call :func:`secure_fl.simulation.simulate`, :class:`FederatedServer` or
+:class:`FederatedClient`. User errors print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from protocols.errors import ProtocolError
+from secure_fl.config import Config, load_config, presets
+from secure_fl.errors import ConfigError, SecureFLError
+
+EXIT_USAGE = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, default_preset: str | None) -> None:
+    group = parser.add_mutually_exclusive_group(required=default_preset is None)
+    group.add_argument("--config", metavar="FILE", help="TOML config file")
+    group.add_argument("--preset", metavar="NAME", help="bundled preset (see `secure-fl presets`)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set run.rounds=3",
+    )
+
+
+def _config(args: argparse.Namespace, default_preset: str | None = None) -> Config:
+    preset = args.preset if (args.preset or args.config) else default_preset
+    return load_config(args.config, preset, args.overrides)
+
+
+def _guard(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return fn(args)
+    except (SecureFLError, ProtocolError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    config = _config(args, default_preset="bbc-news")
+    from secure_fl.simulation import simulate
+
+    started = time.perf_counter()
+    result = simulate(config, args.out)
+    elapsed = time.perf_counter() - started
+    accuracy = result.final_accuracy
+    print(
+        f"done in {elapsed:.1f} s: {len(result.metrics)} rounds, final accuracy "
+        f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}"
+    )
+    return 0
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    print(_config(args, default_preset="bbc-news").to_toml(), end="")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    print("\n".join(presets()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``secure-fl``."""
+    parser = argparse.ArgumentParser(prog="secure-fl", description="Federated fine-tuning of PEFT adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run server and N clients in one process (default preset: bbc-news)")
+    _add_config_args(sim, default_preset="bbc-news")
+    sim.add_argument("--out", metavar="DIR", help="run directory (default runs/<run-id>)")
+    sim.set_defaults(fn=_simulate)
+    show = sub.add_parser("config", help="print the resolved config as TOML")
+    _add_config_args(show, default_preset="bbc-news")
+    show.set_defaults(fn=_show_config)
+    sub.add_parser("presets", help="list the bundled presets").set_defaults(fn=_presets)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    return _guard(args.fn, args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from secure_fl.progress import ProgressObserver
+    from secure_fl.server.engine import FederatedServer
+    from secure_fl.transport.grpc_server import GrpcServer
+
+    server = FederatedServer(config, args.out, observer=ProgressObserver(config.run.rounds))
+    grpc_server = GrpcServer(server.coordinator, args.address).start()
+    print(f"run {server.run_id}: listening on {grpc_server.address}; waiting for {config.run.clients_per_round} clients", flush=True)
+    try:
+        result = server.run()
+        deadline = time.monotonic() + args.linger
+        while server.coordinator.active_clients() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        grpc_server.stop()
+    accuracy = result.final_accuracy
+    print(f"done: {len(result.metrics)} rounds, final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}")
+    return 0
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``secure-fl-server``."""
+    parser = argparse.ArgumentParser(prog="secure-fl-server", description="Run the federated server over gRPC.")
+    _add_config_args(parser, default_preset=None)
+    parser.add_argument("--address", required=True, metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:50051")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--linger", type=float, default=15.0, help="seconds to keep serving after the last round so clients learn the run is over")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    return _guard(_serve, args)
+
+
+def _client_index(client_id: str, num_clients: int) -> int:
+    match = re.search(r"(\d+)$", client_id)
+    if match is None or int(match.group(1)) >= num_clients:
+        raise ConfigError(
+            f"client id {client_id!r} does not name a partition: pass --data PATH, or use an id ending in an "
+            f"index 0..{num_clients - 1} (run.num_clients={num_clients}), e.g. client-0"
+        )
+    return int(match.group(1))
+
+
+def _client(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from privacy.mechanisms import create_privacy_mechanism
+    from protocols.secagg import create_secure_aggregation
+    from secure_fl.client.client import ClientStages, FederatedClient
+    from secure_fl.client.trainer import LocalTrainer
+    from secure_fl.data import load_text_file
+    from secure_fl.data.sources import client_dataset
+    from secure_fl.peft_agg import create_rule
+    from secure_fl.transport.grpc_client import GrpcTransport
+
+    if args.data:
+        data = config.data
+        dataset = load_text_file(
+            args.data, text_column=data.text_column, label_column=data.label_column, label_names=data.label_names or None
+        )
+    else:
+        dataset = client_dataset(config, _client_index(args.client_id, config.run.num_clients))
+    trainer = LocalTrainer.from_config(config, dataset)
+    trainer.update_keys = create_rule(config.peft.rule).update_keys(trainer.adapted.trainable_names)
+    stages = ClientStages(
+        secure=create_secure_aggregation(config.secure.mode), privacy=create_privacy_mechanism(config.privacy.mode)
+    )
+    client = FederatedClient(
+        args.client_id, GrpcTransport(args.server), trainer, stages, seed=config.run.seed, chunk_size=config.transport.chunk_size
+    )
+    print(f"client {args.client_id}: {len(dataset)} local examples; connecting to {args.server}", flush=True)
+    client.run(connect_timeout=config.transport.connect_timeout)
+    print(f"client {args.client_id}: trained rounds {client.rounds_trained}; {client.finish_message}")
+    return 0
+
+
+def client_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``secure-fl-client``."""
+    parser = argparse.ArgumentParser(prog="secure-fl-client", description="Run one federated client over gRPC.")
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="address of secure-fl-server")
+    _add_config_args(parser, default_preset=None)
+    parser.add_argument("--client-id", required=True, metavar="ID", help="this party's id (e.g. client-3)")
+    parser.add_argument("--data", metavar="PATH", help="local CSV/JSONL data (default: partition <index> of the configured dataset)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    return _guard(_client, args)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("secure_fl").setLevel(logging.INFO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A federated client: join, poll for tasks, train, encode, upload, until the run finishes.
+
+The client pipeline for one task is: load the global adapter -> local training -> update =
+adapter delta -> (simulated attack, evaluation only) -> privacy transform (clip / noise share)
+-> secure encoding -> chunked upload. The stages are built from the client's own config and must
+match the names the server announces in every task, so a client never silently runs weaker
+protections than it was configured with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from privacy.mechanisms import PrivacyMechanism
+from protocols.secagg import SecureAggregation
+from protocols.wire import serde
+from protocols.wire.v1 import federation_pb2 as pb
+from robustness.attacks import Attack
+from secure_fl.client.trainer import LocalTrainer, derive_seed
+from secure_fl.errors import RunError, TransportError
+from secure_fl.models import model_fingerprint
+from secure_fl.server.coordinator import PROTOCOL_VERSION
+from secure_fl.transport.base import ClientTransport
+
+log = logging.getLogger(__name__)
+
+# Codes meaning "the server is not there (yet)": retried until the connect timeout.
+_RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+@dataclass
+class ClientStages:
+    """The client halves of the pipeline."""
+
+    secure: SecureAggregation
+    privacy: PrivacyMechanism
+    attack: Attack | None = None
+
+    def names(self) -> dict[str, str]:
+        """Names to compare with the server's announced stages."""
+        return {"secure": self.secure.name, "privacy": self.privacy.name}
+
+
+class FederatedClient:
+    """One party in a federated run, over any :class:`ClientTransport`."""
+
+    def __init__(
+        self,
+        client_id: str,
+        transport: ClientTransport,
+        trainer: LocalTrainer,
+        stages: ClientStages,
+        *,
+        seed: int = 0,
+        chunk_size: int = serde.DEFAULT_CHUNK_SIZE,
+        max_download_bytes: int = 1 << 30,
+    ) -> None:
+        self.client_id = client_id
+        self.transport = transport
+        self.trainer = trainer
+        self.stages = stages
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.max_download_bytes = max_download_bytes
+        self.run_id = ""
+        self.retry_after = 0.5
+        self.finished = False
+        self.finish_message = ""
+        self.rounds_trained: list[int] = []
+        self._fingerprint = model_fingerprint(trainer.adapted.model)
+        self._rng = np.random.default_rng(derive_seed(seed, "attack", client_id))
+
+    def _envelope(self, round_number: int = 0) -> pb.Envelope:
+        return serde.envelope(self.run_id, round_number, self.client_id)
+
+    def join(self) -> pb.JoinReply:
+        """Join the run; the reply fixes the run id used in every later message."""
+        reply = self.transport.join(
+            pb.JoinRequest(
+                envelope=self._envelope(),
+                protocol_version=PROTOCOL_VERSION,
+                model_fingerprint=self._fingerprint,
+                num_examples=self.trainer.num_examples,
+            )
+        )
+        self.run_id = reply.envelope.run_id
+        self.retry_after = reply.poll_interval_ms / 1000
+        return reply
+
+    def step(self) -> str:
+        """Poll once and act on the answer; returns ``"wait"``, ``"trained"`` or ``"finished"``."""
+        header, payload = serde.read_task_stream(
+            self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope())),
+            max_bytes=self.max_download_bytes,
+            who="server",
+        )
+        if header.kind == pb.TaskHeader.FINISHED:
+            self.finished, self.finish_message = True, header.message
+            return "finished"
+        if header.kind != pb.TaskHeader.TRAIN:
+            self.retry_after = max(header.retry_after_ms, 1) / 1000
+            return "wait"
+        self._check_stages(dict(header.stages))
+        round_number = header.envelope.round
+        global_state = serde.unpack_tensors(header.manifest, payload, who="server")
+        seed = derive_seed(self.seed, round_number, self.client_id)
+        delta, metrics = self.trainer.train(global_state, dict(header.plan), seed=seed)
+        if self.stages.attack is not None:
+            delta = self.stages.attack.perturb(delta, rng=self._rng)
+        update = self.stages.privacy.client_transform(delta)
+        weight = float(self.trainer.num_examples)
+        encoded = self.stages.secure.encode(update, weight=weight)
+        manifest, body = serde.pack_tensors(encoded)
+        upload = pb.UpdateHeader(
+            envelope=self._envelope(round_number),
+            manifest=manifest,
+            weight=weight,
+            metrics={k: float(v) for k, v in metrics.items()},
+            encoding=self.stages.secure.name,
+        )
+        try:
+            self.transport.push_update(serde.update_stream(upload, body, self.chunk_size))
+        except TransportError as exc:
+            if exc.code != "FAILED_PRECONDITION":
+                raise
+            log.warning("client %s: update for round %d refused: %s", self.client_id, round_number, exc.details)
+            return "wait"
+        self.rounds_trained.append(round_number)
+        return "trained"
+
+    def leave(self, reason: str = "done") -> None:
+        """Tell the server this client is gone (errors are ignored: the server may be gone too)."""
+        try:
+            self.transport.leave(pb.LeaveRequest(envelope=self._envelope(), reason=reason))
+        except TransportError as exc:
+            log.debug("client %s: leave failed: %s", self.client_id, exc)
+
+    def run(self, *, connect_timeout: float = 120.0, stop: threading.Event | None = None) -> None:
+        """Join (retrying while the server is unreachable), then poll and train until finished."""
+        stop = stop or threading.Event()
+        self._retrying(self.join, connect_timeout, stop)
+        try:
+            while not stop.is_set():
+                outcome = self._retrying(self.step, connect_timeout, stop)
+                if outcome == "finished":
+                    break
+                if outcome == "wait":
+                    stop.wait(self.retry_after)
+        finally:
+            if not self.finished:
+                self.leave("stopped")
+            self.transport.close()
+
+    def _retrying(self, fn, timeout: float, stop: threading.Event):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fn()
+            except TransportError as exc:
+                if exc.code not in _RETRY_CODES or time.monotonic() > deadline or stop.is_set():
+                    if exc.code in _RETRY_CODES:
+                        raise RunError(f"client {self.client_id}: server unreachable for {timeout:.0f}s ({exc.details})") from exc
+                    raise
+                stop.wait(1.0)
+
+    def _check_stages(self, announced: dict[str, str]) -> None:
+        for stage, mine in self.stages.names().items():
+            theirs = announced.get(stage)
+            if theirs != mine:
+                raise RunError(
+                    f"client {self.client_id}: the server runs {stage} = {theirs!r} but this client is configured "
+                    f"for {mine!r}; use the same [secure] and [privacy] settings on both sides"
+                )

@@ -1,0 +1,71 @@
+"""Local training on one party's data: global adapter in, adapter delta out.
+
+The update is the trainable adapter tensors (LoRA factors and the saved head) after local
+training minus the global ones, restricted to the tensors the aggregation rule says travel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from secure_fl.config import Config
+from secure_fl.data import TextDataset
+from secure_fl.models import AdaptedModel, build_model, load_trainable_state, trainable_state
+from secure_fl.tasks import EncodedDataset, Task, create_task, train_steps
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (run seed, round, client id) via SHA-256."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class LocalTrainer:
+    """Holds a model and one client's tokenised data; trains one round at a time.
+
+    In simulation many trainers share one :class:`AdaptedModel`: each round starts by loading
+    the global adapter into it, so sharing is safe as long as clients train one after another.
+    """
+
+    def __init__(self, adapted: AdaptedModel, task: Task, data: EncodedDataset, *, update_keys: list[str], num_examples: int) -> None:
+        self.adapted = adapted
+        self.task = task
+        self.data = data
+        self.update_keys = list(update_keys)
+        self.num_examples = num_examples
+
+    @classmethod
+    def from_config(
+        cls, config: Config, dataset: TextDataset, *, update_keys: list[str] | None = None, adapted: AdaptedModel | None = None
+    ) -> LocalTrainer:
+        """Build (or reuse) the model from ``config`` and tokenise ``dataset`` once."""
+        adapted = adapted or build_model(config.model, config.peft, num_labels=dataset.num_labels, seed=config.run.seed)
+        task = create_task(config.model.task)
+        data = task.encode(adapted.tokenizer, dataset, max_length=config.model.max_length)
+        keys = update_keys if update_keys is not None else list(adapted.trainable_names)
+        return cls(adapted, task, data, update_keys=keys, num_examples=len(dataset))
+
+    def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
+        model = self.adapted.model
+        load_trainable_state(model, global_state)
+        torch.manual_seed(seed)
+        metrics = train_steps(
+            model,
+            self.task,
+            self.data,
+            steps=int(plan["local_steps"]),
+            batch_size=int(plan["batch_size"]),
+            lr=float(plan["lr"]),
+            weight_decay=float(plan.get("weight_decay", 0.0)),
+            max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
+            seed=seed,
+        )
+        local = trainable_state(model)
+        delta = {key: (local[key] - global_state[key]).astype(np.float32) for key in self.update_keys}
+        return delta, metrics

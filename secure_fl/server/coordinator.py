@@ -1,0 +1,308 @@
+"""The server's message handlers and round state, independent of the transport.
+
+The gRPC servicer and the in-process transport both call these four handlers with the same
+protobuf messages, so simulation exercises exactly the validation a real deployment does. The
+round engine (:mod:`secure_fl.server.engine`) drives the rounds through :meth:`open_round`,
+:meth:`wait_round` and :meth:`finish`. One condition variable guards all state; handlers never
+hold it while reading a client's stream, so a slow upload does not block other clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from protocols.errors import MalformedMessage, Refused, StaleMessage, UnknownClient
+from protocols.secagg import Contribution
+from protocols.wire import serde
+from protocols.wire.v1 import federation_pb2 as pb
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class RoundState:
+    """Everything the server holds about one round."""
+
+    number: int
+    cohort: tuple[str, ...]
+    deadline: float
+    manifest: pb.Manifest
+    payload: bytes
+    plan: dict[str, float]
+    sent: set[str] = field(default_factory=set)
+    received: dict[str, Contribution] = field(default_factory=dict)
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    left: set[str] = field(default_factory=set)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    closed: bool = False
+
+    def complete(self) -> bool:
+        """True once every cohort member delivered or left."""
+        return all(c in self.received or c in self.left for c in self.cohort)
+
+
+@dataclass
+class ClientRecord:
+    """A joined client."""
+
+    client_id: str
+    num_examples: int
+    joined_at: float
+
+
+class Coordinator:
+    """Thread-safe protocol state machine shared by every transport."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        model_fingerprint: str,
+        payload_spec: Mapping[str, serde.TensorSpec],
+        stages: Mapping[str, str],
+        max_update_bytes: int,
+        chunk_size: int,
+        poll_interval: float,
+        on_update: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.model_fingerprint = model_fingerprint
+        self.payload_spec = dict(payload_spec)
+        self.stages = dict(stages)
+        self.max_update_bytes = max_update_bytes
+        self.chunk_size = chunk_size
+        self.poll_ms = max(1, int(poll_interval * 1000))
+        self.on_update = on_update
+        self._cond = threading.Condition()
+        self._clients: dict[str, ClientRecord] = {}
+        self._round: RoundState | None = None
+        self._closed_rounds: set[int] = set()
+        self._finished: str | None = None
+
+    # ------------------------------------------------------------------ handlers (any thread)
+    def join(self, request: pb.JoinRequest) -> pb.JoinReply:
+        """Register a client; refuse another run, another protocol version or another model."""
+        client_id = request.envelope.client_id
+        if not client_id or len(client_id) > 128:
+            raise MalformedMessage("Join: envelope.client_id must be 1-128 characters")
+        if request.envelope.run_id and request.envelope.run_id != self.run_id:
+            raise StaleMessage(f"client {client_id!r} asked to join run {request.envelope.run_id!r}; this server runs {self.run_id!r}")
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise Refused(
+                f"client {client_id!r} speaks protocol version {request.protocol_version}; this server speaks {PROTOCOL_VERSION}"
+            )
+        if request.model_fingerprint != self.model_fingerprint:
+            raise Refused(
+                f"client {client_id!r} has a different model or adapter layout than the server "
+                f"(fingerprint {request.model_fingerprint[:12]} != {self.model_fingerprint[:12]}): "
+                "use the same [model] and [peft] settings (and seed) on both sides"
+            )
+        with self._cond:
+            if self._finished is not None:
+                raise Refused(f"run {self.run_id!r} is finished: {self._finished}")
+            self._clients[client_id] = ClientRecord(client_id, int(request.num_examples), time.time())
+            self._cond.notify_all()
+        return pb.JoinReply(
+            envelope=serde.envelope(self.run_id, 0, client_id),
+            protocol_version=PROTOCOL_VERSION,
+            poll_interval_ms=self.poll_ms,
+        )
+
+    def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
+        """Answer a poll: TRAIN (with the global adapter in chunks), WAIT or FINISHED."""
+        client_id = self._check_client(request.envelope, "PullTask")
+        with self._cond:
+            current = self._round
+            if self._finished is not None:
+                header = pb.TaskHeader(
+                    envelope=serde.envelope(self.run_id, 0, client_id), kind=pb.TaskHeader.FINISHED, message=self._finished
+                )
+                payload = b""
+            elif (
+                current is not None
+                and not current.closed
+                and client_id in current.cohort
+                and client_id not in current.received
+                and client_id not in current.left
+            ):
+                current.sent.add(client_id)
+                header = pb.TaskHeader(
+                    envelope=serde.envelope(self.run_id, current.number, client_id),
+                    kind=pb.TaskHeader.TRAIN,
+                    manifest=current.manifest,
+                    plan=current.plan,
+                    deadline_s=max(0.0, current.deadline - time.monotonic()),
+                    stages=self.stages,
+                )
+                payload = current.payload
+            else:
+                header = pb.TaskHeader(
+                    envelope=serde.envelope(self.run_id, current.number if current else 0, client_id),
+                    kind=pb.TaskHeader.WAIT,
+                    retry_after_ms=self.poll_ms,
+                )
+                payload = b""
+        sent = 0
+        for message in serde.task_stream(header, payload, self.chunk_size):
+            sent += message.ByteSize()
+            yield message
+        if payload and current is not None:
+            with self._cond:
+                current.bytes_down += sent
+
+    def push_update(self, messages: Iterable[pb.UpdateChunk]) -> pb.PushReply:
+        """Receive one client's update; validate it fully before it joins the round."""
+        counted = _CountingIterator(messages)
+        try:
+            first = next(counted)
+        except StopIteration:
+            raise MalformedMessage("PushUpdate: empty stream (no header)") from None
+        if first.WhichOneof("part") != "header":
+            raise MalformedMessage("PushUpdate: stream must start with a header")
+        header = first.header
+        client_id = self._check_client(header.envelope, "PushUpdate")
+        who = f"client {client_id!r}"
+        with self._cond:
+            current = self._check_round_open(header.envelope.round, client_id)
+            if client_id not in current.cohort:
+                raise Refused(f"{who} is not in the cohort of round {current.number}")
+            if client_id in current.received:
+                raise Refused(f"{who} already delivered an update for round {current.number}", code=grpc.StatusCode.ALREADY_EXISTS)
+        if header.encoding != self.stages["secure"]:
+            raise Refused(f"{who} sent a {header.encoding!r} payload; this run uses secure mode {self.stages['secure']!r}")
+        if not (math.isfinite(header.weight) and header.weight > 0):
+            raise MalformedMessage(f"{who}: update weight must be a finite number > 0, got {header.weight}")
+        _, payload = serde.read_update_stream(
+            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who
+        )
+        tensors = serde.unpack_tensors(header.manifest, payload, expected=self.payload_spec, who=who)
+        metrics = {k: float(v) for k, v in header.metrics.items() if math.isfinite(v)}
+        with self._cond:
+            current = self._check_round_open(header.envelope.round, client_id)
+            if client_id in current.received:
+                raise Refused(f"{who} already delivered an update for round {current.number}", code=grpc.StatusCode.ALREADY_EXISTS)
+            current.received[client_id] = Contribution(client_id, tensors, float(header.weight))
+            current.client_metrics[client_id] = metrics
+            current.bytes_up += counted.bytes
+            self._cond.notify_all()
+        if self.on_update is not None:
+            self.on_update(client_id, current.number)
+        return pb.PushReply(
+            envelope=serde.envelope(self.run_id, current.number, client_id),
+            accepted=True,
+            message="accepted",
+            received_bytes=len(payload),
+        )
+
+    def leave(self, request: pb.LeaveRequest) -> pb.LeaveReply:
+        """Forget a client; if it owed an update for the open round, stop waiting for it."""
+        client_id = self._check_client(request.envelope, "Leave")
+        with self._cond:
+            self._clients.pop(client_id, None)
+            if self._round is not None and client_id in self._round.cohort and client_id not in self._round.received:
+                self._round.left.add(client_id)
+            self._cond.notify_all()
+        return pb.LeaveReply(envelope=serde.envelope(self.run_id, 0, client_id))
+
+    # ------------------------------------------------------------------ engine side
+    def active_clients(self) -> list[str]:
+        """Ids of the joined clients, sorted."""
+        with self._cond:
+            return sorted(self._clients)
+
+    def wait_for_clients(self, count: int, timeout: float) -> list[str]:
+        """Block until ``count`` clients joined or ``timeout`` passed; return who is there."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._clients) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(timeout=min(remaining, 1.0))
+            return sorted(self._clients)
+
+    def open_round(
+        self, number: int, cohort: Iterable[str], manifest: pb.Manifest, payload: bytes, plan: Mapping[str, float], timeout: float
+    ) -> None:
+        """Start round ``number`` for ``cohort`` with the given global adapter payload."""
+        with self._cond:
+            self._round = RoundState(number, tuple(cohort), time.monotonic() + timeout, manifest, payload, dict(plan))
+            self._cond.notify_all()
+
+    def wait_round(self) -> RoundState:
+        """Block until the open round is complete or its deadline passed, then close it."""
+        with self._cond:
+            current = self._round
+            if current is None:
+                raise RuntimeError("no round is open")
+            while not current.complete():
+                remaining = current.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(timeout=min(remaining, 1.0))
+            current.closed = True
+            self._closed_rounds.add(current.number)
+            return current
+
+    def finish(self, message: str) -> None:
+        """Mark the run finished; every later poll gets FINISHED with ``message``."""
+        with self._cond:
+            self._finished = message
+            if self._round is not None:
+                self._round.closed = True
+            self._cond.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` was called."""
+        return self._finished is not None
+
+    # ------------------------------------------------------------------ checks
+    def _check_client(self, envelope: pb.Envelope, method: str) -> str:
+        client_id = envelope.client_id
+        if envelope.run_id != self.run_id:
+            raise StaleMessage(f"{method} from client {client_id!r} is for run {envelope.run_id!r}; this server runs {self.run_id!r}")
+        with self._cond:
+            if client_id not in self._clients:
+                raise UnknownClient(f"{method}: client {client_id!r} has not joined (call Join first)")
+        return client_id
+
+    def _check_round_open(self, number: int, client_id: str) -> RoundState:
+        current = self._round
+        if current is None or number != current.number:
+            if number in self._closed_rounds:
+                raise StaleMessage(
+                    f"update from client {client_id!r} is for round {number}, which is closed"
+                    + (f" (current round: {current.number})" if current else "")
+                )
+            raise StaleMessage(
+                f"update from client {client_id!r} is for round {number}, but the open round is "
+                f"{current.number if current else 'none'}"
+            )
+        if current.closed:
+            raise StaleMessage(f"update from client {client_id!r} is for round {number}, which is closed")
+        return current
+
+
+class _CountingIterator:
+    """Counts the serialized bytes of the messages it passes through."""
+
+    def __init__(self, messages: Iterable[pb.UpdateChunk]) -> None:
+        self._it = iter(messages)
+        self.bytes = 0
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> pb.UpdateChunk:
+        message = next(self._it)
+        self.bytes += message.ByteSize()
+        return message

@@ -1,0 +1,240 @@
+"""The round engine: select a cohort -> send the global adapter -> collect updates until all
+arrived or the deadline passed -> aggregate -> evaluate -> checkpoint -> metrics line.
+
+:class:`FederatedServer` builds everything a run needs from a :class:`~secure_fl.config.Config`
+(model, stages, coordinator, run directory) and runs the rounds; a transport (gRPC or in-process)
+delivers the clients' messages to its :attr:`FederatedServer.coordinator`. Stragglers are dropped
+from a round when its deadline passes, never waited for forever.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from protocols.wire import serde
+from secure_fl.config import Config, ConfigError
+from secure_fl.data import TextDataset
+from secure_fl.data import load_text_file
+from secure_fl.data.sources import load_splits
+from secure_fl.errors import RunError
+from secure_fl.models import build_model, load_trainable_state, model_fingerprint, save_adapter, trainable_state
+from secure_fl.server.coordinator import Coordinator
+from secure_fl.server.pipeline import ServerPipeline, Stages
+from secure_fl.server.rundir import RunDirectory
+from secure_fl.tasks import create_task
+from secure_fl.tensors import Layout
+
+
+class RoundObserver(Protocol):
+    """Hooks the engine calls as a round progresses (progress bars, user callbacks)."""
+
+    def on_round_start(self, round_number: int, cohort: Sequence[str]) -> None: ...
+
+    def on_update(self, client_id: str, round_number: int) -> None: ...
+
+    def on_round_end(self, record: dict[str, Any]) -> None: ...
+
+
+class SilentObserver:
+    """An observer that does nothing."""
+
+    def on_round_start(self, round_number: int, cohort: Sequence[str]) -> None:
+        """Do nothing."""
+
+    def on_update(self, client_id: str, round_number: int) -> None:
+        """Do nothing."""
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        """Do nothing."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_id: str
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    adapter_dir: Path
+    global_state: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """Accuracy after the last successful round, if evaluated."""
+        for record in reversed(self.metrics):
+            if record.get("accuracy") is not None:
+                return float(record["accuracy"])
+        return None
+
+
+def new_run_id() -> str:
+    """A fresh run id: UTC time plus random hex, unique across servers."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def load_eval_set(config: Config) -> tuple[tuple[str, ...], TextDataset | None]:
+    """Label names and the server's held-out evaluation set (``None`` if the server has no data)."""
+    data = config.data
+    if data.dataset == "file":
+        if data.test_path and Path(data.test_path).exists():
+            test = load_text_file(
+                data.test_path, text_column=data.text_column, label_column=data.label_column,
+                label_names=data.label_names or None,
+            )
+            return (data.label_names or test.label_names), test
+        if not Path(data.path).exists():
+            if not data.label_names:
+                raise ConfigError(
+                    "data.label_names: the server has neither data.path nor data.test_path, so it needs the "
+                    "label names to build the classifier", key="data.label_names",
+                )
+            return data.label_names, None
+    _, test = load_splits(config)
+    return test.label_names, test
+
+
+class FederatedServer:
+    """Owns the global adapter and runs the rounds of one federated run."""
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | Path,
+        *,
+        run_id: str | None = None,
+        observer: RoundObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.run_id = run_id or new_run_id()
+        self.observer: RoundObserver = observer or SilentObserver()
+        self.run_dir = RunDirectory(out_dir)
+        self.run_dir.write_config(config)
+        self.stages = Stages.from_config(config)
+        self.label_names, eval_set = load_eval_set(config)
+        self.adapted = build_model(config.model, config.peft, num_labels=len(self.label_names), seed=config.run.seed)
+        self.task = create_task(config.model.task)
+        self.eval_data = (
+            self.task.encode(self.adapted.tokenizer, eval_set, max_length=config.model.max_length) if eval_set else None
+        )
+        self.global_state = trainable_state(self.adapted.model)
+        update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
+        self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
+        self.coordinator = Coordinator(
+            run_id=self.run_id,
+            model_fingerprint=model_fingerprint(self.adapted.model),
+            payload_spec=self.pipeline.payload_spec(),
+            stages=self.stages.names(),
+            max_update_bytes=config.transport.max_update_bytes,
+            chunk_size=config.transport.chunk_size,
+            poll_interval=config.transport.poll_interval,
+            on_update=self.observer.on_update,
+        )
+
+    def plan(self) -> dict[str, float]:
+        """The training plan every client receives with its task."""
+        c = self.config.client
+        return {
+            "local_steps": c.local_steps,
+            "batch_size": c.batch_size,
+            "lr": c.lr,
+            "weight_decay": c.weight_decay,
+            "max_grad_norm": c.max_grad_norm,
+        }
+
+    def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
+        """Metrics of the global adapter ``state`` on the server's held-out set."""
+        if self.eval_data is None:
+            return {}
+        load_trainable_state(self.adapted.model, state)
+        return self.task.evaluate(self.adapted.model, self.eval_data, batch_size=self.config.client.eval_batch_size)
+
+    def run(self) -> RunResult:
+        """Run every round, then tell the clients the run is finished."""
+        try:
+            records = self._run_rounds()
+        except BaseException as exc:
+            self.coordinator.finish(f"server stopped: {exc}")
+            raise
+        self.coordinator.finish(f"run complete after {len(records)} rounds")
+        return RunResult(self.run_id, self.run_dir.path, records, self.run_dir.adapter, self.global_state)
+
+    def _run_rounds(self) -> list[dict[str, Any]]:
+        run = self.config.run
+        rng = np.random.default_rng(run.seed)
+        joined = self.coordinator.wait_for_clients(run.clients_per_round, run.join_timeout)
+        if len(joined) < run.min_updates:
+            raise RunError(
+                f"only {len(joined)} client(s) joined within run.join_timeout={run.join_timeout}s; "
+                f"a round needs at least run.min_updates={run.min_updates}"
+            )
+        self._save_adapter()
+        records = []
+        for number in range(1, run.rounds + 1):
+            records.append(self._round(number, rng))
+        return records
+
+    def _round(self, number: int, rng: np.random.Generator) -> dict[str, Any]:
+        run = self.config.run
+        if self.coordinator.finished:
+            raise RunError(f"run stopped before round {number}")
+        available = self.coordinator.active_clients()
+        if len(available) < run.min_updates:
+            available = self.coordinator.wait_for_clients(run.min_updates, run.join_timeout)
+            if len(available) < run.min_updates:
+                raise RunError(f"round {number}: only {len(available)} client(s) connected; need run.min_updates={run.min_updates}")
+        size = min(run.clients_per_round, len(available))
+        cohort = sorted(str(c) for c in rng.choice(available, size=size, replace=False))
+        manifest, payload = serde.pack_tensors(self.global_state)
+        started = time.perf_counter()
+        self.observer.on_round_start(number, cohort)
+        self.coordinator.open_round(number, cohort, manifest, payload, self.plan(), run.round_timeout)
+        state = self.coordinator.wait_round()
+        received = [state.received[c] for c in sorted(state.received)]
+        record: dict[str, Any] = {
+            "round": number,
+            "status": "ok",
+            "clients": len(received),
+            "cohort": len(cohort),
+            "dropped": sorted(set(cohort) - set(state.received)),
+            "accuracy": None,
+            "loss": None,
+            "train_loss": _weighted_mean(
+                [(m.get("train_loss"), state.received[c].weight) for c, m in state.client_metrics.items()]
+            ),
+            "bytes_up": state.bytes_up,
+            "bytes_down": state.bytes_down,
+        }
+        if len(received) < run.min_updates:
+            record["status"] = "failed"
+            record["reason"] = f"{len(received)} update(s) before the deadline; run.min_updates={run.min_updates}"
+        else:
+            outcome = self.pipeline.aggregate(self.global_state, received, round_number=number, cohort_size=len(cohort))
+            self.global_state = outcome.state
+            record["excluded"] = list(outcome.excluded)
+            record.update(outcome.info)
+            record.update(self.evaluate(self.global_state))
+            self.run_dir.save_checkpoint(number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints)
+            self._save_adapter()
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        self.run_dir.append_metrics(record)
+        self.observer.on_round_end(record)
+        return record
+
+    def _save_adapter(self) -> None:
+        load_trainable_state(self.adapted.model, self.global_state)
+        save_adapter(self.adapted, self.run_dir.adapter, label_names=self.label_names, model_cfg=self.config.model)
+
+
+def _weighted_mean(pairs: Sequence[tuple[float | None, float]]) -> float | None:
+    kept = [(v, w) for v, w in pairs if v is not None]
+    if not kept:
+        return None
+    total = sum(w for _, w in kept)
+    return float(sum(v * w for v, w in kept) / total) if total > 0 else None

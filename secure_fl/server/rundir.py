@@ -1,0 +1,91 @@
+"""The run directory: resolved config, metrics, checkpoints and the released adapter.
+
+Layout (``OUT/``): ``config.toml`` (resolved), ``metrics.jsonl`` (one JSON line a round),
+``checkpoints/round-NNNN.safetensors`` (global adapter state after each round, the last few kept),
+``adapter/`` (the latest global adapter, loadable with ``PeftModel.from_pretrained``). Every file
+is written atomically (temporary file + rename) and metrics lines are fsynced, so a crash never
+leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from secure_fl.config import Config
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_safe(value.item())
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    """Writes everything a run produces under one directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints.mkdir(exist_ok=True)
+        self.adapter = self.path / "adapter"
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    def write_config(self, config: Config) -> None:
+        """Write the resolved config as ``config.toml``."""
+        self._atomic_write(self.path / "config.toml", config.to_toml().encode())
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` and fsync it."""
+        line = json.dumps(_json_safe(dict(record)), sort_keys=False) + "\n"
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All metrics lines written so far."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def save_checkpoint(self, round_number: int, state: Mapping[str, np.ndarray], *, run_id: str, keep: int) -> Path:
+        """Save the global adapter state after ``round_number``; keep the newest ``keep`` files."""
+        target = self.checkpoints / f"round-{round_number:04d}.safetensors"
+        tmp = target.with_suffix(".tmp")
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in state.items()},
+            str(tmp),
+            metadata={"round": str(round_number), "run_id": run_id},
+        )
+        os.replace(tmp, target)
+        for old in sorted(self.checkpoints.glob("round-*.safetensors"))[:-keep]:
+            old.unlink()
+        return target
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The newest checkpoint as ``(round, state)``, or ``None``."""
+        files = sorted(self.checkpoints.glob("round-*.safetensors"))
+        if not files:
+            return None
+        return int(files[-1].stem.split("-")[1]), load_file(str(files[-1]))
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
