@@ -424,6 +424,22 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
+# Names users bring from other frameworks (peft, HF Trainer, Flower) that we spell differently.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_rounds": "rounds",
+    "steps": "local_steps",
+    "local_epochs": "local_steps",
+}
+
+
 def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
+    options = list(options)
+    if _ALIASES.get(word) in options:
+        return f" (did you mean {_ALIASES[word]!r}?)"
+    close = difflib.get_close_matches(word, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

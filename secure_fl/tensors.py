@@ -51,6 +51,9 @@ class Layout:
         """Concatenate ``state`` (which must have this layout) into a float32 vector."""
         if self.names == ():
             return np.zeros(0, dtype=np.float32)
+        for name, shape in zip(self.names, self.shapes):
+            if tuple(np.shape(state[name])) != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(np.shape(state[name]))}, layout needs {shape}")
         return np.concatenate([np.asarray(state[name], dtype=np.float32).reshape(-1) for name in self.names])
 
     def stack(self, states: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:

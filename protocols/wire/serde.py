@@ -144,11 +144,14 @@ def _check_expected(specs: list[TensorSpec], expected: Mapping[str, TensorSpec],
     """Refuse a bundle whose names, dtypes or shapes differ from ``expected``."""
     got = {s.name: s for s in specs}
     missing = [name for name in expected if name not in got]
-    if missing:
-        raise MalformedMessage(f"{who}: missing tensor(s) {', '.join(map(repr, missing))}")
     extra = [s.name for s in specs if s.name not in expected]
-    if extra:
-        raise MalformedMessage(f"{who}: unexpected tensor(s) {', '.join(map(repr, extra))}")
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"missing tensor(s) {', '.join(map(repr, missing))}")
+        if extra:
+            problems.append(f"unexpected tensor(s) {', '.join(map(repr, extra))}")
+        raise MalformedMessage(f"{who}: {'; '.join(problems)}")
     for name, want in expected.items():
         spec = got[name]
         if spec.dtype != want.dtype:

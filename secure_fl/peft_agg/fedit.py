@@ -20,7 +20,10 @@ class FedIT(AggregationRule):
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
         """Return ``sum_i w_i u_i / sum_i w_i``."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if not (np.isfinite(weights).all() and (weights >= 0).all()):
+            raise ValueError(f"fedit needs finite, non-negative weights, got {weights.tolist()}")
         total = float(np.sum(weights))
         if updates.shape[0] == 0 or total <= 0:
             raise ValueError("fedit needs at least one update with positive weight")
-        return (np.asarray(weights, dtype=np.float64) @ updates.astype(np.float64) / total).astype(np.float32)
+        return (weights @ updates.astype(np.float64) / total).astype(np.float32)

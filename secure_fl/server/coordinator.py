@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from protocols.errors import MalformedMessage, Refused, StaleMessage, UnknownClient
 from protocols.secagg import Contribution
@@ -184,6 +185,9 @@ class Coordinator:
             itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who
         )
         tensors = serde.unpack_tensors(header.manifest, payload, expected=self.payload_spec, who=who)
+        for name, value in tensors.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise MalformedMessage(f"{who}: tensor {name!r} contains NaN or infinite values")
         metrics = {k: float(v) for k, v in header.metrics.items() if math.isfinite(v)}
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)

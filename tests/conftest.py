@@ -1,0 +1,71 @@
+"""Shared fixtures: small configs and a real gRPC server on 127.0.0.1 running the round engine."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secure_fl.config import Config, load_preset
+from secure_fl.server.engine import FederatedServer, RunResult
+from secure_fl.transport.grpc_server import GrpcServer
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def smoke_config(*overrides: str) -> Config:
+    """The smoke preset with test-friendly overrides applied."""
+    return load_preset("smoke").with_overrides(overrides)
+
+
+@dataclass
+class RunningServer:
+    """A FederatedServer whose rounds run in a thread, reachable over real gRPC."""
+
+    server: FederatedServer
+    grpc: GrpcServer
+    thread: threading.Thread
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.grpc.address
+
+    def result(self, timeout: float = 120.0) -> RunResult:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "server did not finish in time"
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["result"]
+
+
+@pytest.fixture
+def grpc_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: start a server for a config on 127.0.0.1 (random port); stopped after the test."""
+    started: list[RunningServer] = []
+
+    def start(config: Config) -> RunningServer:
+        server = FederatedServer(config, tmp_path / f"run{len(started)}")
+        grpc = GrpcServer(server.coordinator, "127.0.0.1:0").start()
+        running = RunningServer(server, grpc, threading.Thread(daemon=True))
+
+        def serve() -> None:
+            try:
+                running.outcome["result"] = server.run()
+            except BaseException as exc:  # surfaced by RunningServer.result()
+                running.outcome["error"] = exc
+
+        running.thread = threading.Thread(target=serve, daemon=True)
+        running.thread.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.server.coordinator.finish("test over")
+        running.grpc.stop(grace=0)

@@ -1,0 +1,435 @@
+"""Tests of the plug-in registries, the FedIT rule, :class:`Layout` and plain aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import privacy._registry
+import privacy.mechanisms.registry as privacy_registry
+import protocols._registry
+import protocols.secagg.registry as secagg_registry
+import robustness._registry
+import robustness.attacks.registry as attack_registry
+import robustness.defenses.registry as defense_registry
+import secure_fl.peft_agg.registry as rule_registry
+from protocols.secagg.base import BucketSum, Contribution
+from protocols.secagg.plain import PlainAggregation
+from robustness.defenses.base import Defense, DefenseResult
+from secure_fl.config import Config
+from secure_fl.errors import ConfigError
+from secure_fl.peft_agg.fedit import FedIT
+from secure_fl.tensors import Layout
+
+FAST = settings(max_examples=30, deadline=None, database=None)
+
+# (module, create function, registry object, config key)
+REGISTRIES: dict[str, tuple[ModuleType, Callable[..., Any], Any, str]] = {
+    "secure": (secagg_registry, secagg_registry.create_secure_aggregation, secagg_registry._PROTOCOLS, "secure.mode"),
+    "privacy": (privacy_registry, privacy_registry.create_privacy_mechanism, privacy_registry._MECHANISMS, "privacy.mode"),
+    "defense": (defense_registry, defense_registry.create_defense, defense_registry._DEFENSES, "robustness.defense"),
+    "attack": (attack_registry, attack_registry.create_attack, attack_registry._ATTACKS, "attack.kind"),
+    "rule": (rule_registry, rule_registry.create_rule, rule_registry._RULES, "peft.rule"),
+}
+
+REGISTRY_CLASSES = [protocols._registry.Registry, privacy._registry.Registry, robustness._registry.Registry]
+
+
+@pytest.fixture(autouse=True)
+def _restore_registries() -> Iterator[None]:
+    """Snapshot every registry's entries and put them back after each test."""
+    saved = {kind: dict(entry[2]._entries) for kind, entry in REGISTRIES.items()}
+    try:
+        yield
+    finally:
+        for kind, entry in REGISTRIES.items():
+            entry[2]._entries.clear()
+            entry[2]._entries.update(saved[kind])
+
+
+# ------------------------------------------------------------------------------ conformance
+
+CONFORMANCE_CASES = [
+    pytest.param(kind, name, id=f"{kind}:{name}") for kind, entry in REGISTRIES.items() for name in entry[0].available()
+]
+
+
+def test_every_registry_has_entries() -> None:
+    assert len(CONFORMANCE_CASES) >= len(REGISTRIES)
+    for module, _, registry, key in REGISTRIES.values():
+        assert module.available() == registry.names()
+        assert registry.config_key == key
+
+
+@pytest.mark.parametrize(("kind", "name"), CONFORMANCE_CASES)
+def test_registered_plugin_conforms(kind: str, name: str) -> None:
+    module, create, registry, _ = REGISTRIES[kind]
+    instance = create(name)
+    assert instance.name == name
+    assert type(instance) is registry.get(name)
+    assert type(instance).name == name
+    assert name in registry
+    assert list(module.available()) == sorted(module.available())
+
+
+@pytest.mark.parametrize(("kind", "name"), CONFORMANCE_CASES)
+def test_registered_plugin_is_a_valid_config_value(kind: str, name: str) -> None:
+    section, key = REGISTRIES[kind][3].split(".")
+    cfg = Config.from_dict({section: {key: name}})
+    assert getattr(getattr(cfg, section), key) == name
+
+
+@pytest.mark.parametrize("kind", list(REGISTRIES))
+def test_unknown_name_lists_allowed_values_and_config_key(kind: str) -> None:
+    module, create, _, key = REGISTRIES[kind]
+    with pytest.raises(ValueError) as info:
+        create("no-such-plugin")
+    msg = str(info.value)
+    assert "'no-such-plugin'" in msg
+    assert key in msg
+    assert f"allowed: {', '.join(module.available())}" in msg
+
+
+# ------------------------------------------------------------------------------ Registry class
+
+
+class _Thing:
+    name = "thing"
+
+
+class _OtherThing:
+    name = "thing"
+
+
+class _Nameless:
+    pass
+
+
+@pytest.mark.parametrize("registry_cls", REGISTRY_CLASSES, ids=["protocols", "privacy", "robustness"])
+def test_registry_behaviour(registry_cls: type) -> None:
+    reg = registry_cls("widget", "widget.kind", {"thing": _Thing})
+    assert reg.names() == ("thing",)
+    assert "thing" in reg and "other" not in reg
+    assert reg.get("thing") is _Thing
+    assert isinstance(reg.create("thing"), _Thing)
+
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("thing", _OtherThing)
+    assert reg.get("thing") is _Thing
+    reg.register("thing", _OtherThing, force=True)
+    assert reg.get("thing") is _OtherThing
+
+    with pytest.raises(ValueError, match="differs from"):
+        reg.register("gadget", _Thing)
+    with pytest.raises(ValueError, match="differs from"):
+        reg.register("gadget", _Nameless)
+    # a mismatched key is refused even with force=True
+    with pytest.raises(ValueError, match="differs from"):
+        reg.register("gadget", _Thing, force=True)
+    assert reg.names() == ("thing",)
+
+    with pytest.raises(ValueError) as info:
+        reg.get("gizmo")
+    assert "widget.kind" in str(info.value)
+    assert "allowed: thing" in str(info.value)
+
+
+def test_registry_init_rejects_mismatched_builtin() -> None:
+    with pytest.raises(ValueError):
+        protocols._registry.Registry("widget", "widget.kind", {"other": _Thing})
+
+
+class _MyDefense(Defense):
+    name = "mine"
+
+    def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> DefenseResult:
+        return DefenseResult(updates=updates[:1], weights=weights[:1])
+
+
+class _MyDefenseV2(_MyDefense):
+    name = "mine"
+
+
+def test_register_defense_duplicates_and_force() -> None:
+    defense_registry.register_defense("mine", _MyDefense)
+    with pytest.raises(ValueError, match="already registered"):
+        defense_registry.register_defense("mine", _MyDefenseV2)
+    defense_registry.register_defense("mine", _MyDefenseV2, force=True)
+    assert type(defense_registry.create_defense("mine")) is _MyDefenseV2
+    # a built-in cannot be silently replaced either
+    with pytest.raises(ValueError, match="already registered"):
+        defense_registry.register_defense("none", type("FakeNone", (_MyDefense,), {"name": "none"}))
+
+
+def test_register_defense_name_mismatch() -> None:
+    with pytest.raises(ValueError, match="differs from"):
+        defense_registry.register_defense("yours", _MyDefense)
+    assert "yours" not in defense_registry.available()
+
+
+def test_user_defense_becomes_a_valid_config_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"robustness": {"defense": "mine"}})
+    assert info.value.key == "robustness.defense"
+    assert "none" in str(info.value)
+
+    defense_registry.register_defense("mine", _MyDefense)
+    cfg = Config.from_dict({"robustness": {"defense": "mine"}})
+    assert cfg.robustness.defense == "mine"
+    assert "mine" in defense_registry.available()
+    defense = defense_registry.create_defense(cfg.robustness.defense)
+    assert defense.name == "mine"
+    out = defense.aggregate(np.ones((3, 2), np.float32), np.ones(3))
+    assert out.updates.shape == (1, 2)
+
+
+def test_registration_is_undone_between_tests() -> None:
+    # runs after the tests above (file order): the fixture removed 'mine'
+    assert "mine" not in defense_registry.available()
+    with pytest.raises(ConfigError):
+        Config.from_dict({"robustness": {"defense": "mine"}})
+
+
+# ------------------------------------------------------------------------------ FedIT
+
+
+@FAST
+@given(
+    m=st.integers(1, 6),
+    d=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fedit_weighted_mean_matches_numpy(m: int, d: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    updates = rng.normal(size=(m, d)).astype(np.float32)
+    weights = rng.uniform(0.1, 100.0, size=m)
+    layout = Layout(("x",), ((d,),))
+    out = FedIT().aggregate(updates, weights, layout)
+    assert out.dtype == np.float32
+    assert out.shape == (d,)
+    np.testing.assert_allclose(out, np.average(updates.astype(np.float64), axis=0, weights=weights), rtol=1e-5, atol=1e-6)
+
+
+def test_fedit_single_update_and_equal_weights() -> None:
+    layout = Layout(("x",), ((3,),))
+    u = np.array([[1.0, -2.0, 3.5]], np.float32)
+    np.testing.assert_array_equal(FedIT().aggregate(u, np.array([7.0]), layout), u[0])
+    two = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], np.float32)
+    np.testing.assert_array_equal(FedIT().aggregate(two, np.array([5, 5]), layout), [2.0, 3.0, 4.0])
+    # integer weights are fine; a zero weight drops a row
+    np.testing.assert_array_equal(FedIT().aggregate(two, np.array([0, 2]), layout), two[1])
+
+
+@pytest.mark.parametrize(
+    ("updates", "weights"),
+    [
+        (np.ones((2, 3), np.float32), np.zeros(2)),
+        (np.ones((2, 3), np.float32), np.array([1.0, -1.0])),
+        (np.zeros((0, 3), np.float32), np.zeros(0)),
+    ],
+)
+def test_fedit_refuses_non_positive_total_weight(updates: np.ndarray, weights: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="positive weight|non-negative"):
+        FedIT().aggregate(updates, weights, Layout(("x",), ((3,),)))
+
+
+def test_fedit_apply_adds_delta_only_to_given_keys() -> None:
+    rule = FedIT()
+    global_state = {
+        "a": np.arange(4, dtype=np.float32).reshape(2, 2),
+        "b": np.ones(3, dtype=np.float32),
+        "head": np.full(2, 5.0, dtype=np.float32),
+    }
+    before = {k: v.copy() for k, v in global_state.items()}
+    delta = {"a": np.full((2, 2), 0.5, np.float32), "head": np.array([1.0, -1.0], np.float32)}
+    new = rule.apply(global_state, delta)
+    assert set(new) == set(global_state)
+    np.testing.assert_array_equal(new["a"], before["a"] + 0.5)
+    np.testing.assert_array_equal(new["b"], before["b"])
+    np.testing.assert_array_equal(new["head"], [6.0, 4.0])
+    assert all(v.dtype == np.float32 for v in new.values())
+    # the input is not modified and the result does not alias it
+    for k in global_state:
+        np.testing.assert_array_equal(global_state[k], before[k])
+    assert new["b"] is not global_state["b"]
+    assert rule.update_keys(["a", "b"]) == ["a", "b"]
+    assert rule.needs_individual_updates is False
+
+
+def test_fedit_is_inexact_for_lora_products() -> None:
+    """mean(B) @ mean(A) != mean(B @ A): the FedIT approximation error, on a two-client example."""
+    states = [
+        {"lora_A": np.array([[1.0, 0.0]]), "lora_B": np.array([[1.0], [0.0]])},  # A: (r=1, d=2), B: (d=2, r=1)
+        {"lora_A": np.array([[0.0, 1.0]]), "lora_B": np.array([[0.0], [1.0]])},
+    ]
+    layout = Layout.of(states[0])
+    assert layout.shapes == ((1, 2), (2, 1))
+    rows = layout.stack(states)
+    mean = layout.unflatten(FedIT().aggregate(rows, np.array([1.0, 1.0]), layout))
+    np.testing.assert_array_equal(mean["lora_A"], [[0.5, 0.5]])
+    np.testing.assert_array_equal(mean["lora_B"], [[0.5], [0.5]])
+
+    fedit_product = mean["lora_B"] @ mean["lora_A"]
+    exact_product = np.mean([s["lora_B"] @ s["lora_A"] for s in states], axis=0)
+    np.testing.assert_allclose(fedit_product, 0.25 * np.ones((2, 2)))
+    np.testing.assert_allclose(exact_product, 0.5 * np.eye(2))
+    assert not np.allclose(fedit_product, exact_product)
+
+
+# ------------------------------------------------------------------------------ Layout
+
+SHAPES = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple), min_size=0, max_size=5)
+
+
+@FAST
+@given(shapes=SHAPES, seed=st.integers(0, 2**32 - 1))
+def test_layout_round_trip(shapes: list[tuple[int, ...]], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = {f"t{i}": rng.normal(size=shape).astype(np.float32) for i, shape in enumerate(shapes)}
+    layout = Layout.of(state)
+    assert layout.names == tuple(state)
+    assert layout.shapes == tuple(shapes)
+    flat = layout.flatten(state)
+    assert flat.dtype == np.float32
+    assert flat.shape == (layout.size,)
+    assert layout.size == sum(int(np.prod(s)) for s in shapes)
+    back = layout.unflatten(flat)
+    assert list(back) == list(state)
+    for name in state:
+        assert back[name].shape == state[name].shape
+        assert back[name].dtype == np.float32
+        np.testing.assert_array_equal(back[name], state[name])
+
+
+def test_layout_with_scalars() -> None:
+    state = {"s": np.float32(2.5), "v": np.array([1.0, 2.0]), "z": np.array(-1.0), "m": np.ones((2, 3))}
+    state = {k: np.asarray(v) for k, v in state.items()}
+    layout = Layout.of(state)
+    assert layout.shapes == ((), (2,), (), (2, 3))
+    assert layout.sizes == (1, 2, 1, 6)
+    assert layout.offsets == (0, 1, 3, 4)
+    assert layout.size == 10
+    flat = layout.flatten(state)
+    np.testing.assert_array_equal(flat, [2.5, 1.0, 2.0, -1.0, 1, 1, 1, 1, 1, 1])
+    back = layout.unflatten(flat)
+    assert back["s"].shape == () and float(back["s"]) == 2.5
+    assert back["z"].shape == () and float(back["z"]) == -1.0
+    np.testing.assert_array_equal(back["m"], np.ones((2, 3)))
+    # unflatten copies: changing the result leaves the vector alone
+    back["v"][0] = 99.0
+    assert flat[1] == 1.0
+
+
+def test_layout_empty() -> None:
+    layout = Layout.of({})
+    assert layout.size == 0
+    assert layout.offsets == ()
+    assert layout.flatten({}).shape == (0,)
+    assert layout.unflatten(np.zeros(0, np.float32)) == {}
+    assert layout.stack([{}, {}]).shape == (2, 0)
+
+
+def test_layout_stack_shape() -> None:
+    layout = Layout(("a", "b"), ((2, 2), (3,)))
+    states = [{"a": np.full((2, 2), i), "b": np.arange(3) + i} for i in range(5)]
+    rows = layout.stack(states)
+    assert rows.shape == (5, 7)
+    assert rows.dtype == np.float32
+    for i, state in enumerate(states):
+        np.testing.assert_array_equal(rows[i], layout.flatten(state))
+    assert layout.stack([]).shape == (0, 7)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(6), np.zeros(8), np.zeros((7, 1)), np.zeros((1, 7)), np.zeros(())])
+def test_layout_unflatten_wrong_size(bad: np.ndarray) -> None:
+    layout = Layout(("a", "b"), ((2, 2), (3,)))
+    with pytest.raises(ValueError, match=r"layout needs \(7,\)"):
+        layout.unflatten(bad)
+
+
+def test_layout_specs() -> None:
+    layout = Layout(("a", "b"), ((2, 2), ()))
+    specs = layout.specs()
+    assert list(specs) == ["a", "b"]
+    assert specs["a"].shape == (2, 2) and specs["a"].dtype == "float32"
+    assert specs["b"].shape == ()
+
+
+# ------------------------------------------------------------------------------ PlainAggregation
+
+
+def test_plain_encode_is_float32() -> None:
+    plain = PlainAggregation()
+    update = {"a": np.arange(6, dtype=np.float64).reshape(2, 3), "b": np.array([1, 2], dtype=np.int64)}
+    encoded = plain.encode(update, weight=3.0)
+    assert set(encoded) == {"a", "b"}
+    for key, value in encoded.items():
+        assert value.dtype == np.float32
+        assert value.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(value, update[key])
+    assert plain.reveals_individual_updates is True
+    assert plain.describe() == {"mode": "plain", "server_sees_individual_updates": True}
+
+
+def test_plain_encode_makes_non_contiguous_input_contiguous() -> None:
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    encoded = PlainAggregation().encode({"t": arr}, weight=1.0)
+    assert encoded["t"].flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(encoded["t"], arr)
+
+
+def test_plain_payload_spec() -> None:
+    layout = Layout(("a", "b"), ((2, 3), (4,)))
+    spec = PlainAggregation().payload_spec(layout.specs("float64"))
+    assert {k: (v.dtype, v.shape) for k, v in spec.items()} == {"a": ("float32", (2, 3)), "b": ("float32", (4,))}
+
+
+def test_plain_aggregate_one_bucket_per_contribution() -> None:
+    rng = np.random.default_rng(0)
+    plain = PlainAggregation()
+    contributions = []
+    for i, weight in enumerate([1.0, 3.0, 12.5]):
+        update = {"a": rng.normal(size=(2, 3)), "b": rng.normal(size=4)}
+        contributions.append(Contribution(f"client-{i}", plain.encode(update, weight=weight), weight))
+    buckets = plain.aggregate(contributions)
+    assert len(buckets) == len(contributions)
+    for bucket, contribution in zip(buckets, contributions):
+        assert isinstance(bucket, BucketSum)
+        assert bucket.members == (contribution.client_id,)
+        assert bucket.weight == contribution.weight
+        mean = bucket.mean()
+        for key, value in contribution.tensors.items():
+            np.testing.assert_allclose(bucket.total[key], contribution.weight * value, rtol=1e-6)
+            assert mean[key].dtype == np.float32
+            np.testing.assert_allclose(mean[key], value, rtol=1e-6, atol=1e-7)
+    assert plain.aggregate([]) == []
+
+
+def test_bucket_mean_refuses_zero_weight() -> None:
+    bucket = BucketSum(total={"a": np.zeros(2, np.float32)}, weight=0.0, members=("c",))
+    with pytest.raises(ValueError, match="non-positive"):
+        bucket.mean()
+
+
+def test_fedit_refuses_nan_and_negative_weights() -> None:
+    from secure_fl.peft_agg.fedit import FedIT
+    from secure_fl.tensors import Layout
+
+    layout = Layout(("w",), ((2,),))
+    rows = np.ones((2, 2), np.float32)
+    for bad in ([1.0, np.nan], [2.0, -1.0], [np.inf, 1.0]):
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            FedIT().aggregate(rows, np.array(bad), layout)
+
+
+def test_layout_flatten_refuses_wrong_shape() -> None:
+    from secure_fl.tensors import Layout
+
+    with pytest.raises(ValueError, match="shape"):
+        Layout(("a",), ((2,),)).flatten({"a": np.ones(3)})
