@@ -443,3 +443,27 @@ def _suggest(word: str, options: Iterable[str]) -> str:
         return f" (did you mean {_ALIASES[word]!r}?)"
     close = difflib.get_close_matches(word, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def config_reference() -> str:
+    """Markdown reference of every section and key (default and help), generated from the fields.
+
+    ``docs/configuration.md`` is this text; a test keeps the two identical.
+    """
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `secure_fl/config.py` by `python -c \"from secure_fl.config import config_reference; "
+        "print(config_reference(), end='')\" > docs/configuration.md`; a test keeps it in sync.",
+        "Plug-in keys (`secure.mode`, `privacy.mode`, `robustness.defense`, `peft.rule`, `attack.kind`) accept",
+        "every name in their registry, including plug-ins a user registered.",
+        "",
+    ]
+    for section, cls in _SECTIONS.items():
+        lines += [f"## [{section}]", "", (cls.__doc__ or "").strip().split("\n")[0].replace("``", "`"), "", "| key | default | meaning |", "|---|---|---|"]
+        defaults = _plain(asdict(cls()))
+        for f in fields(cls):
+            default = tomli_w.dumps({"v": defaults[f.name]}).strip()[4:]
+            lines.append(f"| `{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+        lines.append("")
+    return "\n".join(lines)

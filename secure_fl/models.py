@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ def bundled_minilm_path() -> Path:
 
 def _quiet_transformers() -> None:
     import transformers
+
+    # peft still calls a transformers method deprecated in v5; the warning is noise for our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

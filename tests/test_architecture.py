@@ -52,3 +52,12 @@ def _strip_json_names(file: descriptor_pb2.FileDescriptorProto) -> None:
         for field in message.field:
             field.ClearField("json_name")
         stack.extend(message.nested_type)
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the config dataclasses and must match them."""
+    from secure_fl.config import config_reference
+
+    assert (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8") == config_reference(), (
+        "regenerate docs/configuration.md (command at the top of the file)"
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from privacy._registry import Registry
 from privacy.mechanisms.base import PrivacyMechanism
 from privacy.mechanisms.none import NoPrivacy
@@ -17,16 +15,9 @@ _MECHANISMS: Registry[PrivacyMechanism] = Registry(
 )
 
 
-def register_privacy_mechanism(name: str, cls: type[PrivacyMechanism], *, force: bool = False) -> None:
-    """Register a mechanism class under ``name`` (its ``name`` attribute must match)."""
-    _MECHANISMS.register(name, cls, force=force)
-
-
-def create_privacy_mechanism(name: str, **kwargs: Any) -> PrivacyMechanism:
-    """Instantiate the mechanism registered under ``name``."""
-    return _MECHANISMS.create(name, **kwargs)
-
-
-def available() -> tuple[str, ...]:
-    """Names of the registered mechanisms, sorted."""
-    return _MECHANISMS.names()
+#: ``register_privacy_mechanism(name, cls, force=False)``: add a plug-in class (its ``name`` attribute must match).
+register_privacy_mechanism = _MECHANISMS.register
+#: ``create_privacy_mechanism(name, **kwargs)``: instantiate the plug-in registered under ``name``.
+create_privacy_mechanism = _MECHANISMS.create
+#: ``available()``: the registered names, sorted.
+available = _MECHANISMS.names

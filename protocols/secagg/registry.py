@@ -6,8 +6,6 @@ Adding a protocol is one file plus one line in ``_PROTOCOLS`` (or one call to
 
 from __future__ import annotations
 
-from typing import Any
-
 from protocols._registry import Registry
 from protocols.secagg.base import SecureAggregation
 from protocols.secagg.plain import PlainAggregation
@@ -21,16 +19,9 @@ _PROTOCOLS: Registry[SecureAggregation] = Registry(
 )
 
 
-def register_secure_aggregation(name: str, cls: type[SecureAggregation], *, force: bool = False) -> None:
-    """Register a protocol class under ``name`` (its ``name`` attribute must match)."""
-    _PROTOCOLS.register(name, cls, force=force)
-
-
-def create_secure_aggregation(name: str, **kwargs: Any) -> SecureAggregation:
-    """Instantiate the protocol registered under ``name``."""
-    return _PROTOCOLS.create(name, **kwargs)
-
-
-def available() -> tuple[str, ...]:
-    """Names of the registered protocols, sorted."""
-    return _PROTOCOLS.names()
+#: ``register_secure_aggregation(name, cls, force=False)``: add a plug-in class (its ``name`` attribute must match).
+register_secure_aggregation = _PROTOCOLS.register
+#: ``create_secure_aggregation(name, **kwargs)``: instantiate the plug-in registered under ``name``.
+create_secure_aggregation = _PROTOCOLS.create
+#: ``available()``: the registered names, sorted.
+available = _PROTOCOLS.names

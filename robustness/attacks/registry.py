@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from robustness._registry import Registry
 from robustness.attacks.base import Attack
 from robustness.attacks.none import NoAttack
@@ -17,16 +15,9 @@ _ATTACKS: Registry[Attack] = Registry(
 )
 
 
-def register_attack(name: str, cls: type[Attack], *, force: bool = False) -> None:
-    """Register an attack class under ``name`` (its ``name`` attribute must match)."""
-    _ATTACKS.register(name, cls, force=force)
-
-
-def create_attack(name: str, **kwargs: Any) -> Attack:
-    """Instantiate the attack registered under ``name``."""
-    return _ATTACKS.create(name, **kwargs)
-
-
-def available() -> tuple[str, ...]:
-    """Names of the registered attacks, sorted."""
-    return _ATTACKS.names()
+#: ``register_attack(name, cls, force=False)``: add a plug-in class (its ``name`` attribute must match).
+register_attack = _ATTACKS.register
+#: ``create_attack(name, **kwargs)``: instantiate the plug-in registered under ``name``.
+create_attack = _ATTACKS.create
+#: ``available()``: the registered names, sorted.
+available = _ATTACKS.names

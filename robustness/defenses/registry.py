@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from robustness._registry import Registry
 from robustness.defenses.base import Defense
 from robustness.defenses.none import NoDefense
@@ -17,16 +15,9 @@ _DEFENSES: Registry[Defense] = Registry(
 )
 
 
-def register_defense(name: str, cls: type[Defense], *, force: bool = False) -> None:
-    """Register a defense class under ``name`` (its ``name`` attribute must match)."""
-    _DEFENSES.register(name, cls, force=force)
-
-
-def create_defense(name: str, **kwargs: Any) -> Defense:
-    """Instantiate the defense registered under ``name``."""
-    return _DEFENSES.create(name, **kwargs)
-
-
-def available() -> tuple[str, ...]:
-    """Names of the registered defenses, sorted."""
-    return _DEFENSES.names()
+#: ``register_defense(name, cls, force=False)``: add a plug-in class (its ``name`` attribute must match).
+register_defense = _DEFENSES.register
+#: ``create_defense(name, **kwargs)``: instantiate the plug-in registered under ``name``.
+create_defense = _DEFENSES.create
+#: ``available()``: the registered names, sorted.
+available = _DEFENSES.names

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from protocols._registry import Registry
 from secure_fl.peft_agg.base import AggregationRule
 from secure_fl.peft_agg.fedit import FedIT
@@ -17,16 +15,9 @@ _RULES: Registry[AggregationRule] = Registry(
 )
 
 
-def register_rule(name: str, cls: type[AggregationRule], *, force: bool = False) -> None:
-    """Register a rule class under ``name`` (its ``name`` attribute must match)."""
-    _RULES.register(name, cls, force=force)
-
-
-def create_rule(name: str, **kwargs: Any) -> AggregationRule:
-    """Instantiate the rule registered under ``name``."""
-    return _RULES.create(name, **kwargs)
-
-
-def available() -> tuple[str, ...]:
-    """Names of the registered rules, sorted."""
-    return _RULES.names()
+#: ``register_rule(name, cls, force=False)``: add a plug-in class (its ``name`` attribute must match).
+register_rule = _RULES.register
+#: ``create_rule(name, **kwargs)``: instantiate the plug-in registered under ``name``.
+create_rule = _RULES.create
+#: ``available()``: the registered names, sorted.
+available = _RULES.names
