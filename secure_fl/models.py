@@ -169,18 +169,22 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_adapter(adapted: AdaptedModel, directory: Path, *, label_names: tuple[str, ...], model_cfg: ModelConfig) -> None:
+def save_adapter(
+    adapted: AdaptedModel, directory: Path, *, label_names: tuple[str, ...], model_cfg: ModelConfig, seed: int
+) -> None:
     """Save the adapter so ``PeftModel.from_pretrained`` reloads it, plus tokenizer and labels.
 
-    For ``tiny-bert`` (a random base that exists nowhere else) the base model is saved too, in
-    ``directory/../base_model``, and the adapter config points at it.
+    For ``tiny-bert`` (a random base that exists nowhere else) a clean copy of the base model is
+    rebuilt from the seed and saved in ``directory/../base_model``, and the adapter config points
+    at it. (Saving ``get_base_model()`` would not do: peft has injected its LoRA layers into it.)
     """
     directory.mkdir(parents=True, exist_ok=True)
     peft_model: Any = adapted.model
     if model_cfg.name == "tiny-bert":
         base_dir = directory.parent / "base_model"
         if not base_dir.exists():
-            peft_model.get_base_model().save_pretrained(str(base_dir))
+            clean = build_base_model(model_cfg, num_labels=len(label_names), seed=seed, vocab_size=len(adapted.tokenizer))
+            clean.save_pretrained(str(base_dir))
             adapted.tokenizer.save_pretrained(str(base_dir))
         peft_model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
     peft_model.save_pretrained(str(directory))

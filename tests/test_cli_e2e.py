@@ -222,14 +222,6 @@ def test_simulate_writes_the_run_directory(smoke_run: SimulatedRun) -> None:
     assert (out / "base_model" / "config.json").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "secure_fl/models.py save_adapter saves peft_model.get_base_model(), whose state dict already has the "
-        "LoRA layers injected (query.base_layer.*, lora_A/B, classifier.original_module ...), so base_model/ "
-        "reloads with freshly random query/value weights; remove this marker once base_model/ holds the clean base"
-    ),
-)
 def test_adapter_reloads_with_plain_peft_and_matches_server_accuracy(smoke_run: SimulatedRun) -> None:
     """Reload the way a user would, with plain peft/transformers: the server scored this adapter."""
     accuracy, saved_labels, test_labels = _predict_accuracy(smoke_run.out)

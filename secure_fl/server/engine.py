@@ -229,7 +229,9 @@ class FederatedServer:
 
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
-        save_adapter(self.adapted, self.run_dir.adapter, label_names=self.label_names, model_cfg=self.config.model)
+        save_adapter(
+            self.adapted, self.run_dir.adapter, label_names=self.label_names, model_cfg=self.config.model, seed=self.config.run.seed
+        )
 
 
 def _weighted_mean(pairs: Sequence[tuple[float | None, float]]) -> float | None:
