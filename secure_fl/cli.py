@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -92,20 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    from secure_fl.progress import ProgressObserver
-    from secure_fl.server.engine import FederatedServer
-    from secure_fl.transport.grpc_server import GrpcServer
+    from secure_fl.api import Server
 
-    server = FederatedServer(config, args.out, observer=ProgressObserver(config.run.rounds))
-    grpc_server = GrpcServer(server.coordinator, args.address).start()
-    print(f"run {server.run_id}: listening on {grpc_server.address}; waiting for {config.run.clients_per_round} clients", flush=True)
+    server = Server(config, address=args.address, out_dir=args.out, progress=True).start()
+    print(f"run {server.run_id}: listening on {server.address}; waiting for {config.run.clients_per_round} clients", flush=True)
     try:
-        result = server.run()
-        deadline = time.monotonic() + args.linger
-        while server.coordinator.active_clients() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        result = server.wait(linger=args.linger)
     finally:
-        grpc_server.stop()
+        server.stop()
     accuracy = result.final_accuracy
     print(f"done: {len(result.metrics)} rounds, final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}")
     return 0
@@ -123,45 +116,22 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     return _guard(_serve, args)
 
 
-def _client_index(client_id: str, num_clients: int) -> int:
-    match = re.search(r"(\d+)$", client_id)
-    if match is None or int(match.group(1)) >= num_clients:
-        raise ConfigError(
-            f"client id {client_id!r} does not name a partition: pass --data PATH, or use an id ending in an "
-            f"index 0..{num_clients - 1} (run.num_clients={num_clients}), e.g. client-0"
-        )
-    return int(match.group(1))
-
-
 def _client(args: argparse.Namespace) -> int:
     config = _config(args)
-    from privacy.mechanisms import create_privacy_mechanism
-    from protocols.secagg import create_secure_aggregation
-    from secure_fl.client.client import ClientStages, FederatedClient
-    from secure_fl.client.trainer import LocalTrainer
-    from secure_fl.data import load_text_file
-    from secure_fl.data.sources import client_dataset
-    from secure_fl.peft_agg import create_rule
-    from secure_fl.transport.grpc_client import GrpcTransport
+    from secure_fl.api import run_client
 
+    dataset = None
     if args.data:
+        from secure_fl.data import load_text_file
+
         data = config.data
         dataset = load_text_file(
             args.data, text_column=data.text_column, label_column=data.label_column, label_names=data.label_names or None
         )
-    else:
-        dataset = client_dataset(config, _client_index(args.client_id, config.run.num_clients))
-    trainer = LocalTrainer.from_config(config, dataset)
-    trainer.update_keys = create_rule(config.peft.rule).update_keys(trainer.adapted.trainable_names)
-    stages = ClientStages(
-        secure=create_secure_aggregation(config.secure.mode), privacy=create_privacy_mechanism(config.privacy.mode)
-    )
-    client = FederatedClient(
-        args.client_id, GrpcTransport(args.server), trainer, stages, seed=config.run.seed, chunk_size=config.transport.chunk_size
-    )
-    print(f"client {args.client_id}: {len(dataset)} local examples; connecting to {args.server}", flush=True)
-    client.run(connect_timeout=config.transport.connect_timeout)
-    print(f"client {args.client_id}: trained rounds {client.rounds_trained}; {client.finish_message}")
+    where = f"{len(dataset)} local examples from {args.data}" if dataset is not None else "its partition of the configured data"
+    print(f"client {args.client_id}: {where}; connecting to {args.server}", flush=True)
+    summary = run_client(config, server=args.server, client_id=args.client_id, dataset=dataset)
+    print(f"client {args.client_id}: trained rounds {summary.rounds_trained}; {summary.message}")
     return 0
 
 

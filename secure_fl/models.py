@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 _FINGERPRINT_SAMPLE = 1024
 RUN_INFO_FILE = "secure_fl.json"
+
+#: Seeded construction uses torch's process-global RNG; two threads building models at once (a
+#: server and clients in one process) would interleave draws and build different "identical"
+#: models. Every seeded build holds this lock.
+BUILD_LOCK = threading.RLock()
 
 
 @dataclass
@@ -76,6 +82,11 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
 def build_base_model(model_cfg: ModelConfig, *, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
     """Build the frozen base model; randomly initialised parts are seeded so every party agrees."""
     _quiet_transformers()
+    with BUILD_LOCK:
+        return _build_base_model(model_cfg, num_labels=num_labels, seed=seed, vocab_size=vocab_size)
+
+
+def _build_base_model(model_cfg: ModelConfig, *, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -120,8 +131,9 @@ def apply_lora(model: torch.nn.Module, peft_cfg: PeftSection, *, seed: int) -> t
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftSection, *, num_labels: int, seed: int) -> AdaptedModel:
     """Tokenizer + base model + LoRA adapter, identical on every party for the same config."""
     tokenizer = load_tokenizer(model_cfg)
-    base = build_base_model(model_cfg, num_labels=num_labels, seed=seed, vocab_size=len(tokenizer))
-    model = apply_lora(base, peft_cfg, seed=seed)
+    with BUILD_LOCK:
+        base = build_base_model(model_cfg, num_labels=num_labels, seed=seed, vocab_size=len(tokenizer))
+        model = apply_lora(base, peft_cfg, seed=seed)
     return AdaptedModel(model, tokenizer, trainable_names(model))
 
 

@@ -43,10 +43,11 @@ class ProgressObserver:
         if self._bar is not None:
             self._bar.update(1)
 
-    def on_round_end(self, record: dict[str, Any]) -> None:
+    def on_round_end(self, record: dict[str, Any]) -> bool | None:
         """Close the bar and print the metrics line."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self.enabled:
             tqdm.write(format_record(record, self.rounds), file=sys.stdout)
+        return None

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,13 +20,15 @@ from privacy.mechanisms import create_privacy_mechanism
 from protocols.secagg import create_secure_aggregation
 from robustness.attacks import create_attack
 from secure_fl.client.client import ClientStages, FederatedClient
+from secure_fl.callbacks import CallbackObserver, RoundCallback
 from secure_fl.client.trainer import LocalTrainer
 from secure_fl.config import Config
 from secure_fl.data.sources import client_partitions, load_splits
-from secure_fl.models import build_model
+from secure_fl.errors import ConfigError
 from secure_fl.progress import ProgressObserver
 from secure_fl.server.engine import FederatedServer, RoundObserver, RunResult, new_run_id
 from secure_fl.transport.inprocess import InProcessTransport
+from secure_fl.workload import Workload
 
 
 def attacker_indices(config: Config) -> set[int]:
@@ -36,42 +41,77 @@ def attacker_indices(config: Config) -> set[int]:
 
 
 def simulate(
-    config: Config,
+    config: Config | None = None,
     out_dir: str | Path | None = None,
     *,
+    workload: Workload | None = None,
+    client_datasets: Sequence[Any] | None = None,
+    eval_dataset: Any | None = None,
+    callbacks: Sequence[RoundCallback] = (),
     progress: bool = True,
     observer: RoundObserver | None = None,
 ) -> RunResult:
     """Run a whole federated fine-tune in this process and return its result.
 
+    With only a config, the model and data come from it (``[model]``, ``[peft]``, ``[data]``). With
+    your own pieces, pass a :class:`~secure_fl.workload.CustomWorkload` (model factory + peft
+    config + optional collate / loss / metric functions), one dataset per client and an
+    evaluation dataset; ``run.num_clients`` then becomes ``len(client_datasets)`` and
+    ``run.clients_per_round`` is capped at it.
+
     Parameters
     ----------
     config:
-        The run configuration.
+        The run configuration (default: :class:`Config` defaults).
     out_dir:
         Run directory; default ``runs/<run-id>``.
+    workload:
+        Model and data handling; default: the config's text-classification workload.
+    client_datasets:
+        One indexable dataset per client (torch ``Dataset``, HF ``datasets.Dataset`` or list).
+    eval_dataset:
+        Held-out data the server evaluates every round's global adapter on.
+    callbacks:
+        Per-round hooks (:class:`~secure_fl.callbacks.Callback` or ``fn(record) -> bool | None``).
     progress:
         Draw a progress bar per round and print a metrics line per round.
     observer:
-        Custom round hooks (replaces the progress display).
+        Replaces the progress display (advanced).
     """
+    config = config or Config()
+    if (workload is None) != (client_datasets is None):
+        raise ConfigError("pass workload and client_datasets together (or neither, to use the config's model and data)")
+    if client_datasets is not None:
+        if len(client_datasets) == 0:
+            raise ConfigError("client_datasets is empty: give one dataset per client")
+        n = len(client_datasets)
+        run = replace(config.run, num_clients=n, clients_per_round=min(config.run.clients_per_round, n), min_updates=min(config.run.min_updates, n))
+        config = config.replace(run=run)
     run_id = new_run_id()
     out = Path(out_dir) if out_dir is not None else Path("runs") / run_id
+    display = observer or ProgressObserver(config.run.rounds, enabled=progress)
     server = FederatedServer(
-        config, out, run_id=run_id, observer=observer or ProgressObserver(config.run.rounds, enabled=progress)
+        config,
+        out,
+        run_id=run_id,
+        observer=CallbackObserver(display, callbacks),
+        workload=workload,
+        eval_dataset=eval_dataset,
     )
-    train, _ = load_splits(config)
-    shared = build_model(config.model, config.peft, num_labels=len(server.label_names), seed=config.run.seed)
+    if client_datasets is None:
+        train, _ = load_splits(config)
+        client_datasets = client_partitions(config, train)
+    shared = server.workload.build(seed=config.run.seed)
     update_keys = server.stages.rule.update_keys(shared.trainable_names)
     attackers = attacker_indices(config)
     clients = []
-    for index, part in enumerate(client_partitions(config, train)):
+    for index, dataset in enumerate(client_datasets):
         stages = ClientStages(
             secure=create_secure_aggregation(config.secure.mode),
             privacy=create_privacy_mechanism(config.privacy.mode),
             attack=create_attack(config.attack.kind) if index in attackers else None,
         )
-        trainer = LocalTrainer.from_config(config, part, update_keys=update_keys, adapted=shared)
+        trainer = LocalTrainer.create(server.workload, dataset, seed=config.run.seed, update_keys=update_keys, adapted=shared)
         client = FederatedClient(
             f"client-{index}",
             InProcessTransport(server.coordinator),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -109,10 +109,24 @@ def create_task(name: str) -> Task:
     return TASKS[name]()
 
 
+class LossSource(Protocol):
+    """Anything with a ``loss(model, batch)`` method (a task or a workload)."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor: ...
+
+
+class BatchSource(Protocol):
+    """Anything with a length and ``batch(index)`` (encoded or wrapped examples)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: torch.Tensor) -> Any: ...
+
+
 def train_steps(
     model: torch.nn.Module,
-    task: Task,
-    data: EncodedDataset,
+    task: LossSource,
+    data: BatchSource,
     *,
     steps: int,
     batch_size: int,

@@ -15,8 +15,9 @@ import torch
 
 from secure_fl.config import Config
 from secure_fl.data import TextDataset
-from secure_fl.models import AdaptedModel, build_model, load_trainable_state, trainable_state
-from secure_fl.tasks import EncodedDataset, Task, create_task, train_steps
+from secure_fl.models import AdaptedModel, load_trainable_state, trainable_state
+from secure_fl.tasks import train_steps
+from secure_fl.workload import Batches, TextClassification, Workload
 
 
 def derive_seed(*parts: object) -> int:
@@ -26,29 +27,46 @@ def derive_seed(*parts: object) -> int:
 
 
 class LocalTrainer:
-    """Holds a model and one client's tokenised data; trains one round at a time.
+    """Holds a model and one client's prepared data; trains one round at a time.
 
     In simulation many trainers share one :class:`AdaptedModel`: each round starts by loading
     the global adapter into it, so sharing is safe as long as clients train one after another.
     """
 
-    def __init__(self, adapted: AdaptedModel, task: Task, data: EncodedDataset, *, update_keys: list[str], num_examples: int) -> None:
+    def __init__(
+        self, workload: Workload, adapted: AdaptedModel, data: Batches, *, update_keys: list[str], num_examples: int
+    ) -> None:
+        self.workload = workload
         self.adapted = adapted
-        self.task = task
         self.data = data
         self.update_keys = list(update_keys)
         self.num_examples = num_examples
 
     @classmethod
+    def create(
+        cls,
+        workload: Workload,
+        dataset: Any,
+        *,
+        seed: int,
+        update_keys: list[str] | None = None,
+        adapted: AdaptedModel | None = None,
+    ) -> LocalTrainer:
+        """Build (or reuse) the workload's model and prepare ``dataset`` once."""
+        adapted = adapted or workload.build(seed=seed)
+        data = workload.prepare(adapted, dataset)
+        if len(data) == 0:
+            raise ValueError("a client needs at least one training example")
+        keys = update_keys if update_keys is not None else list(adapted.trainable_names)
+        return cls(workload, adapted, data, update_keys=keys, num_examples=len(data))
+
+    @classmethod
     def from_config(
         cls, config: Config, dataset: TextDataset, *, update_keys: list[str] | None = None, adapted: AdaptedModel | None = None
     ) -> LocalTrainer:
-        """Build (or reuse) the model from ``config`` and tokenise ``dataset`` once."""
-        adapted = adapted or build_model(config.model, config.peft, num_labels=dataset.num_labels, seed=config.run.seed)
-        task = create_task(config.model.task)
-        data = task.encode(adapted.tokenizer, dataset, max_length=config.model.max_length)
-        keys = update_keys if update_keys is not None else list(adapted.trainable_names)
-        return cls(adapted, task, data, update_keys=keys, num_examples=len(dataset))
+        """The config-driven text-classification trainer for ``dataset``."""
+        workload = TextClassification(config.model, config.peft, dataset.label_names)
+        return cls.create(workload, dataset, seed=config.run.seed, update_keys=update_keys, adapted=adapted)
 
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
@@ -57,7 +75,7 @@ class LocalTrainer:
         torch.manual_seed(seed)
         metrics = train_steps(
             model,
-            self.task,
+            self.workload,
             self.data,
             steps=int(plan["local_steps"]),
             batch_size=int(plan["batch_size"]),

@@ -24,12 +24,12 @@ from secure_fl.data import TextDataset
 from secure_fl.data import load_text_file
 from secure_fl.data.sources import load_splits
 from secure_fl.errors import RunError
-from secure_fl.models import build_model, load_trainable_state, model_fingerprint, save_adapter, trainable_state
+from secure_fl.models import load_trainable_state, model_fingerprint, trainable_state
 from secure_fl.server.coordinator import Coordinator
 from secure_fl.server.pipeline import ServerPipeline, Stages
 from secure_fl.server.rundir import RunDirectory
-from secure_fl.tasks import create_task
 from secure_fl.tensors import Layout
+from secure_fl.workload import TextClassification, Workload
 
 
 class RoundObserver(Protocol):
@@ -39,7 +39,7 @@ class RoundObserver(Protocol):
 
     def on_update(self, client_id: str, round_number: int) -> None: ...
 
-    def on_round_end(self, record: dict[str, Any]) -> None: ...
+    def on_round_end(self, record: dict[str, Any]) -> bool | None: ...
 
 
 class SilentObserver:
@@ -51,8 +51,9 @@ class SilentObserver:
     def on_update(self, client_id: str, round_number: int) -> None:
         """Do nothing."""
 
-    def on_round_end(self, record: dict[str, Any]) -> None:
+    def on_round_end(self, record: dict[str, Any]) -> bool | None:
         """Do nothing."""
+        return None
 
 
 @dataclass
@@ -110,6 +111,8 @@ class FederatedServer:
         *,
         run_id: str | None = None,
         observer: RoundObserver | None = None,
+        workload: Workload | None = None,
+        eval_dataset: Any | None = None,
     ) -> None:
         self.config = config
         self.run_id = run_id or new_run_id()
@@ -117,12 +120,13 @@ class FederatedServer:
         self.run_dir = RunDirectory(out_dir)
         self.run_dir.write_config(config)
         self.stages = Stages.from_config(config)
-        self.label_names, eval_set = load_eval_set(config)
-        self.adapted = build_model(config.model, config.peft, num_labels=len(self.label_names), seed=config.run.seed)
-        self.task = create_task(config.model.task)
-        self.eval_data = (
-            self.task.encode(self.adapted.tokenizer, eval_set, max_length=config.model.max_length) if eval_set else None
-        )
+        if workload is None:
+            label_names, eval_set = load_eval_set(config)
+            workload = TextClassification(config.model, config.peft, label_names)
+            eval_dataset = eval_set if eval_dataset is None else eval_dataset
+        self.workload = workload
+        self.adapted = workload.build(seed=config.run.seed)
+        self.eval_data = workload.prepare(self.adapted, eval_dataset) if eval_dataset is not None else None
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
         self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
@@ -153,7 +157,7 @@ class FederatedServer:
         if self.eval_data is None:
             return {}
         load_trainable_state(self.adapted.model, state)
-        return self.task.evaluate(self.adapted.model, self.eval_data, batch_size=self.config.client.eval_batch_size)
+        return self.workload.evaluate(self.adapted.model, self.eval_data, batch_size=self.config.client.eval_batch_size)
 
     def run(self) -> RunResult:
         """Run every round, then tell the clients the run is finished."""
@@ -162,7 +166,8 @@ class FederatedServer:
         except BaseException as exc:
             self.coordinator.finish(f"server stopped: {exc}")
             raise
-        self.coordinator.finish(f"run complete after {len(records)} rounds")
+        stopped = len(records) < self.config.run.rounds
+        self.coordinator.finish(f"run {'stopped early by a callback' if stopped else 'complete'} after {len(records)} rounds")
         return RunResult(self.run_id, self.run_dir.path, records, self.run_dir.adapter, self.global_state)
 
     def _run_rounds(self) -> list[dict[str, Any]]:
@@ -175,12 +180,15 @@ class FederatedServer:
                 f"a round needs at least run.min_updates={run.min_updates}"
             )
         self._save_adapter()
-        records = []
+        records: list[dict[str, Any]] = []
         for number in range(1, run.rounds + 1):
-            records.append(self._round(number, rng))
+            record, stop = self._round(number, rng)
+            records.append(record)
+            if stop:
+                break
         return records
 
-    def _round(self, number: int, rng: np.random.Generator) -> dict[str, Any]:
+    def _round(self, number: int, rng: np.random.Generator) -> tuple[dict[str, Any], bool]:
         run = self.config.run
         if self.coordinator.finished:
             raise RunError(f"run stopped before round {number}")
@@ -210,6 +218,7 @@ class FederatedServer:
             ),
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
+            "stages": self.stages.names(),
         }
         if len(received) < run.min_updates:
             record["status"] = "failed"
@@ -224,14 +233,12 @@ class FederatedServer:
             self._save_adapter()
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.run_dir.append_metrics(record)
-        self.observer.on_round_end(record)
-        return record
+        stop = self.observer.on_round_end(record) is True
+        return record, stop
 
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
-        save_adapter(
-            self.adapted, self.run_dir.adapter, label_names=self.label_names, model_cfg=self.config.model, seed=self.config.run.seed
-        )
+        self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
 
 
 def _weighted_mean(pairs: Sequence[tuple[float | None, float]]) -> float | None:

@@ -1,0 +1,203 @@
+"""Deployment entry points: :class:`Server` / :func:`serve` and :func:`run_client`.
+
+The command-line tools are thin wrappers around these; use them directly to embed a server or a
+client in your own code, with your own model and data (a :class:`~secure_fl.workload.Workload`).
+
+Example (server and two clients on loopback, from Python)::
+
+    from secure_fl import Server, load_preset, run_client
+
+    config = load_preset("smoke").with_overrides(["run.num_clients=2", "run.clients_per_round=2"])
+    with Server(config, address="127.0.0.1:0", out_dir="runs/demo") as server:
+        threads = [threading.Thread(target=run_client, args=(config,),
+                                    kwargs={"server": server.address, "client_id": f"client-{i}"})
+                   for i in range(2)]
+        ...
+        result = server.wait()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privacy.mechanisms import create_privacy_mechanism
+from protocols.secagg import create_secure_aggregation
+from secure_fl.callbacks import CallbackObserver, RoundCallback
+from secure_fl.client.client import ClientStages, FederatedClient
+from secure_fl.client.trainer import LocalTrainer
+from secure_fl.config import Config
+from secure_fl.errors import ConfigError, RunError
+from secure_fl.progress import ProgressObserver
+from secure_fl.server.engine import FederatedServer, RunResult
+from secure_fl.transport.grpc_client import GrpcTransport
+from secure_fl.transport.grpc_server import GrpcServer
+from secure_fl.workload import Workload
+
+
+class Server:
+    """A federated server listening on ``address`` and running its rounds in a background thread.
+
+    Parameters
+    ----------
+    config:
+        The run configuration; its ``[client]`` section is the plan sent to every client.
+    address:
+        ``host:port`` to listen on (port 0 picks a free one; read :attr:`address` after start).
+    out_dir:
+        Run directory (config, metrics, checkpoints, adapter).
+    workload, eval_dataset:
+        Your own model/data handling and evaluation set (default: from the config).
+    callbacks:
+        Per-round hooks; one returning ``True`` stops the run after that round.
+    progress:
+        Show a progress bar and a metrics line per round.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        address: str,
+        out_dir: str | Path,
+        workload: Workload | None = None,
+        eval_dataset: Any | None = None,
+        callbacks: Sequence[RoundCallback] = (),
+        progress: bool = False,
+    ) -> None:
+        observer = CallbackObserver(ProgressObserver(config.run.rounds, enabled=progress), callbacks)
+        self.federated = FederatedServer(config, out_dir, observer=observer, workload=workload, eval_dataset=eval_dataset)
+        self._bind = address
+        self._grpc: GrpcServer | None = None
+        self._thread: threading.Thread | None = None
+        self._outcome: dict[str, Any] = {}
+
+    @property
+    def run_id(self) -> str:
+        """The run id clients learn when they join."""
+        return self.federated.run_id
+
+    @property
+    def address(self) -> str:
+        """The address actually listened on (after :meth:`start`)."""
+        if self._grpc is None:
+            raise RunError("the server is not started")
+        return self._grpc.address
+
+    def start(self) -> Server:
+        """Start listening and running rounds (returns at once)."""
+        self._grpc = GrpcServer(self.federated.coordinator, self._bind).start()
+
+        def run() -> None:
+            try:
+                self._outcome["result"] = self.federated.run()
+            except BaseException as exc:  # handed to wait()
+                self._outcome["error"] = exc
+
+        self._thread = threading.Thread(target=run, name="secure-fl-rounds", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None, *, linger: float = 5.0) -> RunResult:
+        """Block until the run ends, keep answering FINISHED for up to ``linger`` seconds, stop."""
+        if self._thread is None:
+            raise RunError("the server is not started")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RunError(f"the run did not finish within {timeout} s")
+        deadline = time.monotonic() + linger
+        while self.federated.coordinator.active_clients() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.stop()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        result: RunResult = self._outcome["result"]
+        return result
+
+    def stop(self) -> None:
+        """Stop the run (if still going) and the gRPC server."""
+        self.federated.coordinator.finish("server stopped")
+        if self._grpc is not None:
+            self._grpc.stop(grace=1.0)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(config: Config, *, address: str, out_dir: str | Path, linger: float = 15.0, **kwargs: Any) -> RunResult:
+    """Run a server until its last round is done (blocking); keyword arguments go to :class:`Server`."""
+    server = Server(config, address=address, out_dir=out_dir, **kwargs).start()
+    try:
+        return server.wait(linger=linger)
+    finally:
+        server.stop()
+
+
+@dataclass
+class ClientSummary:
+    """What a client did in a run."""
+
+    client_id: str
+    rounds_trained: list[int] = field(default_factory=list)
+    message: str = ""
+
+
+def run_client(
+    config: Config,
+    *,
+    server: str,
+    client_id: str,
+    dataset: Any | None = None,
+    workload: Workload | None = None,
+    connect_timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> ClientSummary:
+    """Join the server at ``server`` (``host:port``) and train until the run finishes.
+
+    Parameters
+    ----------
+    config:
+        Must match the server's ``[model]``, ``[peft]``, ``[secure]`` and ``[privacy]`` settings.
+    dataset:
+        This party's training data: a :class:`~secure_fl.data.TextDataset` for the config's
+        workload, or any indexable dataset for a custom ``workload``. Default: partition ``N`` of
+        the configured dataset, where ``client_id`` ends with ``N``.
+    workload:
+        Your own model/data handling (must equal the server's).
+    """
+    from secure_fl.data.sources import client_dataset
+    from secure_fl.peft_agg import create_rule
+
+    if dataset is None:
+        if workload is not None:
+            raise ConfigError("a custom workload needs this client's dataset: pass dataset=...")
+        dataset = client_dataset(config, partition_index(client_id, config.run.num_clients))
+    if workload is None:
+        trainer = LocalTrainer.from_config(config, dataset)
+    else:
+        trainer = LocalTrainer.create(workload, dataset, seed=config.run.seed)
+    trainer.update_keys = create_rule(config.peft.rule).update_keys(trainer.adapted.trainable_names)
+    stages = ClientStages(create_secure_aggregation(config.secure.mode), create_privacy_mechanism(config.privacy.mode))
+    client = FederatedClient(
+        client_id, GrpcTransport(server), trainer, stages, seed=config.run.seed, chunk_size=config.transport.chunk_size
+    )
+    client.run(connect_timeout=connect_timeout or config.transport.connect_timeout, stop=stop)
+    return ClientSummary(client_id, list(client.rounds_trained), client.finish_message)
+
+
+def partition_index(client_id: str, num_clients: int) -> int:
+    """The partition a client id names: the number it ends with, in ``0..num_clients-1``."""
+    digits = len(client_id) - len(client_id.rstrip("0123456789"))
+    if digits == 0 or int(client_id[-digits:]) >= num_clients:
+        raise ConfigError(
+            f"client id {client_id!r} does not name a partition: pass --data PATH, or use an id ending in an "
+            f"index 0..{num_clients - 1} (run.num_clients={num_clients}), e.g. client-0"
+        )
+    return int(client_id[-digits:])
