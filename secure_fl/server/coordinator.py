@@ -247,7 +247,7 @@ class Coordinator:
             current = self._round
             if current is None:
                 raise RuntimeError("no round is open")
-            while not current.complete():
+            while not current.complete() and self._finished is None:
                 remaining = current.deadline - time.monotonic()
                 if remaining <= 0:
                     break
