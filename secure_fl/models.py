@@ -66,8 +66,8 @@ def _quiet_transformers() -> None:
     # peft still calls a transformers method deprecated in v5; the warning is noise for our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
@@ -91,7 +91,7 @@ def _build_base_model(model_cfg: ModelConfig, *, num_labels: int, seed: int, voc
 
     torch.manual_seed(seed)
     if model_cfg.name == "tiny-bert":
-        config = BertConfig(
+        config = BertConfig(  # type: ignore[call-arg]  # BertConfig takes PretrainedConfig kwargs
             vocab_size=vocab_size,
             hidden_size=model_cfg.hidden_size,
             num_hidden_layers=model_cfg.num_layers,
@@ -104,7 +104,10 @@ def _build_base_model(model_cfg: ModelConfig, *, num_labels: int, seed: int, voc
         return BertForSequenceClassification(config)
     source = bundled_minilm_path() if model_cfg.name == "minilm" else _local_dir(model_cfg.name)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(source), num_labels=num_labels, local_files_only=True)
+        model: torch.nn.Module = AutoModelForSequenceClassification.from_pretrained(
+            str(source), num_labels=num_labels, local_files_only=True
+        )
+        return model
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name={model_cfg.name!r}: cannot load a sequence-classification model from {source}: {exc}") from exc
 
@@ -117,7 +120,7 @@ def apply_lora(model: torch.nn.Module, peft_cfg: PeftSection, *, seed: int) -> t
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=peft_cfg.r,
-        lora_alpha=peft_cfg.alpha,
+        lora_alpha=peft_cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; float scaling works
         lora_dropout=peft_cfg.dropout,
         target_modules=list(peft_cfg.target_modules),
         modules_to_save=list(peft_cfg.modules_to_save) or None,
@@ -195,7 +198,7 @@ def save_adapter(
     if model_cfg.name == "tiny-bert":
         base_dir = directory.parent / "base_model"
         if not base_dir.exists():
-            clean = build_base_model(model_cfg, num_labels=len(label_names), seed=seed, vocab_size=len(adapted.tokenizer))
+            clean: Any = build_base_model(model_cfg, num_labels=len(label_names), seed=seed, vocab_size=len(adapted.tokenizer))
             clean.save_pretrained(str(base_dir))
             adapted.tokenizer.save_pretrained(str(base_dir))
         peft_model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())

@@ -350,7 +350,7 @@ def update_stream(
     Raises ``ValueError`` (a local bug, not a protocol error) if ``len(payload)`` differs from
     the header's ``manifest.total_bytes``.
     """
-    return _stream(pb.UpdateChunk, header, payload, chunk_size)  # type: ignore[return-value]
+    return _stream(pb.UpdateChunk, header, payload, chunk_size)
 
 
 def task_stream(
@@ -360,7 +360,7 @@ def task_stream(
 
     A header without a manifest (WAIT, FINISHED) must come with an empty payload.
     """
-    return _stream(pb.TaskChunk, header, payload, chunk_size)  # type: ignore[return-value]
+    return _stream(pb.TaskChunk, header, payload, chunk_size)
 
 
 def _read_stream(
@@ -405,7 +405,7 @@ def read_update_stream(
     a second header, a header without manifest, or any chunk problem found by
     :class:`ChunkAssembler` (size limit, offsets, truncation, checksum).
     """
-    return _read_stream(  # type: ignore[return-value]
+    return _read_stream(
         messages, max_bytes=max_bytes, who=who, manifest_optional=False
     )
 
@@ -418,7 +418,7 @@ def read_task_stream(
     Same checks as :func:`read_update_stream`, except that a header without a manifest (WAIT,
     FINISHED) is fine: it has no chunks and the payload is ``b""``.
     """
-    return _read_stream(  # type: ignore[return-value]
+    return _read_stream(
         messages, max_bytes=max_bytes, who=who, manifest_optional=True
     )
 

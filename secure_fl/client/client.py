@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from secure_fl.server.coordinator import PROTOCOL_VERSION
 from secure_fl.transport.base import ClientTransport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Codes meaning "the server is not there (yet)": retried until the connect timeout.
 _RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
@@ -156,7 +159,8 @@ class FederatedClient:
                 self.leave("stopped")
             self.transport.close()
 
-    def _retrying(self, fn, timeout: float, stop: threading.Event):  # type: ignore[no-untyped-def]
+    def _retrying(self, fn: Callable[[], T], timeout: float, stop: threading.Event) -> T:
+        """Call ``fn``, retrying while the server is unreachable, for up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             try:

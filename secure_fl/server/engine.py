@@ -19,11 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from protocols.wire import serde
-from secure_fl.config import Config, ConfigError
+from secure_fl.config import Config
 from secure_fl.data import TextDataset
 from secure_fl.data import load_text_file
 from secure_fl.data.sources import load_splits
-from secure_fl.errors import RunError
+from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import load_trainable_state, model_fingerprint, trainable_state
 from secure_fl.server.coordinator import Coordinator
 from secure_fl.server.pipeline import ServerPipeline, Stages

@@ -43,7 +43,8 @@ class GrpcTransport(ClientTransport):
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:
         """Join the run."""
-        return _call(lambda: self._stub.Join(request, timeout=30.0))
+        reply: pb.JoinReply = _call(lambda: self._stub.Join(request, timeout=30.0))
+        return reply
 
     def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
         """Poll for work; the chunks are read fully so errors surface here."""
@@ -51,11 +52,13 @@ class GrpcTransport(ClientTransport):
 
     def push_update(self, messages: Iterable[pb.UpdateChunk]) -> pb.PushReply:
         """Upload an update as a client stream."""
-        return _call(lambda: self._stub.PushUpdate(iter(messages), timeout=self.timeout))
+        reply: pb.PushReply = _call(lambda: self._stub.PushUpdate(iter(messages), timeout=self.timeout))
+        return reply
 
     def leave(self, request: pb.LeaveRequest) -> pb.LeaveReply:
         """Leave the run."""
-        return _call(lambda: self._stub.Leave(request, timeout=10.0))
+        reply: pb.LeaveReply = _call(lambda: self._stub.Leave(request, timeout=10.0))
+        return reply
 
     def close(self) -> None:
         """Close the channel."""

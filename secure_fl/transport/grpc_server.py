@@ -31,9 +31,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
         context.abort(exc.code, str(exc))
     log.exception("%s failed", method)
     context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error: {type(exc).__name__}: {exc}")
+    raise AssertionError("grpc context.abort returned")  # abort always raises
 
 
-class FederationServicer(pb_grpc.FederationServicer):
+class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # generated base is untyped
     """Maps each RPC onto the coordinator."""
 
     def __init__(self, coordinator: Coordinator) -> None:
