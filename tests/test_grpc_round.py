@@ -46,10 +46,10 @@ class RecordingTransport(GrpcTransport):
         return reply
 
 
-def make_client(config: Config, index: int, transport: GrpcTransport) -> FederatedClient:
+def make_client(config: Config, index: int, transport: GrpcTransport, chunk_size: int = 4096) -> FederatedClient:
     trainer = LocalTrainer.from_config(config, client_dataset(config, index))
     stages = ClientStages(create_secure_aggregation(config.secure.mode), create_privacy_mechanism(config.privacy.mode))
-    return FederatedClient(f"client-{index}", transport, trainer, stages, seed=config.run.seed, chunk_size=4096)
+    return FederatedClient(f"client-{index}", transport, trainer, stages, seed=config.run.seed, chunk_size=chunk_size)
 
 
 def test_three_grpc_clients_two_rounds_weighted_mean(grpc_server) -> None:
@@ -132,3 +132,25 @@ def test_client_vanishing_mid_round_is_dropped_and_late_update_refused(grpc_serv
         t.join(30)
     assert [r["clients"] for r in result.metrics] == [2, 2]
     assert result.metrics[1]["seconds"] < config.run.round_timeout  # did not wait for the ghost
+
+
+def test_grpc_deployment_matches_simulation_exactly(grpc_server, tmp_path) -> None:
+    """Same server and client code: gRPC and in-process runs give the same rounds, bit for bit."""
+    from secure_fl.simulation import simulate
+
+    config = smoke_config("run.num_clients=3", "run.clients_per_round=3")
+    simulated = simulate(config, tmp_path / "sim", progress=False)
+    running = grpc_server(config)
+    clients = [make_client(config, i, GrpcTransport(running.address), config.transport.chunk_size) for i in range(3)]
+    threads = [threading.Thread(target=c.run, kwargs={"connect_timeout": 30}) for c in clients]
+    for t in threads:
+        t.start()
+    deployed = running.result()
+    for t in threads:
+        t.join(30)
+    for a, b in zip(simulated.metrics, deployed.metrics, strict=True):
+        assert (a["accuracy"], a["loss"], a["train_loss"], a["bytes_up"]) == (b["accuracy"], b["loss"], b["train_loss"], b["bytes_up"])
+    for key, value in simulated.global_state.items():
+        np.testing.assert_array_equal(value, deployed.global_state[key])
+    # every client said goodbye, so a server would not linger
+    assert running.server.coordinator.active_clients() == []

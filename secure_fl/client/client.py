@@ -155,8 +155,7 @@ class FederatedClient:
                 if outcome == "wait":
                     stop.wait(self.retry_after)
         finally:
-            if not self.finished:
-                self.leave("stopped")
+            self.leave("finished" if self.finished else "stopped")
             self.transport.close()
 
     def _retrying(self, fn: Callable[[], T], timeout: float, stop: threading.Event) -> T:

@@ -7,6 +7,7 @@ training minus the global ones, restricted to the tensors the aggregation rule s
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,12 @@ from secure_fl.data import TextDataset
 from secure_fl.models import AdaptedModel, load_trainable_state, trainable_state
 from secure_fl.tasks import train_steps
 from secure_fl.workload import Batches, TextClassification, Workload
+
+
+#: Local training seeds torch's process-global RNG (dropout). Clients that share a process (threads
+#: in tests, notebooks, the loopback example) train one at a time so every run is reproducible;
+#: separate client processes, as in a deployment, train in parallel.
+TRAIN_LOCK = threading.Lock()
 
 
 def derive_seed(*parts: object) -> int:
@@ -71,19 +78,20 @@ class LocalTrainer:
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
         model = self.adapted.model
-        load_trainable_state(model, global_state)
-        torch.manual_seed(seed)
-        metrics = train_steps(
-            model,
-            self.workload,
-            self.data,
-            steps=int(plan["local_steps"]),
-            batch_size=int(plan["batch_size"]),
-            lr=float(plan["lr"]),
-            weight_decay=float(plan.get("weight_decay", 0.0)),
-            max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
-            seed=seed,
-        )
-        local = trainable_state(model)
+        with TRAIN_LOCK:
+            load_trainable_state(model, global_state)
+            torch.manual_seed(seed)
+            metrics = train_steps(
+                model,
+                self.workload,
+                self.data,
+                steps=int(plan["local_steps"]),
+                batch_size=int(plan["batch_size"]),
+                lr=float(plan["lr"]),
+                weight_decay=float(plan.get("weight_decay", 0.0)),
+                max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
+                seed=seed,
+            )
+            local = trainable_state(model)
         delta = {key: (local[key] - global_state[key]).astype(np.float32) for key in self.update_keys}
         return delta, metrics
