@@ -173,6 +173,10 @@ class ClientConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping for stability (0 = off; not DP)"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of each client's data held out to evaluate the received global adapter (0 = off)"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "batch_size", "eval_batch_size"):
@@ -180,6 +184,7 @@ class ClientConfig:
         _positive_float("client.lr", self.lr)
         _non_negative_float("client.weight_decay", self.weight_decay)
         _non_negative_float("client.max_grad_norm", self.max_grad_norm)
+        _fraction("client.eval_fraction", self.eval_fraction, open_high=True)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
     parts = [f"round {record['round']}/{rounds}", f"clients {record['clients']}/{record['cohort']}"]
     if record.get("status") != "ok":
         parts.append(f"FAILED: {record.get('reason', '')}")
-    for key, label in (("accuracy", "acc"), ("loss", "loss"), ("train_loss", "train_loss")):
+    for key, label in (("accuracy", "acc"), ("loss", "loss"), ("train_loss", "train_loss"), ("fed_eval_accuracy", "fed_acc")):
         if record.get(key) is not None:
             parts.append(f"{label} {record[key]:.4f}")
     parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB")

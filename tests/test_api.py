@@ -148,3 +148,30 @@ def test_getting_started_page_runs_as_written(tmp_path: Path) -> None:
 def test_public_names_resolve() -> None:
     for name in secure_fl.__all__:
         assert getattr(secure_fl, name) is not None, name
+
+
+def test_federated_evaluation_without_server_data(tmp_path: Path) -> None:
+    """Clients score the received adapter on held-out local data; the server only sees means."""
+    config = _config(3).with_overrides(["client.eval_fraction=0.25"])
+    result = secure_fl.simulate(
+        config, tmp_path, workload=_workload(), client_datasets=[_pairs(40, s) for s in range(3)], progress=False
+    )
+    for record in result.metrics:
+        assert record["accuracy"] is None  # the server holds no data
+        assert record["fed_eval_examples"] == 3 * 10  # 25% of 40 per client
+        assert 0.0 <= record["fed_eval_accuracy"] <= 1.0
+    # the adapter learns, as measured on the clients' held-out data
+    # round 1 scores the untrained initial adapter, round 3 the adapter after two rounds of training
+    assert result.metrics[-1]["fed_eval_accuracy"] > 0.8
+    assert result.metrics[-1]["fed_eval_accuracy"] > result.metrics[0]["fed_eval_accuracy"]
+
+
+def test_held_out_examples_are_not_trained_on() -> None:
+    from secure_fl.client.trainer import split_local
+
+    data = list(range(50))
+    train, held = split_local(data, 0.2, seed=3)
+    train_items, held_items = [train[i] for i in range(len(train))], [held[i] for i in range(len(held))]
+    assert len(held_items) == 10 and sorted(train_items + held_items) == data
+    assert set(train_items).isdisjoint(held_items)
+    assert split_local(data, 0.0, seed=3) == (data, None)

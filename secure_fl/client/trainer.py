@@ -33,6 +33,21 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def split_local(dataset: Any, fraction: float, *, seed: int) -> tuple[Any, Any | None]:
+    """Split a client's dataset into (train, held-out) parts; ``fraction`` 0 keeps everything."""
+    n = len(dataset)
+    k = min(n - 1, max(1, int(round(n * fraction)))) if fraction > 0 and n >= 2 else 0
+    if k == 0:
+        return dataset, None
+    order = np.random.default_rng(seed).permutation(n)
+    held, kept = np.sort(order[:k]), np.sort(order[k:])
+    if isinstance(dataset, TextDataset):
+        return dataset.subset(kept), dataset.subset(held)
+    from torch.utils.data import Subset
+
+    return Subset(dataset, kept.tolist()), Subset(dataset, held.tolist())
+
+
 class LocalTrainer:
     """Holds a model and one client's prepared data; trains one round at a time.
 
@@ -41,13 +56,23 @@ class LocalTrainer:
     """
 
     def __init__(
-        self, workload: Workload, adapted: AdaptedModel, data: Batches, *, update_keys: list[str], num_examples: int
+        self,
+        workload: Workload,
+        adapted: AdaptedModel,
+        data: Batches,
+        *,
+        update_keys: list[str],
+        num_examples: int,
+        eval_data: Batches | None = None,
+        eval_batch_size: int = 64,
     ) -> None:
         self.workload = workload
         self.adapted = adapted
         self.data = data
         self.update_keys = list(update_keys)
         self.num_examples = num_examples
+        self.eval_data = eval_data
+        self.eval_batch_size = eval_batch_size
 
     @classmethod
     def create(
@@ -58,14 +83,24 @@ class LocalTrainer:
         seed: int,
         update_keys: list[str] | None = None,
         adapted: AdaptedModel | None = None,
+        eval_fraction: float = 0.0,
+        eval_batch_size: int = 64,
     ) -> LocalTrainer:
-        """Build (or reuse) the workload's model and prepare ``dataset`` once."""
+        """Build (or reuse) the workload's model and prepare ``dataset`` once.
+
+        With ``eval_fraction > 0`` a seeded share of the local examples is held out (never trained
+        on) to evaluate each global adapter the client receives (federated evaluation).
+        """
         adapted = adapted or workload.build(seed=seed)
-        data = workload.prepare(adapted, dataset)
+        train_part, eval_part = split_local(dataset, eval_fraction, seed=seed)
+        data = workload.prepare(adapted, train_part)
         if len(data) == 0:
             raise ValueError("a client needs at least one training example")
+        eval_data = workload.prepare(adapted, eval_part) if eval_part is not None else None
         keys = update_keys if update_keys is not None else list(adapted.trainable_names)
-        return cls(workload, adapted, data, update_keys=keys, num_examples=len(data))
+        return cls(
+            workload, adapted, data, update_keys=keys, num_examples=len(data), eval_data=eval_data, eval_batch_size=eval_batch_size
+        )
 
     @classmethod
     def from_config(
@@ -73,13 +108,26 @@ class LocalTrainer:
     ) -> LocalTrainer:
         """The config-driven text-classification trainer for ``dataset``."""
         workload = TextClassification(config.model, config.peft, dataset.label_names)
-        return cls.create(workload, dataset, seed=config.run.seed, update_keys=update_keys, adapted=adapted)
+        return cls.create(
+            workload,
+            dataset,
+            seed=config.run.seed,
+            update_keys=update_keys,
+            adapted=adapted,
+            eval_fraction=config.client.eval_fraction,
+            eval_batch_size=config.client.eval_batch_size,
+        )
 
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
         model = self.adapted.model
         with TRAIN_LOCK:
             load_trainable_state(model, global_state)
+            evaluation: dict[str, float] = {}
+            if self.eval_data is not None:
+                scores = self.workload.evaluate(model, self.eval_data, batch_size=self.eval_batch_size)
+                evaluation = {f"eval_{k}": v for k, v in scores.items()}
+                evaluation["eval_examples"] = float(len(self.eval_data))
             torch.manual_seed(seed)
             metrics = train_steps(
                 model,
@@ -94,4 +142,4 @@ class LocalTrainer:
             )
             local = trainable_state(model)
         delta = {key: (local[key] - global_state[key]).astype(np.float32) for key in self.update_keys}
-        return delta, metrics
+        return delta, {**metrics, **evaluation}

@@ -219,6 +219,7 @@ class FederatedServer:
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
             "stages": self.stages.names(),
+            **_federated_evaluation(state.client_metrics),
         }
         if len(received) < run.min_updates:
             record["status"] = "failed"
@@ -239,6 +240,22 @@ class FederatedServer:
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
+
+
+def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Example-weighted means of the cohort's ``eval_*`` metrics, as ``fed_eval_*`` keys.
+
+    Clients evaluate the global adapter they received at the start of the round (the previous
+    round's result) on their held-out local data, before training on it.
+    """
+    reports = [m for m in client_metrics.values() if m.get("eval_examples", 0) > 0]
+    if not reports:
+        return {}
+    total = sum(m["eval_examples"] for m in reports)
+    keys = sorted({k for m in reports for k in m if k.startswith("eval_") and k != "eval_examples"})
+    out = {f"fed_{k}": sum(m[k] * m["eval_examples"] for m in reports if k in m) / total for k in keys}
+    out["fed_eval_examples"] = float(total)
+    return out
 
 
 def _weighted_mean(pairs: Sequence[tuple[float | None, float]]) -> float | None:
