@@ -65,6 +65,31 @@ class SequenceClassification(Task):
 
     def encode(self, tokenizer: Any, dataset: TextDataset, *, max_length: int) -> EncodedDataset:
         """Tokenise with truncation to ``max_length`` and pad to the longest example."""
+        labels = torch.tensor(np.asarray(dataset.labels), dtype=torch.long)
+        if len(dataset) == 0:
+            return EncodedDataset(torch.zeros((0, 1), dtype=torch.long), torch.zeros(0, dtype=torch.long), labels)
+        encoded = tokenizer(
+            list(dataset.texts), truncation=True, max_length=max_length, padding="longest", return_tensors="np"
+        )
+        ids = torch.from_numpy(np.ascontiguousarray(encoded["input_ids"], dtype=np.int64))
+        lengths = torch.from_numpy(np.asarray(encoded["attention_mask"], dtype=np.int64).sum(axis=1))
+        return EncodedDataset(ids, lengths, labels)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean loss of ``batch``."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, data: EncodedDataset, *, batch_size: int) -> dict[str, float]:
+        """Metrics of ``model`` on ``data`` (at least ``loss``)."""
+
+
+class SequenceClassification(Task):
+    """Single-label text classification with cross-entropy; reports accuracy and loss."""
+
+    name = "seq-cls"
+
+    def encode(self, tokenizer: Any, dataset: TextDataset, *, max_length: int) -> EncodedDataset:
+        """Tokenise with truncation to ``max_length`` and pad to the longest example."""
         encoded = tokenizer(list(dataset.texts), truncation=True, max_length=max_length, padding=False)
         rows = encoded["input_ids"]
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))

@@ -175,3 +175,33 @@ def test_held_out_examples_are_not_trained_on() -> None:
     assert len(held_items) == 10 and sorted(train_items + held_items) == data
     assert set(train_items).isdisjoint(held_items)
     assert split_local(data, 0.0, seed=3) == (data, None)
+
+
+def test_transformers_model_with_dict_examples(tmp_path: Path) -> None:
+    """A transformers model from a factory; dict examples; the model's own .loss is used."""
+    from peft import TaskType
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def factory() -> torch.nn.Module:
+        return BertForSequenceClassification(
+            BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=2, initializer_range=0.2)
+        )
+
+    def examples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            label = int(rng.integers(0, 2))
+            ids = rng.integers(10 + 20 * label, 30 + 20 * label, size=8)  # label-dependent vocabulary
+            out.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(8, dtype=torch.long),
+                        "labels": torch.tensor(label)})
+        return out
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    result = secure_fl.simulate(
+        _config(3), tmp_path, workload=secure_fl.CustomWorkload(factory, peft_config=lora),
+        client_datasets=[examples(40, s) for s in range(3)], eval_dataset=examples(60, 9), progress=False,
+    )
+    assert result.final_accuracy is not None and result.final_accuracy > 0.8
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
