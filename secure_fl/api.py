@@ -182,10 +182,7 @@ def run_client(
     if workload is None:
         trainer = LocalTrainer.from_config(config, dataset)
     else:
-        trainer = LocalTrainer.create(
-            workload, dataset, seed=config.run.seed,
-            eval_fraction=config.client.eval_fraction, eval_batch_size=config.client.eval_batch_size,
-        )
+        trainer = LocalTrainer.create(workload, dataset, config)
     trainer.update_keys = create_rule(config.peft.rule).update_keys(trainer.adapted.trainable_names)
     stages = ClientStages(create_secure_aggregation(config.secure.mode), create_privacy_mechanism(config.privacy.mode))
     client = FederatedClient(

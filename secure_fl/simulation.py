@@ -111,15 +111,7 @@ def simulate(
             privacy=create_privacy_mechanism(config.privacy.mode),
             attack=create_attack(config.attack.kind) if index in attackers else None,
         )
-        trainer = LocalTrainer.create(
-            server.workload,
-            dataset,
-            seed=config.run.seed,
-            update_keys=update_keys,
-            adapted=shared,
-            eval_fraction=config.client.eval_fraction,
-            eval_batch_size=config.client.eval_batch_size,
-        )
+        trainer = LocalTrainer.create(server.workload, dataset, config, update_keys=update_keys, adapted=shared)
         client = FederatedClient(
             f"client-{index}",
             InProcessTransport(server.coordinator),

@@ -76,33 +76,6 @@ class SequenceClassification(Task):
         return EncodedDataset(ids, lengths, labels)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The mean loss of ``batch``."""
-
-    @abstractmethod
-    def evaluate(self, model: torch.nn.Module, data: EncodedDataset, *, batch_size: int) -> dict[str, float]:
-        """Metrics of ``model`` on ``data`` (at least ``loss``)."""
-
-
-class SequenceClassification(Task):
-    """Single-label text classification with cross-entropy; reports accuracy and loss."""
-
-    name = "seq-cls"
-
-    def encode(self, tokenizer: Any, dataset: TextDataset, *, max_length: int) -> EncodedDataset:
-        """Tokenise with truncation to ``max_length`` and pad to the longest example."""
-        encoded = tokenizer(list(dataset.texts), truncation=True, max_length=max_length, padding=False)
-        rows = encoded["input_ids"]
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        width = int(lengths.max()) if len(rows) else 1
-        pad = tokenizer.pad_token_id or 0
-        ids = np.full((len(rows), width), pad, dtype=np.int64)
-        for i, row in enumerate(rows):  # one row per example; tokenizers return ragged lists
-            ids[i, : len(row)] = row
-        return EncodedDataset(
-            torch.from_numpy(ids), torch.from_numpy(lengths), torch.tensor(np.asarray(dataset.labels), dtype=torch.long)
-        )
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the model's logits."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits, batch["labels"])

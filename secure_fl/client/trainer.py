@@ -79,27 +79,32 @@ class LocalTrainer:
         cls,
         workload: Workload,
         dataset: Any,
+        config: Config,
         *,
-        seed: int,
         update_keys: list[str] | None = None,
         adapted: AdaptedModel | None = None,
-        eval_fraction: float = 0.0,
-        eval_batch_size: int = 64,
     ) -> LocalTrainer:
         """Build (or reuse) the workload's model and prepare ``dataset`` once.
 
-        With ``eval_fraction > 0`` a seeded share of the local examples is held out (never trained
-        on) to evaluate each global adapter the client receives (federated evaluation).
+        With ``client.eval_fraction > 0`` a seeded share of the local examples is held out (never
+        trained on) to evaluate each global adapter the client receives (federated evaluation).
         """
+        seed = config.run.seed
         adapted = adapted or workload.build(seed=seed)
-        train_part, eval_part = split_local(dataset, eval_fraction, seed=seed)
+        train_part, eval_part = split_local(dataset, config.client.eval_fraction, seed=seed)
         data = workload.prepare(adapted, train_part)
         if len(data) == 0:
             raise ValueError("a client needs at least one training example")
         eval_data = workload.prepare(adapted, eval_part) if eval_part is not None else None
         keys = update_keys if update_keys is not None else list(adapted.trainable_names)
         return cls(
-            workload, adapted, data, update_keys=keys, num_examples=len(data), eval_data=eval_data, eval_batch_size=eval_batch_size
+            workload,
+            adapted,
+            data,
+            update_keys=keys,
+            num_examples=len(data),
+            eval_data=eval_data,
+            eval_batch_size=config.client.eval_batch_size,
         )
 
     @classmethod
@@ -108,15 +113,7 @@ class LocalTrainer:
     ) -> LocalTrainer:
         """The config-driven text-classification trainer for ``dataset``."""
         workload = TextClassification(config.model, config.peft, dataset.label_names)
-        return cls.create(
-            workload,
-            dataset,
-            seed=config.run.seed,
-            update_keys=update_keys,
-            adapted=adapted,
-            eval_fraction=config.client.eval_fraction,
-            eval_batch_size=config.client.eval_batch_size,
-        )
+        return cls.create(workload, dataset, config, update_keys=update_keys, adapted=adapted)
 
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
