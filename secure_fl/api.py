@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.mechanisms import create_privacy_mechanism
-from protocols.secagg import create_secure_aggregation
 from secure_fl.callbacks import CallbackObserver, RoundCallback
 from secure_fl.client.client import ClientStages, FederatedClient
 from secure_fl.client.trainer import LocalTrainer
@@ -173,7 +171,6 @@ def run_client(
         Your own model/data handling (must equal the server's).
     """
     from secure_fl.data.sources import client_dataset
-    from secure_fl.peft_agg import create_rule
 
     if dataset is None:
         if workload is not None:
@@ -183,10 +180,13 @@ def run_client(
         trainer = LocalTrainer.from_config(config, dataset)
     else:
         trainer = LocalTrainer.create(workload, dataset, config)
-    trainer.update_keys = create_rule(config.peft.rule).update_keys(trainer.adapted.trainable_names)
-    stages = ClientStages(create_secure_aggregation(config.secure.mode), create_privacy_mechanism(config.privacy.mode))
     client = FederatedClient(
-        client_id, GrpcTransport(server), trainer, stages, seed=config.run.seed, chunk_size=config.transport.chunk_size
+        client_id,
+        GrpcTransport(server),
+        trainer,
+        ClientStages.from_config(config),
+        seed=config.run.seed,
+        chunk_size=config.transport.chunk_size,
     )
     client.run(connect_timeout=connect_timeout or config.transport.connect_timeout, stop=stop)
     return ClientSummary(client_id, list(client.rounds_trained), client.finish_message)

@@ -16,9 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from privacy.mechanisms import create_privacy_mechanism
-from protocols.secagg import create_secure_aggregation
-from robustness.attacks import create_attack
 from secure_fl.client.client import ClientStages, FederatedClient
 from secure_fl.callbacks import CallbackObserver, RoundCallback
 from secure_fl.client.trainer import LocalTrainer
@@ -102,16 +99,11 @@ def simulate(
         train, _ = load_splits(config)
         client_datasets = client_partitions(config, train)
     shared = server.workload.build(seed=config.run.seed)
-    update_keys = server.stages.rule.update_keys(shared.trainable_names)
     attackers = attacker_indices(config)
     clients = []
     for index, dataset in enumerate(client_datasets):
-        stages = ClientStages(
-            secure=create_secure_aggregation(config.secure.mode),
-            privacy=create_privacy_mechanism(config.privacy.mode),
-            attack=create_attack(config.attack.kind) if index in attackers else None,
-        )
-        trainer = LocalTrainer.create(server.workload, dataset, config, update_keys=update_keys, adapted=shared)
+        stages = ClientStages.from_config(config, malicious=index in attackers)
+        trainer = LocalTrainer.create(server.workload, dataset, config, adapted=shared)
         client = FederatedClient(
             f"client-{index}",
             InProcessTransport(server.coordinator),

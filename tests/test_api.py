@@ -205,3 +205,24 @@ def test_transformers_model_with_dict_examples(tmp_path: Path) -> None:
     )
     assert result.final_accuracy is not None and result.final_accuracy > 0.8
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_a_rule_that_sends_a_subset_is_honoured_by_every_client(tmp_path: Path) -> None:
+    """Clients derive what travels from the configured rule, so server and clients agree."""
+    from secure_fl.peft_agg.fedit import FedIT
+    from secure_fl.peft_agg.registry import _RULES
+
+    class HeadOnly(FedIT):
+        name = "head-only-test"
+
+        def update_keys(self, trainable: Any) -> list[str]:
+            return [name for name in trainable if "classifier" in name]
+
+    secure_fl.register_rule("head-only-test", HeadOnly)
+    try:
+        full = secure_fl.simulate(smoke_config("run.rounds=1"), tmp_path / "full", progress=False)
+        head = secure_fl.simulate(smoke_config("run.rounds=1", "peft.rule=head-only-test"), tmp_path / "head", progress=False)
+    finally:
+        _RULES._entries.pop("head-only-test", None)
+    assert head.metrics[0]["status"] == "ok" and head.metrics[0]["stages"]["rule"] == "head-only-test"
+    assert head.metrics[0]["bytes_up"] < full.metrics[0]["bytes_up"] / 2  # only the classifier travelled

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from privacy.mechanisms import create_privacy_mechanism
-from protocols.secagg import create_secure_aggregation
 from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
 from secure_fl.client.client import ClientStages, FederatedClient
@@ -48,8 +46,9 @@ class RecordingTransport(GrpcTransport):
 
 def make_client(config: Config, index: int, transport: GrpcTransport, chunk_size: int = 4096) -> FederatedClient:
     trainer = LocalTrainer.from_config(config, client_dataset(config, index))
-    stages = ClientStages(create_secure_aggregation(config.secure.mode), create_privacy_mechanism(config.privacy.mode))
-    return FederatedClient(f"client-{index}", transport, trainer, stages, seed=config.run.seed, chunk_size=chunk_size)
+    return FederatedClient(
+        f"client-{index}", transport, trainer, ClientStages.from_config(config), seed=config.run.seed, chunk_size=chunk_size
+    )
 
 
 def test_three_grpc_clients_two_rounds_weighted_mean(grpc_server) -> None:

@@ -18,12 +18,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from privacy.mechanisms import PrivacyMechanism
-from protocols.secagg import SecureAggregation
+from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
+from protocols.secagg import SecureAggregation, create_secure_aggregation
 from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
-from robustness.attacks import Attack
+from robustness.attacks import Attack, create_attack
 from secure_fl.client.trainer import LocalTrainer, derive_seed
+from secure_fl.config import Config
 from secure_fl.errors import RunError, TransportError
 from secure_fl.models import model_fingerprint
 from secure_fl.server.coordinator import PROTOCOL_VERSION
@@ -43,6 +44,15 @@ class ClientStages:
     secure: SecureAggregation
     privacy: PrivacyMechanism
     attack: Attack | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, *, malicious: bool = False) -> ClientStages:
+        """The client stages ``[secure]`` and ``[privacy]`` name (plus ``[attack]`` if ``malicious``)."""
+        return cls(
+            secure=create_secure_aggregation(config.secure.mode),
+            privacy=create_privacy_mechanism(config.privacy.mode),
+            attack=create_attack(config.attack.kind) if malicious else None,
+        )
 
     def names(self) -> dict[str, str]:
         """Names to compare with the server's announced stages."""

@@ -17,6 +17,7 @@ import torch
 from secure_fl.config import Config
 from secure_fl.data import TextDataset
 from secure_fl.models import AdaptedModel, load_trainable_state, trainable_state
+from secure_fl.peft_agg import create_rule
 from secure_fl.tasks import train_steps
 from secure_fl.workload import Batches, TextClassification, Workload
 
@@ -81,10 +82,12 @@ class LocalTrainer:
         dataset: Any,
         config: Config,
         *,
-        update_keys: list[str] | None = None,
         adapted: AdaptedModel | None = None,
     ) -> LocalTrainer:
         """Build (or reuse) the workload's model and prepare ``dataset`` once.
+
+        The tensors that travel are the ones the configured ``peft.rule`` names (its
+        ``update_keys``), so every caller sends exactly what the server expects.
 
         With ``client.eval_fraction > 0`` a seeded share of the local examples is held out (never
         trained on) to evaluate each global adapter the client receives (federated evaluation).
@@ -96,7 +99,7 @@ class LocalTrainer:
         if len(data) == 0:
             raise ValueError("a client needs at least one training example")
         eval_data = workload.prepare(adapted, eval_part) if eval_part is not None else None
-        keys = update_keys if update_keys is not None else list(adapted.trainable_names)
+        keys = create_rule(config.peft.rule).update_keys(adapted.trainable_names)
         return cls(
             workload,
             adapted,
@@ -109,11 +112,11 @@ class LocalTrainer:
 
     @classmethod
     def from_config(
-        cls, config: Config, dataset: TextDataset, *, update_keys: list[str] | None = None, adapted: AdaptedModel | None = None
+        cls, config: Config, dataset: TextDataset, *, adapted: AdaptedModel | None = None
     ) -> LocalTrainer:
         """The config-driven text-classification trainer for ``dataset``."""
         workload = TextClassification(config.model, config.peft, dataset.label_names)
-        return cls.create(workload, dataset, config, update_keys=update_keys, adapted=adapted)
+        return cls.create(workload, dataset, config, adapted=adapted)
 
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
