@@ -3,7 +3,8 @@
 ``plain-fp16`` uploads updates as float16 (half the bytes; the server still sees each update,
 so it declares ``reveals_individual_updates = True``). ``clip`` bounds every client's influence by
 clipping its update to L2 norm ``max_norm`` on the client; on its own that is *not* differential
-privacy (there is no noise), which is why its ``ledger_entry`` spends nothing.
+privacy (there is no noise), which is why its ``privacy_event`` has ``noise_multiplier=0``: the
+ledger and the audit report then show an unbounded epsilon.
 
 Run:  python examples/custom_secure_mode.py [--fast] [--out DIR]
 """
@@ -59,8 +60,11 @@ class ClipOnly(secure_fl.PrivacyMechanism):
     def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
         return dict(delta)
 
-    def ledger_entry(self, *, round: int, cohort_size: int, contributions: int) -> dict[str, Any] | None:
-        return None
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> secure_fl.GaussianEvent:
+        return secure_fl.GaussianEvent(noise_multiplier=0.0, sample_rate=cohort_size / population)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.name, "guarantee": "none", "clip_norm": self.max_norm, "noise_multiplier": 0.0}
 
 
 secure_fl.register_secure_aggregation("plain-fp16", PlainFP16)

@@ -69,6 +69,12 @@ _LAZY = {
     "register_secure_aggregation": "protocols.secagg",
     "PrivacyMechanism": "privacy.mechanisms",
     "register_privacy_mechanism": "privacy.mechanisms",
+    "Accountant": "privacy.accounting",
+    "GaussianEvent": "privacy.accounting",
+    "register_accountant": "privacy.accounting",
+    "create_accountant": "privacy.accounting",
+    "audit": "secure_fl.audit",
+    "AuditReport": "secure_fl.audit",
 }
 
 
@@ -86,7 +92,13 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
 
 __all__ = [
+    "Accountant",
     "AggregationRule",
+    "AuditReport",
+    "GaussianEvent",
+    "audit",
+    "create_accountant",
+    "register_accountant",
     "AttackConfig",
     "BucketSum",
     "Callback",

@@ -1,4 +1,4 @@
-"""Command line: ``secure-fl`` (simulate, config, presets), ``secure-fl-server``, ``secure-fl-client``.
+"""Command line: ``secure-fl`` (simulate, audit, config, presets), ``secure-fl-server``, ``secure-fl-client``.
 
 A thin layer over the library: parse arguments, resolve the config (file or preset, then
 ``--set`` overrides), call :func:`secure_fl.simulation.simulate`, :class:`FederatedServer` or
@@ -59,6 +59,28 @@ def _simulate(args: argparse.Namespace) -> int:
         f"done in {elapsed:.1f} s: {len(result.metrics)} rounds, final accuracy "
         f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}"
     )
+    print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
+    return 0
+
+
+def _privacy_summary(epsilon: dict[str, float], delta: float, report: Path | None) -> str:
+    """One line: epsilon per accountant (``inf`` means no guarantee) and where the report is."""
+    spent = ", ".join(f"{name} {value:.4g}" for name, value in epsilon.items()) or "nothing released"
+    note = " (no differential privacy)" if any(v == float("inf") for v in epsilon.values()) else ""
+    return f"privacy: epsilon at delta={delta:g}: {spent}{note}; report: {report if report else 'not written'}"
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from secure_fl.audit import audit
+
+    report = audit(args.run_dir)
+    final = report.data["epsilon"]["final"]
+    shown = ", ".join(f"{k} {'inf' if v is None else f'{v:.4g}'}" for k, v in final.items())
+    warnings = report.data["warnings"]
+    print(f"epsilon at delta={report.data['mechanism']['delta']:g}: {shown}; {len(warnings)} warning(s)")
+    for warning in warnings:
+        print(f"  [{warning['severity']}] {warning['message']}")
+    print(f"wrote {report.json_path}\nwrote {report.html_path}")
     return 0
 
 
@@ -80,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_config_args(sim, default_preset="bbc-news")
     sim.add_argument("--out", metavar="DIR", help="run directory (default runs/<run-id>)")
     sim.set_defaults(fn=_simulate)
+    aud = sub.add_parser("audit", help="write the privacy audit report of a run directory (report/privacy_report.*)")
+    aud.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
+    aud.set_defaults(fn=_audit)
     show = sub.add_parser("config", help="print the resolved config as TOML")
     _add_config_args(show, default_preset="bbc-news")
     show.set_defaults(fn=_show_config)
@@ -101,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
     accuracy = result.final_accuracy
     print(f"done: {len(result.metrics)} rounds, final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}")
+    print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
     return 0
 
 

@@ -204,11 +204,23 @@ class PrivacyConfig:
     """``[privacy]``: the differential-privacy mechanism."""
 
     mode: str = field(default="none", metadata={"help": "differential-privacy mode"})
+    delta: float = field(default=1e-5, metadata={"help": "delta of every reported (epsilon, delta)"})
+    accountants: tuple[str, ...] = field(
+        default=("rdp", "prv"), metadata={"help": "accountants whose epsilon the ledger and report show"}
+    )
 
     def __post_init__(self) -> None:
+        from privacy.accounting.registry import available as accountants
         from privacy.mechanisms.registry import available
 
         _choice("privacy.mode", self.mode, available())
+        _fraction("privacy.delta", self.delta, open_low=True, open_high=True)
+        if not self.accountants:
+            _fail("privacy.accountants", "needs at least one accountant, e.g. [\"rdp\"]")
+        if len(set(self.accountants)) != len(self.accountants):
+            _fail("privacy.accountants", f"names an accountant twice: {list(self.accountants)}")
+        for name in self.accountants:
+            _choice("privacy.accountants", name, accountants())
 
 
 @dataclass(frozen=True)

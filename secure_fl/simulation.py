@@ -94,6 +94,7 @@ def simulate(
         observer=CallbackObserver(display, callbacks),
         workload=workload,
         eval_dataset=eval_dataset,
+        transport="in-process",
     )
     if client_datasets is None:
         train, _ = load_splits(config)

@@ -202,7 +202,9 @@ def test_simulate_writes_the_run_directory(smoke_run: SimulatedRun) -> None:
     out, proc = smoke_run.out, smoke_run.proc
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert [line.split(" |")[0] for line in lines if line.startswith("round ")] == ["round 1/2", "round 2/2"], _describe(proc)
-    assert lines[-1].startswith("done in"), _describe(proc)
+    assert lines[-2].startswith("done in"), _describe(proc)
+    assert lines[-1].startswith("privacy: epsilon at delta=1e-05: rdp inf, prv inf (no differential privacy)"), _describe(proc)
+    assert lines[-1].endswith(str(out / "report" / "privacy_report.html")), _describe(proc)
 
     with (out / "config.toml").open("rb") as handle:
         assert tomllib.load(handle)["model"]["name"] == "tiny-bert"
@@ -220,6 +222,10 @@ def test_simulate_writes_the_run_directory(smoke_run: SimulatedRun) -> None:
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "secure_fl.json").is_file()
     assert (out / "base_model" / "config.json").is_file()
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in ledger] == [1, 2]
+    assert all(e["mechanism"] == "none" and e["epsilon"] == {"rdp": None, "prv": None} for e in ledger)
+    assert (out / "report" / "privacy_report.json").is_file() and (out / "report" / "privacy_report.html").is_file()
 
 
 def test_adapter_reloads_with_plain_peft_and_matches_server_accuracy(smoke_run: SimulatedRun) -> None:

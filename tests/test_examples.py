@@ -26,9 +26,17 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _report(out: Path) -> dict:
+    return json.loads((out / "report" / "privacy_report.json").read_text())
+
+
+def _page(out: Path) -> str:
+    return (out / "report" / "privacy_report.html").read_text(encoding="utf-8")
+
+
 def test_every_example_is_covered() -> None:
     assert EXAMPLES == [
-        "custom_defense.py", "custom_rule.py", "custom_secure_mode.py", "loopback_server_clients.py", "own_model_simulation.py"
+        "custom_accountant.py", "custom_defense.py", "custom_rule.py", "custom_secure_mode.py", "loopback_server_clients.py", "own_model_simulation.py"
     ]
 
 
@@ -44,6 +52,9 @@ def test_loopback_server_clients(tmp_path: Path) -> None:
     done = _run("loopback_server_clients.py", tmp_path)
     assert "client-0 trained rounds [1, 2]" in done.stdout and "client-1 trained rounds [1, 2]" in done.stdout
     assert [r["clients"] for r in _metrics(tmp_path)] == [2, 2]
+    report = _report(tmp_path)  # a real network run: the report names the wire as a threat
+    assert report["run"]["transport"] == "grpc" and "no-tls" in {w["code"] for w in report["warnings"]}
+    assert "network observer" in {row["party"] for row in report["threat_model"]}
 
 
 def test_user_defense_and_attack_show_up_in_metrics(tmp_path: Path) -> None:
@@ -54,17 +65,47 @@ def test_user_defense_and_attack_show_up_in_metrics(tmp_path: Path) -> None:
     excluded = [r["excluded"] for r in records]
     assert all(len(e) == 1 for e in excluded) and len({e[0] for e in excluded}) == 1
     assert all("median_norm" in r for r in records)
+    # ... and in the audit report: the plug-in, its settings, and whom it excluded
+    report = _report(tmp_path)
+    defense = report["stages"]["defense"]
+    assert defense["name"] == "norm-filter" and defense["plugin"].endswith(".NormFilter") and defense["builtin"] is False
+    assert defense["params"] == {"factor": 3.0} and defense["paper"].startswith("https://")
+    assert report["stages"]["attack"]["name"] == "flip-scale"
+    assert [(x["round"], x["client_id"], x["defense"]) for x in report["exclusions"]] == [
+        (r["round"], r["excluded"][0], "norm-filter") for r in records
+    ]
+    attacker = excluded[0][0]
+    assert [c["rounds_excluded"] for c in report["clients"] if c["client_id"] == attacker] == [len(records)]
+    assert "simulated-attack" in {w["code"] for w in report["warnings"]}
+    assert "norm-filter" in _page(tmp_path) and attacker in _page(tmp_path)
 
 
 def test_user_rule_shows_up_in_metrics(tmp_path: Path) -> None:
     _run("custom_rule.py", tmp_path)
     assert all(r["stages"]["rule"] == "fedavgm" for r in _metrics(tmp_path))
+    rule = _report(tmp_path)["stages"]["rule"]
+    assert rule["name"] == "fedavgm" and rule["plugin"].endswith(".FedAvgM") and rule["builtin"] is False
+    assert rule["params"] == {"beta": 0.7}  # public settings only, never the momentum array
+    assert "fedavgm" in _page(tmp_path)
+
+
+def test_user_accountant_shows_up_in_ledger_and_report(tmp_path: Path) -> None:
+    done = _run("custom_accountant.py", tmp_path)
+    assert "rdp: epsilon 2.1014" in done.stdout and "gdp: epsilon 1.6177" in done.stdout
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [e["epsilon"] for e in ledger] == [{"rdp": None, "gdp": None}] * 2
+    report = _report(tmp_path)
+    assert report["mechanism"]["accountants"] == ["rdp", "gdp"] and report["epsilon"]["final"] == {"rdp": None, "gdp": None}
+    assert "gdp" in _page(tmp_path)
 
 
 def test_user_secure_mode_and_privacy_mechanism(tmp_path: Path) -> None:
     _run("custom_secure_mode.py", tmp_path)
     records = _metrics(tmp_path)
     assert all(r["stages"]["secure"] == "plain-fp16" and r["stages"]["privacy"] == "clip" for r in records)
+    report = _report(tmp_path)
+    assert report["mechanism"]["clip_norm"] == 0.5 and "dp-off" in {w["code"] for w in report["warnings"]}
+    assert report["stages"]["secure"]["params"]["server_sees_individual_updates"] is True
     plain = tmp_path / "plain"
     subprocess.run(
         [sys.executable, "-m", "secure_fl.cli", "simulate", "--preset", "smoke", "--out", str(plain)],

@@ -374,7 +374,7 @@ def test_plain_encode_is_float32() -> None:
         assert value.flags["C_CONTIGUOUS"]
         np.testing.assert_array_equal(value, update[key])
     assert plain.reveals_individual_updates is True
-    assert plain.describe() == {"mode": "plain", "server_sees_individual_updates": True}
+    assert plain.describe() == {"mode": "plain", "server_sees_individual_updates": True, "bucket_size": 1, "key_custody": None}
 
 
 def test_plain_encode_makes_non_contiguous_input_contiguous() -> None:

@@ -2,8 +2,9 @@
 
 A mechanism acts at two points: on the client, before encoding (:meth:`client_transform`: clip
 and, in distributed mode, add a noise share), and on the server after aggregation
-(:meth:`server_transform`: central noise). :meth:`ledger_entry` says what a release spent; the
-server writes it to the privacy ledger before the new global adapter is released.
+(:meth:`server_transform`: central noise). :meth:`privacy_event` says what one release costs as a
+:class:`~privacy.accounting.GaussianEvent`; the server composes it into the configured accountants
+and writes the result to the privacy ledger before the new global adapter is released.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from privacy.accounting import GaussianEvent
+
 
 class PrivacyMechanism(ABC):
-    """Base class of every privacy mechanism; ``name`` is its ``[privacy] mode`` value."""
+    """Base class of every privacy mechanism; ``name`` is its ``[privacy] mode`` value.
+
+    ``guarantee`` names what holds when the mechanism is used as configured (e.g.
+    ``"client-level (epsilon, delta)-DP"``); ``"none"`` makes the audit report warn loudly.
+    """
 
     name: ClassVar[str]
+    guarantee: ClassVar[str] = "none"
 
     @abstractmethod
     def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -29,9 +37,17 @@ class PrivacyMechanism(ABC):
         """Transform the aggregated update on the server before it is applied."""
 
     @abstractmethod
-    def ledger_entry(self, *, round: int, cohort_size: int, contributions: int) -> dict[str, Any] | None:
-        """Return what this round's release spent (a ledger line), or ``None`` if nothing."""
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
+        """What releasing this round's aggregate costs.
+
+        ``cohort_size`` clients were selected out of ``population`` connected ones and
+        ``contributions`` updates arrived. A release without noise returns an event with
+        ``noise_multiplier=0``, which every accountant reports as an unbounded epsilon.
+        """
 
     def describe(self) -> dict[str, Any]:
-        """Mechanism and parameters, for metrics and reports."""
-        return {"mode": self.name}
+        """Mechanism parameters for the ledger and the audit report (JSON-serialisable).
+
+        The keys ``clip_norm`` and ``noise_multiplier`` are shown in the report's mechanism table.
+        """
+        return {"mode": self.name, "guarantee": self.guarantee}

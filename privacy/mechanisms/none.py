@@ -1,4 +1,4 @@
-"""``none``: no differential privacy. Updates pass unchanged and nothing is accounted."""
+"""``none``: no differential privacy. Updates pass unchanged and every release is unbounded."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 
+from privacy.accounting import GaussianEvent
 from privacy.mechanisms.base import PrivacyMechanism
 
 
 class NoPrivacy(PrivacyMechanism):
-    """The identity mechanism; reports must state that no DP guarantee holds."""
+    """The identity mechanism; the ledger records every release with an unbounded epsilon."""
 
     name = "none"
+    guarantee = "none"
 
     def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return the update unchanged."""
@@ -23,10 +25,10 @@ class NoPrivacy(PrivacyMechanism):
         """Return the aggregate unchanged."""
         return dict(delta)
 
-    def ledger_entry(self, *, round: int, cohort_size: int, contributions: int) -> dict[str, Any] | None:
-        """Nothing is spent, so there is no ledger line."""
-        return None
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
+        """A noiseless release of the cohort's aggregate (no guarantee)."""
+        return GaussianEvent(noise_multiplier=0.0, sample_rate=min(1.0, cohort_size / max(population, 1)))
 
     def describe(self) -> dict[str, Any]:
-        """No guarantee: say so."""
-        return {"mode": self.name, "guarantee": "none"}
+        """No clipping and no noise."""
+        return {"mode": self.name, "guarantee": self.guarantee, "clip_norm": None, "noise_multiplier": 0.0}

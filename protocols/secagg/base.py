@@ -89,6 +89,15 @@ class SecureAggregation(ABC):
         """Server half: combine the round's contributions into bucket sums."""
 
     def describe(self) -> dict[str, object]:
-        """Return what the server can see under this protocol, for reports and metrics."""
-        return {"mode": self.name, "server_sees_individual_updates": self.reveals_individual_updates}
+        """Return what the server can see under this protocol, for the audit report's threat model.
+
+        Keys read by the report: ``server_sees_individual_updates``, ``bucket_size`` (clients per
+        sum the server learns; 1 means individual updates) and ``key_custody`` (who holds the keys).
+        """
+        return {
+            "mode": self.name,
+            "server_sees_individual_updates": self.reveals_individual_updates,
+            "bucket_size": 1 if self.reveals_individual_updates else None,
+            "key_custody": None,
+        }
 

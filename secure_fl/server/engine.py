@@ -1,5 +1,6 @@
 """The round engine: select a cohort -> send the global adapter -> collect updates until all
-arrived or the deadline passed -> aggregate -> evaluate -> checkpoint -> metrics line.
+arrived or the deadline passed -> aggregate -> privacy ledger line -> checkpoint and adapter
+(the release) -> evaluate -> metrics line; at the end, the privacy audit report.
 
 :class:`FederatedServer` builds everything a run needs from a :class:`~secure_fl.config.Config`
 (model, stages, coordinator, run directory) and runs the rounds; a transport (gRPC or in-process)
@@ -9,6 +10,8 @@ from a round when its deadline passes, never waited for forever.
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
 import time
 from collections.abc import Sequence
@@ -18,6 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from privacy.accounting import create_accountant
+from privacy.ledger import PrivacyLedger, ReleaseAccounting, epsilon_from_json
 from protocols.wire import serde
 from secure_fl.config import Config
 from secure_fl.data import TextDataset
@@ -65,6 +70,32 @@ class RunResult:
     metrics: list[dict[str, Any]]
     adapter_dir: Path
     global_state: dict[str, np.ndarray] = field(repr=False)
+    report_json: Path | None = None
+    report_html: Path | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        """The run's privacy ledger (``ledger.jsonl``)."""
+        return self.run_dir / "ledger.jsonl"
+
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every privacy-ledger line: one per released round (epsilon ``None`` means unbounded)."""
+        return PrivacyLedger(self.ledger_path).entries()
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """The privacy audit report as a dict, or ``None`` if it was not written."""
+        if self.report_json is None or not self.report_json.exists():
+            return None
+        data: dict[str, Any] = json.loads(self.report_json.read_text(encoding="utf-8"))
+        return data
+
+    @property
+    def epsilon(self) -> dict[str, float]:
+        """Final epsilon per accountant at the configured delta (``math.inf``: no guarantee)."""
+        entries = self.ledger
+        return {k: epsilon_from_json(v) for k, v in entries[-1]["epsilon"].items()} if entries else {}
 
     @property
     def final_accuracy(self) -> float | None:
@@ -113,13 +144,31 @@ class FederatedServer:
         observer: RoundObserver | None = None,
         workload: Workload | None = None,
         eval_dataset: Any | None = None,
+        transport: str = "grpc",
     ) -> None:
         self.config = config
         self.run_id = run_id or new_run_id()
         self.observer: RoundObserver = observer or SilentObserver()
         self.run_dir = RunDirectory(out_dir)
-        self.run_dir.write_config(config)
+        if self.run_dir.holds_run():
+            raise RunError(
+                f"{self.run_dir.path} already holds a run (metrics.jsonl / ledger.jsonl); choose a new output "
+                "directory: two runs never share one privacy ledger"
+            )
         self.stages = Stages.from_config(config)
+        self.run_dir.write_config(config)
+        self.run_dir.write_run_info({
+            "schema": "secure-fl/run/v1",
+            "run_id": self.run_id,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "transport": transport,
+            "stages": self.stages.describe(),
+        })
+        self.accounting = ReleaseAccounting(
+            PrivacyLedger(self.run_dir.ledger_path),
+            {name: create_accountant(name) for name in config.privacy.accountants},
+            delta=config.privacy.delta,
+        )
         if workload is None:
             label_names, eval_set = load_eval_set(config)
             workload = TextClassification(config.model, config.peft, label_names)
@@ -160,15 +209,33 @@ class FederatedServer:
         return self.workload.evaluate(self.adapted.model, self.eval_data, batch_size=self.config.client.eval_batch_size)
 
     def run(self) -> RunResult:
-        """Run every round, then tell the clients the run is finished."""
+        """Run every round, tell the clients the run is finished, and write the audit report.
+
+        The report is written even when the run fails, so whatever was released is on record.
+        """
         try:
             records = self._run_rounds()
         except BaseException as exc:
             self.coordinator.finish(f"server stopped: {exc}")
+            self._write_report_after_failure()
             raise
         stopped = len(records) < self.config.run.rounds
         self.coordinator.finish(f"run {'stopped early by a callback' if stopped else 'complete'} after {len(records)} rounds")
-        return RunResult(self.run_id, self.run_dir.path, records, self.run_dir.adapter, self.global_state)
+        from secure_fl.audit import audit
+
+        report = audit(self.run_dir.path)
+        return RunResult(
+            self.run_id, self.run_dir.path, records, self.run_dir.adapter, self.global_state,
+            report_json=report.json_path, report_html=report.html_path,
+        )
+
+    def _write_report_after_failure(self) -> None:
+        from secure_fl.audit import audit
+
+        try:
+            audit(self.run_dir.path)
+        except Exception:  # the run's own error is the one to raise; this one is only logged
+            logging.getLogger(__name__).exception("could not write the audit report of the failed run")
 
     def _run_rounds(self) -> list[dict[str, Any]]:
         run = self.config.run
@@ -205,12 +272,14 @@ class FederatedServer:
         self.coordinator.open_round(number, cohort, manifest, payload, self.plan(), run.round_timeout)
         state = self.coordinator.wait_round()
         received = [state.received[c] for c in sorted(state.received)]
+        dropped = sorted(set(cohort) - set(state.received))
         record: dict[str, Any] = {
             "round": number,
             "status": "ok",
             "clients": len(received),
             "cohort": len(cohort),
-            "dropped": sorted(set(cohort) - set(state.received)),
+            "selected": cohort,
+            "dropped": dropped,
             "accuracy": None,
             "loss": None,
             "train_loss": _weighted_mean(
@@ -225,13 +294,31 @@ class FederatedServer:
             record["status"] = "failed"
             record["reason"] = f"{len(received)} update(s) before the deadline; run.min_updates={run.min_updates}"
         else:
-            outcome = self.pipeline.aggregate(self.global_state, received, round_number=number, cohort_size=len(cohort))
+            outcome = self.pipeline.aggregate(self.global_state, received)
+            event = self.stages.privacy.privacy_event(
+                cohort_size=len(cohort), population=len(available), contributions=len(received)
+            )
+            # The ledger line is fsynced before anything derived from the new state leaves the
+            # server (checkpoint, adapter directory, next round's task).
+            entry = self.accounting.record(
+                round=number,
+                event=event,
+                mechanism=self.stages.privacy.describe(),
+                details={
+                    "run_id": self.run_id,
+                    "cohort": cohort,
+                    "contributors": sorted(state.received),
+                    "dropouts": dropped,
+                    "excluded": list(outcome.excluded),
+                },
+            )
             self.global_state = outcome.state
             record["excluded"] = list(outcome.excluded)
+            record["epsilon"] = entry["epsilon"]
             record.update(outcome.info)
-            record.update(self.evaluate(self.global_state))
             self.run_dir.save_checkpoint(number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints)
             self._save_adapter()
+            record.update(self.evaluate(self.global_state))
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.run_dir.append_metrics(record)
         stop = self.observer.on_round_end(record) is True

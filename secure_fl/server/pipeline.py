@@ -3,12 +3,13 @@
 Stages are looked up by name in their registries, so the pipeline never changes when a plug-in
 is added. The order is fixed by what each stage may see: the secure-aggregation protocol turns
 uploads into bucket sums (one per client in ``plain`` mode); the defense runs across bucket means;
-the PEFT rule turns the kept rows into the global delta; the privacy mechanism noises that delta
-and says what the release spent.
+the PEFT rule turns the kept rows into the global delta; the privacy mechanism noises that delta.
+What the release costs is accounted by the engine (:mod:`privacy.ledger`) before it is released.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,16 @@ class Stages:
             )
         return stages
 
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Every stage's name, plug-in class and parameters, for ``run.json`` and the audit report."""
+        return {
+            "secure": describe_stage(self.secure),
+            "defense": describe_stage(self.defense),
+            "rule": describe_stage(self.rule),
+            "privacy": describe_stage(self.privacy),
+            "attack": describe_stage(self.attack),
+        }
+
     def names(self) -> dict[str, str]:
         """Stage names as sent to clients in every task."""
         return {
@@ -64,13 +75,36 @@ class Stages:
         }
 
 
+_OWN_PACKAGES = frozenset({"secure_fl", "privacy", "robustness", "protocols"})
+
+
+def describe_stage(stage: object) -> dict[str, Any]:
+    """Name, plug-in class, whether it ships with secure-fl, paper and JSON-safe parameters.
+
+    Parameters come from the stage's ``describe()`` when it has one, else from its public
+    attributes, so a user plug-in shows up in the report with its settings without extra code.
+    """
+    cls = type(stage)
+    describe = getattr(stage, "describe", None)
+    if callable(describe):
+        raw = describe()
+    else:  # public settings only: numbers, strings, flags (never arrays or other state)
+        raw = {k: v for k, v in vars(stage).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+    return {
+        "name": str(getattr(stage, "name", cls.__name__)),
+        "plugin": f"{cls.__module__}.{cls.__qualname__}",
+        "builtin": cls.__module__.split(".")[0] in _OWN_PACKAGES,
+        "paper": str(getattr(cls, "paper", "") or ""),
+        "params": json.loads(json.dumps(raw, default=str)),
+    }
+
+
 @dataclass
 class AggregationOutcome:
     """The new global state and what the stages reported."""
 
     state: dict[str, np.ndarray]
     excluded: tuple[str, ...] = ()
-    ledger: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,9 +123,6 @@ class ServerPipeline:
         self,
         global_state: Mapping[str, np.ndarray],
         contributions: Sequence[Contribution],
-        *,
-        round_number: int,
-        cohort_size: int,
     ) -> AggregationOutcome:
         """Turn a round's contributions into the next global adapter state."""
         buckets = self.stages.secure.aggregate(contributions)
@@ -101,6 +132,5 @@ class ServerPipeline:
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
         delta = self.stages.privacy.server_transform(self.layout.unflatten(delta_vector), num_contributions=len(contributions))
         excluded = tuple(member for i in defended.excluded for member in buckets[i].members)
-        ledger = self.stages.privacy.ledger_entry(round=round_number, cohort_size=cohort_size, contributions=len(contributions))
         info: dict[str, Any] = {"buckets": len(buckets), **defended.info}
-        return AggregationOutcome(self.stages.rule.apply(global_state, delta), excluded, ledger, info)
+        return AggregationOutcome(self.stages.rule.apply(global_state, delta), excluded, info)

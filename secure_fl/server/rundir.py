@@ -1,10 +1,13 @@
 """The run directory: resolved config, metrics, checkpoints and the released adapter.
 
-Layout (``OUT/``): ``config.toml`` (resolved), ``metrics.jsonl`` (one JSON line a round),
+Layout (``OUT/``): ``config.toml`` (resolved), ``run.json`` (run id, transport, every stage's
+plug-in class and parameters), ``metrics.jsonl`` (one JSON line a round), ``ledger.jsonl`` (the
+privacy ledger, one fsynced line per release, see :mod:`privacy.ledger`),
 ``checkpoints/round-NNNN.safetensors`` (global adapter state after each round, the last few kept),
-``adapter/`` (the latest global adapter, loadable with ``PeftModel.from_pretrained``). Every file
-is written atomically (temporary file + rename) and metrics lines are fsynced, so a crash never
-leaves a half-written file behind.
+``adapter/`` (the latest global adapter, loadable with ``PeftModel.from_pretrained``) and
+``report/`` (``privacy_report.json`` and ``privacy_report.html``). Every file is written atomically
+(temporary file + rename) and metrics and ledger lines are fsynced, so a crash never leaves a
+half-written file behind.
 """
 
 from __future__ import annotations
@@ -44,6 +47,24 @@ class RunDirectory:
         self.checkpoints.mkdir(exist_ok=True)
         self.adapter = self.path / "adapter"
         self.metrics_path = self.path / "metrics.jsonl"
+        self.ledger_path = self.path / "ledger.jsonl"
+        self.run_info_path = self.path / "run.json"
+        self.report_dir = self.path / "report"
+
+    def holds_run(self) -> bool:
+        """Whether an earlier run already wrote rounds or releases here."""
+        return any(p.exists() and p.stat().st_size > 0 for p in (self.metrics_path, self.ledger_path))
+
+    def write_run_info(self, info: Mapping[str, Any]) -> None:
+        """Write ``run.json`` (what the audit report needs besides config, metrics and ledger)."""
+        self._atomic_write(self.run_info_path, (json.dumps(_json_safe(dict(info)), indent=2) + "\n").encode())
+
+    def read_run_info(self) -> dict[str, Any]:
+        """The parsed ``run.json``, or an empty dict if it is missing."""
+        if not self.run_info_path.exists():
+            return {}
+        info = json.loads(self.run_info_path.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
 
     def write_config(self, config: Config) -> None:
         """Write the resolved config as ``config.toml``."""

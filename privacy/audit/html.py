@@ -1,0 +1,371 @@
+"""Render a privacy audit report (schema ``secure-fl/privacy-report/v1``) as one HTML page.
+
+The page is self-contained so it can be archived with a run or sent to a reviewer: no external
+links, scripts, fonts or images; plots are embedded PNG data URIs, styling is inline CSS. Client
+ids come from the network and plug-in names from user configuration, so every string from the
+report is HTML-escaped. Missing optional sections are skipped, not treated as errors. matplotlib
+is imported lazily and used without pyplot (a private Agg canvas per figure), so importing this
+module stays cheap and rendering never touches the caller's backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["render_html"]
+
+_MAX_PLOTTED_CLIENTS = 60
+_UNBOUNDED = "∞ (no guarantee)"
+_MISSING = "—"
+_SEVERITIES = ("high", "medium", "info")
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+h2 { border-bottom: 1px solid #ccc; } .meta, .caption { color: #555; } img { max-width: 100%; }
+table { border-collapse: collapse; margin: .5em 0 1em; } th { background: #f2f2f2; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
+.high-box { border: 2px solid #c62828; background: #fdecea; padding: .3em 1em; margin: .5em 0; }
+.severity { font-weight: bold; text-transform: uppercase; margin-right: .5em; }
+.sev-high .severity, .unbounded { color: #c62828; font-weight: bold; } .sev-medium .severity { color: #e65100; }
+.sev-info .severity, .sev-other .severity { color: #1565c0; }
+"""
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """Render a privacy audit report dict as a self-contained HTML page.
+
+    Parameters
+    ----------
+    report : Mapping[str, Any]
+        A report as produced by ``privacy.audit.report.build_report`` (schema
+        ``secure-fl/privacy-report/v1``). Missing or empty optional sections are skipped.
+
+    Returns
+    -------
+    str
+        The page, starting with ``<!DOCTYPE html>``. It references nothing outside itself
+        (plots are ``data:image/png;base64`` URIs, no JavaScript) and every string taken from
+        the report is escaped with :func:`html.escape`, because client ids come from the network.
+    """
+    run = _mapping(report.get("run"))
+    accountants = _accountants(report)
+    sections = [
+        _header_section(report, run, accountants),
+        _warnings_section(_seq(report.get("warnings"))),
+        _threat_section(_seq(report.get("threat_model"))),
+        _mechanism_section(_mapping(report.get("mechanism"))),
+        _stages_section(_mapping(report.get("stages"))),
+        _epsilon_section(_mapping(report.get("epsilon")), accountants),
+        _clients_section(_seq(report.get("clients")), accountants),
+        _exclusions_section(_seq(report.get("exclusions"))),
+        _accuracy_section(_seq(report.get("accuracy"))),
+    ]
+    title = "Privacy audit report"
+    if run.get("run_id") is not None:
+        title += f" — {run['run_id']}"
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(s for s in sections if s)
+        + f'\n<p class="meta">Schema: {_esc(report.get("schema", _MISSING))}</p>\n</body>\n</html>\n'
+    )
+
+
+def _esc(value: object) -> str:
+    """Escape any value's ``str`` for HTML text and attribute contexts."""
+    return html.escape(str(value), quote=True)
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """``value`` if it is a mapping, else an empty one (tolerates missing/malformed sections)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _seq(value: object) -> list[Any]:
+    """``value`` as a list if it is a list or tuple, else an empty list."""
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _num(value: object) -> float | None:
+    """A finite float, or ``None`` for ``None``, non-numbers, booleans, NaN and infinities."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _fmt_eps(value: object) -> str:
+    """An epsilon for display: 4 decimals, or the unbounded marker when there is no guarantee."""
+    number = _num(value)
+    return _UNBOUNDED if number is None else f"{number:.4f}"
+
+
+def _fmt(value: object) -> str:
+    """A generic value for display: ``None`` as a dash, lists joined, mappings as compact JSON."""
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, Mapping):
+        return _json(value)
+    return str(value)
+
+
+def _json(value: object) -> str:
+    """Compact, key-sorted JSON; non-JSON values fall back to ``str``."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str, ensure_ascii=False)
+
+
+def _xy(pairs: Iterable[tuple[object, object]]) -> tuple[list[float], list[float]]:
+    """The finite (x, y) points among ``pairs`` as x and y lists; ``None`` and non-numbers are skipped."""
+    points = [(_num(x), _num(y)) for x, y in pairs]
+    finite = [(x, y) for x, y in points if x is not None and y is not None]
+    return [x for x, _ in finite], [y for _, y in finite]
+
+
+def _cells(entry: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    """The displayed values of ``keys`` in ``entry`` (missing ones as a dash), for a table row."""
+    return [_fmt(entry.get(k)) for k in keys]
+
+
+def _eps_cells(entry: Mapping[str, Any], accountants: Sequence[str]) -> list[str]:
+    """The displayed epsilon of each accountant in ``entry["epsilon"]``, for a table row."""
+    epsilon = _mapping(entry.get("epsilon"))
+    return [_fmt_eps(epsilon.get(n)) for n in accountants]
+
+
+def _accountants(report: Mapping[str, Any]) -> list[str]:
+    """Accountant names, first-seen order, from the mechanism and every epsilon mapping in the report."""
+    epsilon = _mapping(report.get("epsilon"))
+    names: list[str] = [str(n) for n in _seq(_mapping(report.get("mechanism")).get("accountants"))]
+    sources = [_mapping(epsilon.get("final"))]
+    sources += [_mapping(_mapping(r).get("epsilon")) for r in _seq(epsilon.get("by_round"))]
+    sources += [_mapping(_mapping(c).get("epsilon")) for c in _seq(report.get("clients"))]
+    for source in sources:
+        names += [str(k) for k in source]
+    return list(dict.fromkeys(names))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], code_cols: Sequence[int] = ()) -> str:
+    """An HTML table; every cell is escaped here, cells in ``code_cols`` are wrapped in ``<code>``."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(
+            f"<td><code>{_esc(c)}</code></td>" if i in code_cols else f"<td>{_esc(c)}</td>"
+            for i, c in enumerate(row)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+
+
+def _section(title: str, body: str) -> str:
+    """A ``<section>`` with an escaped ``<h2>`` heading and already-rendered body HTML."""
+    return f"<section>\n<h2>{_esc(title)}</h2>\n{body}\n</section>"
+
+
+def _img(png_b64: str, alt: str) -> str:
+    """An ``<img>`` showing base64 PNG data inline, with escaped alt text."""
+    return f'<img src="data:image/png;base64,{png_b64}" alt="{_esc(alt)}">'
+
+
+def _new_figure(width: float = 6.0, height: float = 3.0) -> Figure:
+    """A small standalone figure with its own Agg canvas.
+
+    ``Figure`` is used without pyplot, so rendering a report never changes the caller's
+    matplotlib backend or leaves figures open in a notebook.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> str:
+    """Save ``fig`` as PNG (no software metadata) and return the base64 text."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _plot_label(text: object, limit: int = 24) -> str:
+    """A client id shortened for a plot axis, with ``$`` escaped so matplotlib does no mathtext."""
+    label = str(text)
+    label = label if len(label) <= limit else label[: limit - 1] + "…"
+    return label.replace("$", r"\$")
+
+
+def _line_plot(series: Mapping[str, tuple[list[float], list[float]]], ylabel: str) -> str:
+    """A line plot, one line per named series of (rounds, values); returns base64 PNG."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=_plot_label(name))
+    ax.set(xlabel="round", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    return _png(fig)
+
+
+def _clients_plot(clients: Sequence[Mapping[str, Any]]) -> str:
+    """A stacked horizontal bar plot of contributed/dropped/excluded rounds per client."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(6.0, max(3.0, 0.2 * len(clients) + 1.0))
+    ax = fig.add_subplot()
+    ys = list(range(len(clients)))
+    left = [0.0] * len(clients)
+    for label, colour in (("contributed", "#2e7d32"), ("dropped", "#f9a825"), ("excluded", "#c62828")):
+        widths = [_num(c.get(f"rounds_{label}")) or 0.0 for c in clients]
+        ax.barh(ys, widths, left=left, color=colour, label=label)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(ys, [_plot_label(c.get("client_id", "?")) for c in clients], fontsize=7)
+    ax.margins(y=0.01)
+    ax.invert_yaxis()
+    ax.set(xlabel="rounds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    return _png(fig)
+
+
+def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountants: Sequence[str]) -> str:
+    """Title, run metadata and the one-line summary (rounds, clients, accuracy, final epsilon)."""
+    run_id, run_dir = (_esc(_fmt(run.get(k))) for k in ("run_id", "run_dir"))
+    generated = _esc(_fmt(report.get("generated_at")))
+    meta = f'<p class="meta">Run <code>{run_id}</code> · generated {generated} · run dir <code>{run_dir}</code></p>'
+    n_clients = len(_seq(run.get("clients")) or _seq(report.get("clients")))
+    rounds = f"{_fmt(run.get('rounds_completed'))}/{_fmt(run.get('rounds_planned'))}"
+    if _num(run.get("rounds_failed")):
+        rounds += f" ({_fmt(run.get('rounds_failed'))} failed)"
+    accuracy = _num(run.get("final_accuracy"))
+    final = _mapping(_mapping(report.get("epsilon")).get("final"))
+    delta = _mapping(report.get("mechanism")).get("delta")
+    eps = ", ".join(f"{name} {_fmt_eps(final.get(name))}" for name in accountants if name in final)
+    parts = [
+        f"Rounds completed: {rounds}",
+        f"Clients: {n_clients}",
+        f"Final accuracy: {_MISSING if accuracy is None else f'{accuracy:.4f}'}",
+        f"Final ε at δ = {_fmt(delta)}: {eps or _MISSING}",
+    ]
+    summary = " · ".join(_esc(p) for p in parts)
+    return f'<h1>Privacy audit report</h1>\n{meta}\n<p class="summary">{summary}</p>'
+
+
+def _warnings_section(warnings: Sequence[Any]) -> str:
+    """Warnings with visible severity; high-severity ones in a red box above the others."""
+    if not warnings:
+        return _section("Warnings", "<p>No warnings.</p>")
+    items: dict[bool, list[str]] = {True: [], False: []}
+    for warning in map(_mapping, warnings):
+        severity = str(warning.get("severity", "info"))
+        css = severity if severity in _SEVERITIES else "other"
+        item = (
+            f'<li class="warning sev-{css}"><span class="severity">{_esc(severity)}</span>'
+            f'<code>{_esc(warning.get("code", ""))}</code> {_esc(warning.get("message", ""))}</li>'
+        )
+        items[css == "high"].append(item)
+    high, other = ("\n".join(items[k]) for k in (True, False))
+    box = f'<div class="high-box">\n<ul class="warnings">\n{high}\n</ul>\n</div>\n' if high else ""
+    return _section("Warnings", box + (f'<ul class="warnings">\n{other}\n</ul>' if other else ""))
+
+
+def _threat_section(threats: Sequence[Any]) -> str:
+    """Who sees what, and what protects it."""
+    if not threats:
+        return ""
+    rows = [_cells(t, ("party", "sees", "protected_by")) for t in map(_mapping, threats)]
+    return _section("Threat model", _table(["party", "can see", "protected by"], rows))
+
+
+def _mechanism_section(mechanism: Mapping[str, Any]) -> str:
+    """Every key of the DP mechanism description with its value."""
+    if not mechanism:
+        return ""
+    rows = [[key, _fmt(value)] for key, value in mechanism.items()]
+    return _section("Mechanism and parameters", _table(["parameter", "value"], rows))
+
+
+def _stages_section(stages: Mapping[str, Any]) -> str:
+    """The pipeline stages: plug-in, whether it is built in, and its parameters."""
+    if not stages:
+        return ""
+    rows = []
+    for stage, info in stages.items():
+        entry = _mapping(info)
+        builtin = entry.get("builtin")
+        kind = _MISSING if builtin is None else ("built-in" if builtin else "user plug-in")
+        rows.append([stage, *_cells(entry, ("name", "plugin")), kind, _json(entry.get("params", {}))])
+    headers = ["stage", "name", "plug-in class", "built-in or user plug-in", "params"]
+    return _section("Pipeline stages", _table(headers, rows, code_cols=(2, 4)))
+
+
+def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> str:
+    """Epsilon per round: a plot of the finite values (or the unbounded notice) and a table."""
+    by_round = [_mapping(r) for r in _seq(epsilon.get("by_round"))]
+    if not by_round:
+        return ""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for name in accountants:
+        xs, ys = _xy((r.get("round"), _mapping(r.get("epsilon")).get(name)) for r in by_round)
+        if xs:
+            series[name] = (xs, ys)
+    if series:
+        body = _img(_line_plot(series, "epsilon"), "Epsilon per round for each accountant")
+    else:
+        body = '<p class="unbounded">No differential-privacy guarantee: epsilon is unbounded in every round.</p>'
+    rows = [[_fmt(r.get("round")), *_eps_cells(r, accountants)] for r in by_round]
+    table = _table(["round", *[f"ε ({n})" for n in accountants]], rows)
+    return _section("Epsilon over rounds", body + "\n" + table)
+
+
+def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
+    """Per-client participation and epsilon, with a stacked bar plot of the first clients."""
+    entries = [_mapping(c) for c in clients]
+    if not entries:
+        return _section("Clients", "<p>No client took part.</p>")
+    keys = ("rounds_selected", "rounds_contributed", "rounds_dropped", "rounds_excluded")
+    rows = [[*_cells(c, ("client_id", *keys)), *_eps_cells(c, accountants)] for c in entries]
+    headers = ["client", "selected", "contributed", "dropped", "excluded", *[f"ε ({n})" for n in accountants]]
+    shown = entries[:_MAX_PLOTTED_CLIENTS]
+    caption = "Rounds contributed, dropped and excluded per client"
+    if len(entries) > len(shown):
+        caption += f" (plot shows the first {len(shown)} of {len(entries)} clients; the table lists all)"
+    img = _img(_clients_plot(shown), caption)
+    figure = f'<figure>\n{img}\n<figcaption class="caption">{_esc(caption)}.</figcaption>\n</figure>'
+    return _section("Clients", _table(headers, rows) + "\n" + figure)
+
+
+def _exclusions_section(exclusions: Sequence[Any]) -> str:
+    """Which defense excluded which client in which round."""
+    if not exclusions:
+        return _section("Exclusions", "<p>No client was excluded by a defense.</p>")
+    rows = [_cells(e, ("round", "client_id", "defense")) for e in map(_mapping, exclusions)]
+    return _section("Exclusions", _table(["round", "client", "defense"], rows))
+
+
+def _accuracy_section(accuracy: Sequence[Any]) -> str:
+    """A plot of global-model accuracy per round (missing points skipped); empty if none."""
+    xs, ys = _xy((_mapping(a).get("round"), _mapping(a).get("accuracy")) for a in accuracy)
+    if not xs:
+        return ""
+    png = _line_plot({"accuracy": (xs, ys)}, "accuracy")
+    return _section("Accuracy over rounds", _img(png, "Global model accuracy per round"))

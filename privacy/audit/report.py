@@ -1,0 +1,223 @@
+"""Build and write the privacy audit report of a run (``report/privacy_report.{json,html}``).
+
+The report is computed from what the run directory holds, never from live server state, so
+``secure-fl audit RUN_DIR`` gives the same report as the one written at the end of the run:
+
+* ``run.json``: run id, transport, and every pipeline stage with its plug-in class and parameters;
+* ``config.toml``: the resolved config (passed in as a dict);
+* ``metrics.jsonl``: one line per round (accuracy, dropped and excluded clients);
+* ``ledger.jsonl``: one line per release (the Gaussian event, who took part, epsilon so far).
+
+Per-client epsilon is the participation view: each client's spend is the composition of the
+releases its update was part of (a client that sat a round out spends nothing that round). The
+report's schema is ``secure-fl/privacy-report/v1``; :func:`privacy.audit.html.render_html` turns it
+into a self-contained page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import Accountant, available, create_accountant
+from privacy.errors import PrivacyError
+from privacy.ledger import epsilon_to_json, event_of
+
+SCHEMA = "secure-fl/privacy-report/v1"
+
+
+def build_report(
+    *,
+    run: Mapping[str, Any],
+    config: Mapping[str, Any],
+    metrics: Sequence[Mapping[str, Any]],
+    ledger: Sequence[Mapping[str, Any]],
+    run_dir: str | Path = "",
+) -> dict[str, Any]:
+    """The audit report as a JSON-serialisable dict (see the module docstring for the inputs)."""
+    stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in dict(run.get("stages", {})).items()}
+    privacy_cfg = dict(config.get("privacy", {}))
+    delta = float(privacy_cfg.get("delta", ledger[-1]["delta"] if ledger else 1e-5))
+    accountant_names = [str(n) for n in privacy_cfg.get("accountants", ledger[-1]["epsilon"].keys() if ledger else [])]
+    warnings: list[dict[str, str]] = []
+
+    by_round = [{"round": int(e["round"]), "epsilon": dict(e["epsilon"])} for e in ledger]
+    final = dict(ledger[-1]["epsilon"]) if ledger else {name: 0.0 for name in accountant_names}
+
+    clients = _clients(run, metrics, ledger)
+    unknown = [name for name in accountant_names if name not in available()]
+    if unknown:
+        warnings.append(_warn(
+            "accountant-unavailable", "medium",
+            f"accountant(s) {', '.join(unknown)} are not registered in the process that built this report, so "
+            "per-client epsilon for them is not recomputed (shown as in the ledger for the whole run only); "
+            "register them before calling the audit",
+        ))
+    for row in clients:
+        row["epsilon"] = _client_epsilon(row.pop("_releases"), ledger, accountant_names, unknown, delta)
+
+    mechanism_stage = stages.get("privacy", {}).get("params", {})
+    last = ledger[-1] if ledger else {}
+    mechanism = {
+        "mode": privacy_cfg.get("mode", last.get("mechanism")),
+        "guarantee": last.get("guarantee", mechanism_stage.get("guarantee", "none")),
+        "noise_multiplier": last.get("noise_multiplier", mechanism_stage.get("noise_multiplier")),
+        "clip_norm": last.get("clip_norm", mechanism_stage.get("clip_norm")),
+        "sample_rate": last.get("sample_rate"),
+        "delta": delta,
+        "accountants": accountant_names,
+        "releases": len(ledger),
+    }
+    warnings.extend(_warnings(stages, mechanism, run, config, metrics))
+    completed = [m for m in metrics if m.get("status", "ok") == "ok"]
+    return {
+        "schema": SCHEMA,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": {
+            "run_id": run.get("run_id"),
+            "run_dir": str(run_dir),
+            "transport": run.get("transport"),
+            "rounds_planned": int(dict(config.get("run", {})).get("rounds", len(metrics))),
+            "rounds_completed": len(completed),
+            "rounds_failed": len(metrics) - len(completed),
+            "clients": [row["client_id"] for row in clients],
+            "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),
+        },
+        "stages": stages,
+        "threat_model": _threat_model(stages, mechanism, run),
+        "mechanism": mechanism,
+        "epsilon": {"final": final, "by_round": by_round},
+        "clients": clients,
+        "exclusions": [
+            {"round": int(m["round"]), "client_id": str(c), "defense": str(dict(m.get("stages", {})).get("defense", ""))}
+            for m in metrics for c in m.get("excluded", [])
+        ],
+        "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
+        "warnings": warnings,
+    }
+
+
+def write_report(report: Mapping[str, Any], report_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``privacy_report.json`` and ``privacy_report.html`` atomically; return their paths."""
+    from privacy.audit.html import render_html
+
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out / "privacy_report.json", out / "privacy_report.html"
+    _atomic_write(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    _atomic_write(html_path, render_html(report))
+    return json_path, html_path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _warn(code: str, severity: str, message: str) -> dict[str, str]:
+    return {"code": code, "severity": severity, "message": message}
+
+
+def _clients(
+    run: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per-client participation counts; ``_releases`` lists the rounds a client's update was released in."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(client: str) -> dict[str, Any]:
+        return rows.setdefault(client, {
+            "client_id": client, "rounds_selected": 0, "rounds_contributed": 0,
+            "rounds_dropped": 0, "rounds_excluded": 0, "_releases": [],
+        })
+
+    for client in run.get("clients", []):
+        row(str(client))
+    for entry in ledger:
+        for client in entry.get("contributors", []):
+            row(str(client))["rounds_contributed"] += 1
+            row(str(client))["_releases"].append(int(entry["round"]))
+    for m in metrics:
+        for client in m.get("selected", []):
+            row(str(client))["rounds_selected"] += 1
+        for client in m.get("dropped", []):
+            row(str(client))["rounds_dropped"] += 1
+        for client in m.get("excluded", []):
+            row(str(client))["rounds_excluded"] += 1
+    return [rows[k] for k in sorted(rows)]
+
+
+def _client_epsilon(
+    releases: Sequence[int], ledger: Sequence[Mapping[str, Any]], names: Sequence[str], unknown: Sequence[str], delta: float
+) -> dict[str, float | None]:
+    rounds = set(releases)
+    events = [event_of(e) for e in ledger if int(e["round"]) in rounds]
+    out: dict[str, float | None] = {}
+    for name in names:
+        if name in unknown:
+            out[name] = dict(ledger[-1]["epsilon"]).get(name) if events else 0.0
+            continue
+        accountant: Accountant = create_accountant(name)
+        for event in events:
+            accountant.compose(event)
+        try:
+            out[name] = epsilon_to_json(accountant.epsilon(delta))
+        except PrivacyError:
+            out[name] = dict(ledger[-1]["epsilon"]).get(name)
+    return out
+
+
+def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any]) -> list[dict[str, str]]:
+    secure = dict(stages.get("secure", {}))
+    params = dict(secure.get("params", {}))
+    mode = str(secure.get("name", "unknown"))
+    dp = mechanism.get("guarantee", "none") not in (None, "none")
+    dp_text = f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})" if dp else "nothing: no differential privacy"
+    if params.get("server_sees_individual_updates", True):
+        server_sees = "each client's individual update (every adapter tensor it sends)"
+        server_protection = f"nothing: secure.mode = {mode} reveals individual updates"
+    else:
+        bucket = params.get("bucket_size")
+        server_sees = f"only sums over buckets of {bucket if bucket else 'several'} clients"
+        server_protection = f"secure.mode = {mode}" + (f"; keys held by {params['key_custody']}" if params.get("key_custody") else "")
+    rows = [
+        {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},
+        {"party": "other clients", "sees": "the global adapter of every round they take part in", "protected_by": dp_text},
+        {"party": "anyone given the final adapter", "sees": "the released global adapter", "protected_by": dp_text},
+    ]
+    if run.get("transport") == "grpc":
+        rows.append({
+            "party": "network observer",
+            "sees": "everything the server receives and sends (the gRPC channel has no TLS configured)",
+            "protected_by": "nothing on the wire; " + ("updates are encrypted or masked" if not params.get("server_sees_individual_updates", True) else "updates travel in the clear"),
+        })
+    return rows
+
+
+def _warnings(
+    stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any],
+    config: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]],
+) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    if mechanism.get("guarantee", "none") in (None, "none"):
+        out.append(_warn("dp-off", "high", f"privacy.mode = {mechanism.get('mode')}: no differential-privacy guarantee; "
+                         "epsilon is unbounded and the released adapter may reveal clients' training data"))
+    if dict(dict(stages.get("secure", {})).get("params", {})).get("server_sees_individual_updates", True):
+        out.append(_warn("server-sees-updates", "high", f"secure.mode = {dict(stages.get('secure', {})).get('name')}: "
+                         "the server sees every client's individual update"))
+    if run.get("transport") == "grpc":
+        out.append(_warn("no-tls", "medium", "the gRPC transport is unencrypted: anyone on the network path sees what the server sees"))
+    if dict(stages.get("defense", {})).get("name") == "none":
+        out.append(_warn("no-defense", "info", "robustness.defense = none: a poisoned update enters the aggregate unchecked"))
+    attack = dict(config.get("attack", {}))
+    if attack.get("kind", "none") != "none":
+        out.append(_warn("simulated-attack", "info", f"simulated attackers: attack.kind = {attack['kind']}, "
+                         f"fraction = {attack.get('fraction')}"))
+    failed = [int(m["round"]) for m in metrics if m.get("status", "ok") != "ok"]
+    if failed:
+        out.append(_warn("failed-rounds", "info", f"round(s) {', '.join(map(str, failed))} failed and released nothing"))
+    return out

@@ -1,0 +1,138 @@
+"""The ledger and the audit report in real runs: order of writes, result object, CLI, per-client view."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import secure_fl
+from privacy.ledger import PrivacyLedger
+from secure_fl.models import load_adapter
+from tests.conftest import smoke_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "secure_fl.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_result_carries_ledger_and_report(tmp_path: Path) -> None:
+    result = secure_fl.simulate(smoke_config(), tmp_path, progress=False)
+    assert [e["round"] for e in result.ledger] == [1, 2] and result.ledger_path == tmp_path / "ledger.jsonl"
+    assert result.epsilon == {"rdp": math.inf, "prv": math.inf}
+    report = result.report
+    assert report is not None and report["schema"] == "secure-fl/privacy-report/v1"
+    assert report["run"]["run_id"] == result.run_id and report["run"]["rounds_completed"] == 2
+    assert report["run"]["final_accuracy"] == pytest.approx(result.final_accuracy)
+    assert {w["code"] for w in report["warnings"]} >= {"dp-off", "server-sees-updates"}
+    assert "no-tls" not in {w["code"] for w in report["warnings"]}  # in-process simulation: no network
+    assert [c["rounds_contributed"] for c in report["clients"]] == [2, 2, 2, 2]
+    assert report["stages"]["secure"]["params"]["bucket_size"] == 1
+    page = result.report_html.read_text(encoding="utf-8") if result.report_html else ""
+    assert "unbounded in every round" in page and page.count("data:image/png;base64,") == 2  # clients + accuracy
+    assert result.run_id in page
+
+
+def test_the_ledger_line_is_written_before_the_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected fault: the ledger write of round 2 fails, so nothing of round 2 may leave the server."""
+    real_append = PrivacyLedger.append
+
+    def append(self: PrivacyLedger, entry: Mapping[str, Any]) -> None:
+        if entry["round"] == 2:
+            raise OSError("injected: ledger disk full")
+        real_append(self, entry)
+
+    monkeypatch.setattr(PrivacyLedger, "append", append)
+    with pytest.raises(OSError, match="injected"):
+        secure_fl.simulate(smoke_config("run.rounds=3"), tmp_path, progress=False)
+    assert [e["round"] for e in PrivacyLedger(tmp_path / "ledger.jsonl").entries()] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-0001.safetensors"]
+    released = {k: v.detach().numpy() for k, v in load_adapter(tmp_path / "adapter")[0].state_dict().items()}
+    round_one = load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors"))
+    assert set(round_one) <= set(released)
+    for key, value in round_one.items():  # the released adapter is round 1's, not round 2's
+        np.testing.assert_array_equal(released[key], value, err_msg=key)
+    # the report of the failed run is still written and shows what was released
+    report = json.loads((tmp_path / "report" / "privacy_report.json").read_text())
+    assert report["mechanism"]["releases"] == 1
+
+
+def test_a_directory_holding_a_run_is_refused(tmp_path: Path) -> None:
+    secure_fl.simulate(smoke_config("run.rounds=1"), tmp_path, progress=False)
+    with pytest.raises(secure_fl.RunError, match="already holds a run.*two runs never share one privacy ledger"):
+        secure_fl.simulate(smoke_config("run.rounds=1"), tmp_path, progress=False)
+    assert len(PrivacyLedger(tmp_path / "ledger.jsonl").entries()) == 1  # the first run's ledger is untouched
+
+
+class _CentralGaussianForTest(secure_fl.PrivacyMechanism):
+    """Server-side Gaussian noise with a stated multiplier; used only to test the accounting path."""
+
+    name = "central-gaussian-test"
+    guarantee = "test"
+
+    def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(update)
+
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng()
+        return {k: v + rng.normal(0.0, 1e-3, v.shape).astype(np.float32) for k, v in delta.items()}
+
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> secure_fl.GaussianEvent:
+        return secure_fl.GaussianEvent(noise_multiplier=2.0, sample_rate=cohort_size / population)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.name, "guarantee": self.guarantee, "clip_norm": 1.0, "noise_multiplier": 2.0}
+
+
+def test_per_client_epsilon_counts_only_the_rounds_a_client_was_in(tmp_path: Path) -> None:
+    secure_fl.register_privacy_mechanism("central-gaussian-test", _CentralGaussianForTest, force=True)
+    config = smoke_config("privacy.mode=central-gaussian-test", "run.rounds=4", "run.clients_per_round=2", "run.min_updates=2")
+    result = secure_fl.simulate(config, tmp_path, progress=False)
+    ledger = result.ledger
+    assert all(e["sample_rate"] == 0.5 and e["noise_multiplier"] == 2.0 for e in ledger)
+    run_eps = secure_fl.create_accountant("rdp")
+    run_eps.compose(secure_fl.GaussianEvent(2.0, 0.5, 4))
+    assert result.epsilon["rdp"] == pytest.approx(run_eps.epsilon(1e-5))
+    report = result.report
+    assert report is not None
+    by_round = [r["epsilon"]["rdp"] for r in report["epsilon"]["by_round"]]
+    assert by_round == sorted(by_round) and len(set(by_round)) == 4  # grows every release
+    for client in report["clients"]:
+        rounds = sum(client["client_id"] in e["contributors"] for e in ledger)
+        assert client["rounds_contributed"] == rounds
+        expected = secure_fl.create_accountant("rdp")
+        if rounds:
+            expected.compose(secure_fl.GaussianEvent(2.0, 0.5, rounds))
+        assert client["epsilon"]["rdp"] == pytest.approx(expected.epsilon(1e-5))
+    assert "dp-off" not in {w["code"] for w in report["warnings"]}
+    page = (tmp_path / "report" / "privacy_report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 3  # epsilon, clients, accuracy
+    assert f"{result.epsilon['rdp']:.4f}" in page
+
+
+def test_cli_audit_rebuilds_the_report_and_refuses_damage(tmp_path: Path) -> None:
+    secure_fl.simulate(smoke_config("run.rounds=1"), tmp_path, progress=False)
+    (tmp_path / "report" / "privacy_report.json").unlink()
+    done = _cli("audit", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "epsilon at delta=1e-05: rdp inf, prv inf" in done.stdout and "[high]" in done.stdout
+    assert json.loads((tmp_path / "report" / "privacy_report.json").read_text())["run"]["rounds_completed"] == 1
+
+    with (tmp_path / "ledger.jsonl").open("a") as handle:
+        handle.write('{"round": 2, "mech')
+    done = _cli("audit", str(tmp_path))
+    assert done.returncode == 1 and "ledger.jsonl line 2 is not valid JSON" in done.stderr, done.stderr
+
+    done = _cli("audit", str(tmp_path / "nowhere"))
+    assert done.returncode == 1 and "is not a run directory: config.toml is missing" in done.stderr, done.stderr
+    assert not (tmp_path / "nowhere").exists()
