@@ -10,6 +10,7 @@ checked against the live registries, so a user-registered plug-in is accepted li
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -201,7 +202,7 @@ class SecureConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """``[privacy]``: the differential-privacy mechanism."""
+    """``[privacy]``: the differential-privacy mechanism and how its spend is accounted."""
 
     mode: str = field(default="none", metadata={"help": "differential-privacy mode"})
     delta: float = field(default=1e-5, metadata={"help": "delta of every reported (epsilon, delta)"})
@@ -472,7 +473,7 @@ def config_reference() -> str:
         "",
         "Generated from `secure_fl/config.py` by `python -c \"from secure_fl.config import config_reference; "
         "print(config_reference(), end='')\" > docs/configuration.md`; a test keeps it in sync.",
-        "Plug-in keys (`secure.mode`, `privacy.mode`, `robustness.defense`, `peft.rule`, `attack.kind`) accept",
+        "Plug-in keys (`secure.mode`, `privacy.mode`, `privacy.accountants`, `robustness.defense`, `peft.rule`, `attack.kind`) accept",
         "every name in their registry, including plug-ins a user registered.",
         "",
     ]
@@ -480,7 +481,8 @@ def config_reference() -> str:
         lines += [f"## [{section}]", "", (cls.__doc__ or "").strip().split("\n")[0].replace("``", "`"), "", "| key | default | meaning |", "|---|---|---|"]
         defaults = _plain(asdict(cls()))
         for f in fields(cls):
-            default = tomli_w.dumps({"v": defaults[f.name]}).strip()[4:]
+            value = defaults[f.name]
+            default = json.dumps(value) if isinstance(value, list) else tomli_w.dumps({"v": value}).strip()[4:]
             lines.append(f"| `{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
         lines.append("")
     return "\n".join(lines)

@@ -95,6 +95,7 @@ class _CentralGaussianForTest(secure_fl.PrivacyMechanism):
 
 
 def test_per_client_epsilon_counts_only_the_rounds_a_client_was_in(tmp_path: Path) -> None:
+    """Run-level epsilon: all releases at q; per client: only its releases, at q = 1 (known participation)."""
     secure_fl.register_privacy_mechanism("central-gaussian-test", _CentralGaussianForTest, force=True)
     config = smoke_config("privacy.mode=central-gaussian-test", "run.rounds=4", "run.clients_per_round=2", "run.min_updates=2")
     result = secure_fl.simulate(config, tmp_path, progress=False)
@@ -112,7 +113,7 @@ def test_per_client_epsilon_counts_only_the_rounds_a_client_was_in(tmp_path: Pat
         assert client["rounds_contributed"] == rounds
         expected = secure_fl.create_accountant("rdp")
         if rounds:
-            expected.compose(secure_fl.GaussianEvent(2.0, 0.5, rounds))
+            expected.compose(secure_fl.GaussianEvent(2.0, 1.0, rounds))
         assert client["epsilon"]["rdp"] == pytest.approx(expected.epsilon(1e-5))
     assert "dp-off" not in {w["code"] for w in report["warnings"]}
     page = (tmp_path / "report" / "privacy_report.html").read_text(encoding="utf-8")

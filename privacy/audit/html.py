@@ -227,15 +227,24 @@ def _line_plot(series: Mapping[str, tuple[list[float], list[float]]], ylabel: st
 
 
 def _clients_plot(clients: Sequence[Mapping[str, Any]]) -> str:
-    """A stacked horizontal bar plot of contributed/dropped/excluded rounds per client."""
+    """A stacked horizontal bar per client: rounds aggregated, excluded by the defense, dropped.
+
+    An excluded update was still contributed (the defense looked at it), so the bar shows
+    ``contributed - excluded`` as aggregated.
+    """
     from matplotlib.ticker import MaxNLocator
 
     fig = _new_figure(6.0, max(3.0, 0.2 * len(clients) + 1.0))
     ax = fig.add_subplot()
     ys = list(range(len(clients)))
+    counts = {k: [_num(c.get(f"rounds_{k}")) or 0.0 for c in clients] for k in ("contributed", "excluded", "dropped")}
+    parts = (
+        ("aggregated", [max(a - b, 0.0) for a, b in zip(counts["contributed"], counts["excluded"])], "#2e7d32"),
+        ("excluded by defense", counts["excluded"], "#c62828"),
+        ("dropped", counts["dropped"], "#f9a825"),
+    )
     left = [0.0] * len(clients)
-    for label, colour in (("contributed", "#2e7d32"), ("dropped", "#f9a825"), ("excluded", "#c62828")):
-        widths = [_num(c.get(f"rounds_{label}")) or 0.0 for c in clients]
+    for label, widths, colour in parts:
         ax.barh(ys, widths, left=left, color=colour, label=label)
         left = [a + b for a, b in zip(left, widths)]
     ax.set_yticks(ys, [_plot_label(c.get("client_id", "?")) for c in clients], fontsize=7)
@@ -346,7 +355,7 @@ def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
     rows = [[*_cells(c, ("client_id", *keys)), *_eps_cells(c, accountants)] for c in entries]
     headers = ["client", "selected", "contributed", "dropped", "excluded", *[f"ε ({n})" for n in accountants]]
     shown = entries[:_MAX_PLOTTED_CLIENTS]
-    caption = "Rounds contributed, dropped and excluded per client"
+    caption = "Rounds per client: aggregated, excluded by the defense, dropped"
     if len(entries) > len(shown):
         caption += f" (plot shows the first {len(shown)} of {len(entries)} clients; the table lists all)"
     img = _img(_clients_plot(shown), caption)

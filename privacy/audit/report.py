@@ -8,8 +8,12 @@ The report is computed from what the run directory holds, never from live server
 * ``metrics.jsonl``: one line per round (accuracy, dropped and excluded clients);
 * ``ledger.jsonl``: one line per release (the Gaussian event, who took part, epsilon so far).
 
-Per-client epsilon is the participation view: each client's spend is the composition of the
-releases its update was part of (a client that sat a round out spends nothing that round). The
+Two epsilons are reported. The run-level epsilon (``epsilon.final``) composes every release with
+its sampling rate ``q``: the guarantee for any client against whoever does not know who was
+selected (amplification by sampling needs that secrecy). The per-client epsilon is the
+participation view, for an observer who knows who took part (the server does): it composes only
+the releases the client's update was part of, each with ``q = 1`` (no amplification), so a client
+that sat a round out spends nothing that round. With full participation the two coincide. The
 report's schema is ``secure-fl/privacy-report/v1``; :func:`privacy.audit.html.render_html` turns it
 into a self-contained page.
 """
@@ -20,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +160,8 @@ def _client_epsilon(
     releases: Sequence[int], ledger: Sequence[Mapping[str, Any]], names: Sequence[str], unknown: Sequence[str], delta: float
 ) -> dict[str, float | None]:
     rounds = set(releases)
-    events = [event_of(e) for e in ledger if int(e["round"]) in rounds]
+    # participation is known to this observer: no amplification by sampling
+    events = [replace(event_of(e), sample_rate=1.0) for e in ledger if int(e["round"]) in rounds]
     out: dict[str, float | None] = {}
     for name in names:
         if name in unknown:
