@@ -97,6 +97,14 @@ def test_user_accountant_shows_up_in_ledger_and_report(tmp_path: Path) -> None:
     report = _report(tmp_path)
     assert report["mechanism"]["accountants"] == ["rdp", "gdp"] and report["epsilon"]["final"] == {"rdp": None, "gdp": None}
     assert "gdp" in _page(tmp_path)
+    assert all(set(c["epsilon"]) == {"rdp", "gdp"} for c in report["clients"])
+    # a fresh process that never registered "gdp": the report says what it could not compute
+    done = subprocess.run([sys.executable, "-m", "secure_fl.cli", "audit", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    report = _report(tmp_path)
+    assert "accountant-unavailable" in {w["code"] for w in report["warnings"]} and "gdp" in done.stdout
+    assert all(set(c["epsilon"]) == {"rdp"} for c in report["clients"]) and "not computed" in _page(tmp_path)
+    assert report["epsilon"]["final"] == {"rdp": None, "gdp": None}  # run-level values still come from the ledger
 
 
 def test_user_secure_mode_and_privacy_mechanism(tmp_path: Path) -> None:

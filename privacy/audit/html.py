@@ -141,9 +141,13 @@ def _cells(entry: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
 
 
 def _eps_cells(entry: Mapping[str, Any], accountants: Sequence[str]) -> list[str]:
-    """The displayed epsilon of each accountant in ``entry["epsilon"]``, for a table row."""
+    """The displayed epsilon of each accountant in ``entry["epsilon"]``, for a table row.
+
+    A missing key means the accountant was not available to the report builder: say so, rather
+    than showing it as unbounded.
+    """
     epsilon = _mapping(entry.get("epsilon"))
-    return [_fmt_eps(epsilon.get(n)) for n in accountants]
+    return [_fmt_eps(epsilon[n]) if n in epsilon else "not computed" for n in accountants]
 
 
 def _accountants(report: Mapping[str, Any]) -> list[str]:

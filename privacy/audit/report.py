@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import Accountant, available, create_accountant
+from privacy.accounting import Accountant, GaussianEvent, available, create_accountant
 from privacy.errors import PrivacyError
-from privacy.ledger import epsilon_to_json, event_of
+from privacy.ledger import epsilon_to_json
 
 SCHEMA = "secure-fl/privacy-report/v1"
 
@@ -59,11 +59,13 @@ def build_report(
         warnings.append(_warn(
             "accountant-unavailable", "medium",
             f"accountant(s) {', '.join(unknown)} are not registered in the process that built this report, so "
-            "per-client epsilon for them is not recomputed (shown as in the ledger for the whole run only); "
-            "register them before calling the audit",
+            "their per-client epsilon is not computed (the run-level values come from the ledger); register them "
+            "and call secure_fl.audit(run_dir) to fill it in",
         ))
+    known = [name for name in accountant_names if name not in unknown]
+    cache: dict[tuple[Any, ...], float | None] = {}
     for row in clients:
-        row["epsilon"] = _client_epsilon(row.pop("_releases"), ledger, accountant_names, unknown, delta)
+        row["epsilon"] = _client_epsilon(row.pop("_releases"), ledger, known, delta, cache)
 
     mechanism_stage = stages.get("privacy", {}).get("params", {})
     last = ledger[-1] if ledger else {}
@@ -157,23 +159,30 @@ def _clients(
 
 
 def _client_epsilon(
-    releases: Sequence[int], ledger: Sequence[Mapping[str, Any]], names: Sequence[str], unknown: Sequence[str], delta: float
+    releases: Sequence[int],
+    ledger: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    delta: float,
+    cache: dict[tuple[Any, ...], float | None],
 ) -> dict[str, float | None]:
+    """Epsilon per accountant over the client's releases at ``q = 1``; accountants not registered
+    in this process are left out (the page shows "not computed"). Clients with the same releases'
+    (z, count) profile share one computation through ``cache``."""
     rounds = set(releases)
-    # participation is known to this observer: no amplification by sampling
-    events = [replace(event_of(e), sample_rate=1.0) for e in ledger if int(e["round"]) in rounds]
+    counts = Counter(float(e["noise_multiplier"]) for e in ledger if int(e["round"]) in rounds)
+    profile = tuple(sorted(counts.items()))
     out: dict[str, float | None] = {}
     for name in names:
-        if name in unknown:
-            out[name] = dict(ledger[-1]["epsilon"]).get(name) if events else 0.0
-            continue
-        accountant: Accountant = create_accountant(name)
-        for event in events:
-            accountant.compose(event)
-        try:
-            out[name] = epsilon_to_json(accountant.epsilon(delta))
-        except PrivacyError:
-            out[name] = dict(ledger[-1]["epsilon"]).get(name)
+        key = (name, profile)
+        if key not in cache:
+            accountant: Accountant = create_accountant(name)
+            for z, steps in profile:  # participation is known to this observer: no amplification
+                accountant.compose(GaussianEvent(z, 1.0, steps))
+            try:
+                cache[key] = epsilon_to_json(accountant.epsilon(delta))
+            except PrivacyError:
+                continue
+        out[name] = cache[key]
     return out
 
 
