@@ -364,7 +364,13 @@ def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
         caption += f" (plot shows the first {len(shown)} of {len(entries)} clients; the table lists all)"
     img = _img(_clients_plot(shown), caption)
     figure = f'<figure>\n{img}\n<figcaption class="caption">{_esc(caption)}.</figcaption>\n</figure>'
-    return _section("Clients", _table(headers, rows) + "\n" + figure)
+    note = (
+        '<p class="caption">Per-client ε composes only the releases the client\'s update was part of, each '
+        "without amplification by sampling, because the server knows who took part. The run-level ε "
+        "composes every release at its sampling rate and holds against observers who do not know the "
+        "selection.</p>"
+    )
+    return _section("Clients", note + "\n" + _table(headers, rows) + "\n" + figure)
 
 
 def _exclusions_section(exclusions: Sequence[Any]) -> str:
