@@ -45,10 +45,13 @@ class PrivacyLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._last: dict[str, Any] | None = None  # the newest line, once read or written
+        self._loaded = False
 
     def entries(self) -> list[dict[str, Any]]:
         """Every line, parsed and checked; an empty list if the file does not exist yet."""
         if not self.path.exists():
+            self._last, self._loaded = None, True
             return []
         out: list[dict[str, Any]] = []
         with self.path.open(encoding="utf-8") as handle:
@@ -64,17 +67,25 @@ class PrivacyLedger:
                     ) from None
                 self._check(entry, where=f"{self.path} line {number}", previous=out[-1] if out else None)
                 out.append(entry)
+        self._last, self._loaded = (out[-1] if out else None), True
         return out
 
     def append(self, entry: Mapping[str, Any]) -> None:
-        """Check ``entry`` against the ledger so far, append it as one line and fsync."""
-        existing = self.entries()
-        self._check(dict(entry), where="new ledger line", previous=existing[-1] if existing else None)
-        line = json.dumps(dict(entry), allow_nan=False) + "\n"
+        """Check ``entry`` against the ledger so far, append it as one line and fsync.
+
+        The file is read and checked once per ledger object; later appends compare with the line
+        this object wrote last, so a run's appends stay O(1) instead of re-reading the file.
+        """
+        if not self._loaded:
+            self.entries()
+        line_entry = dict(entry)
+        self._check(line_entry, where="new ledger line", previous=self._last)
+        line = json.dumps(line_entry, allow_nan=False) + "\n"
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        self._last = line_entry
 
     def events(self) -> list[GaussianEvent]:
         """The releases recorded so far, in order."""
@@ -154,13 +165,15 @@ class ReleaseAccounting:
         mechanism: Mapping[str, Any],
         details: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Compose ``event`` into every accountant, append the ledger line, and return it.
+        """Append the ledger line for ``event``, then compose it into every accountant; return the line.
+
+        The line's epsilons come from copies of the accountants that include ``event``; they replace
+        the accountants only once the line is on disk, so a failed write spends nothing.
 
         ``mechanism`` is the mechanism's :meth:`describe` output (its ``mode`` becomes the line's
         ``mechanism``); ``details`` adds who took part (cohort, contributors, dropouts...).
         """
-        for accountant in self.accountants.values():
-            accountant.compose(event)
+        after = {name: accountant.composed_with(event) for name, accountant in self.accountants.items()}
         entry: dict[str, Any] = {
             "round": round,
             "mechanism": str(mechanism.get("mode", "unknown")),
@@ -170,14 +183,10 @@ class ReleaseAccounting:
             "steps": event.steps,
             "clip_norm": mechanism.get("clip_norm"),
             "delta": self.delta,
-            "epsilon": {name: epsilon_to_json(value) for name, value in self.epsilon().items()},
+            "epsilon": {name: epsilon_to_json(accountant.epsilon(self.delta)) for name, accountant in after.items()},
             **dict(details or {}),
         }
-        try:
-            self.ledger.append(entry)
-        except BaseException:
-            for accountant in self.accountants.values():
-                accountant._history.pop()  # the release did not happen: nothing was spent
-            raise
+        self.ledger.append(entry)  # if this raises, the release does not happen and nothing is spent
+        self.accountants = after
         self.releases += 1
         return entry

@@ -63,21 +63,27 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _privacy_summary(epsilon: dict[str, float], delta: float, report: Path | None) -> str:
-    """One line: epsilon per accountant (``inf`` means no guarantee) and where the report is."""
+def _epsilon_text(epsilon: dict[str, float], delta: float) -> str:
+    """``epsilon at delta=D: rdp X, prv Y`` (``inf`` means no guarantee)."""
     spent = ", ".join(f"{name} {value:.4g}" for name, value in epsilon.items()) or "nothing released"
+    return f"epsilon at delta={delta:g}: {spent}"
+
+
+def _privacy_summary(epsilon: dict[str, float], delta: float, report: Path | None) -> str:
+    """One line: epsilon per accountant and where the report is."""
     note = " (no differential privacy)" if any(v == float("inf") for v in epsilon.values()) else ""
-    return f"privacy: epsilon at delta={delta:g}: {spent}{note}; report: {report if report else 'not written'}"
+    return f"privacy: {_epsilon_text(epsilon, delta)}{note}; report: {report if report else 'not written'}"
 
 
 def _audit(args: argparse.Namespace) -> int:
     from secure_fl.audit import audit
 
     report = audit(args.run_dir)
-    final = report.data["epsilon"]["final"]
-    shown = ", ".join(f"{k} {'inf' if v is None else f'{v:.4g}'}" for k, v in final.items())
+    from privacy.ledger import epsilon_from_json
+
+    final = {name: epsilon_from_json(value) for name, value in report.data["epsilon"]["final"].items()}
     warnings = report.data["warnings"]
-    print(f"epsilon at delta={report.data['mechanism']['delta']:g}: {shown}; {len(warnings)} warning(s)")
+    print(f"{_epsilon_text(final, report.data['mechanism']['delta'])}; {len(warnings)} warning(s)")
     for warning in warnings:
         print(f"  [{warning['severity']}] {warning['message']}")
     print(f"wrote {report.json_path}\nwrote {report.html_path}")

@@ -17,7 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from privacy.errors import PrivacyError
 
@@ -82,11 +82,15 @@ class Accountant(ABC):
             return math.inf
         return float(self._epsilon(_merged(self._history), delta))
 
+    def composed_with(self, event: GaussianEvent) -> Self:
+        """A copy with the same settings whose history also holds ``event``; ``self`` is unchanged."""
+        trial = copy.copy(self)
+        trial._history = [*self._history, event]
+        return trial
+
     def would_exceed(self, event: GaussianEvent, *, epsilon_budget: float, delta: float) -> bool:
         """Whether composing ``event`` would push epsilon above ``epsilon_budget`` (no side effect)."""
-        trial = copy.copy(self)  # same settings, its own history list
-        trial._history = [*self._history, event]
-        return trial.epsilon(delta) > epsilon_budget
+        return self.composed_with(event).epsilon(delta) > epsilon_budget
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot of the history."""

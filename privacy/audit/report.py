@@ -146,8 +146,9 @@ def _clients(
         row(str(client))
     for entry in ledger:
         for client in entry.get("contributors", []):
-            row(str(client))["rounds_contributed"] += 1
-            row(str(client))["_releases"].append(int(entry["round"]))
+            contributor = row(str(client))
+            contributor["rounds_contributed"] += 1
+            contributor["_releases"].append(int(entry["round"]))
     for m in metrics:
         for client in m.get("selected", []):
             row(str(client))["rounds_selected"] += 1
@@ -186,13 +187,24 @@ def _client_epsilon(
     return out
 
 
-def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any]) -> list[dict[str, str]]:
+def _secure_mode(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any], bool]:
+    """The secure stage's name, its parameters, and whether the server sees individual updates
+    (assumed when the stage does not say otherwise)."""
     secure = dict(stages.get("secure", {}))
     params = dict(secure.get("params", {}))
-    mode = str(secure.get("name", "unknown"))
-    dp = mechanism.get("guarantee", "none") not in (None, "none")
-    dp_text = f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})" if dp else "nothing: no differential privacy"
-    if params.get("server_sees_individual_updates", True):
+    return str(secure.get("name", "unknown")), params, bool(params.get("server_sees_individual_updates", True))
+
+
+def _no_dp(mechanism: Mapping[str, Any]) -> bool:
+    return mechanism.get("guarantee", "none") in (None, "none")
+
+
+def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any]) -> list[dict[str, str]]:
+    mode, params, reveals = _secure_mode(stages)
+    dp_text = "nothing: no differential privacy" if _no_dp(mechanism) else (
+        f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})"
+    )
+    if reveals:
         server_sees = "each client's individual update (every adapter tensor it sends)"
         server_protection = f"nothing: secure.mode = {mode} reveals individual updates"
     else:
@@ -208,7 +220,7 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         rows.append({
             "party": "network observer",
             "sees": "everything the server receives and sends (the gRPC channel has no TLS configured)",
-            "protected_by": "nothing on the wire; " + ("updates are encrypted or masked" if not params.get("server_sees_individual_updates", True) else "updates travel in the clear"),
+            "protected_by": "nothing on the wire; " + ("updates travel in the clear" if reveals else "updates are encrypted or masked"),
         })
     return rows
 
@@ -218,12 +230,12 @@ def _warnings(
     config: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]],
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
-    if mechanism.get("guarantee", "none") in (None, "none"):
+    mode, _, reveals = _secure_mode(stages)
+    if _no_dp(mechanism):
         out.append(_warn("dp-off", "high", f"privacy.mode = {mechanism.get('mode')}: no differential-privacy guarantee; "
                          "epsilon is unbounded and the released adapter may reveal clients' training data"))
-    if dict(dict(stages.get("secure", {})).get("params", {})).get("server_sees_individual_updates", True):
-        out.append(_warn("server-sees-updates", "high", f"secure.mode = {dict(stages.get('secure', {})).get('name')}: "
-                         "the server sees every client's individual update"))
+    if reveals:
+        out.append(_warn("server-sees-updates", "high", f"secure.mode = {mode}: the server sees every client's individual update"))
     if run.get("transport") == "grpc":
         out.append(_warn("no-tls", "medium", "the gRPC transport is unencrypted: anyone on the network path sees what the server sees"))
     if dict(stages.get("defense", {})).get("name") == "none":
