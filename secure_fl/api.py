@@ -31,7 +31,7 @@ from secure_fl.client.trainer import LocalTrainer
 from secure_fl.config import Config
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.progress import ProgressObserver
-from secure_fl.server.engine import FederatedServer, RunResult
+from secure_fl.server.engine import BackgroundRun, FederatedServer, RunResult
 from secure_fl.transport.grpc_client import GrpcTransport
 from secure_fl.transport.grpc_server import GrpcServer
 from secure_fl.workload import Workload
@@ -71,8 +71,7 @@ class Server:
         self.federated = FederatedServer(config, out_dir, observer=observer, workload=workload, eval_dataset=eval_dataset)
         self._bind = address
         self._grpc: GrpcServer | None = None
-        self._thread: threading.Thread | None = None
-        self._outcome: dict[str, Any] = {}
+        self._rounds: BackgroundRun | None = None
 
     @property
     def run_id(self) -> str:
@@ -89,32 +88,21 @@ class Server:
     def start(self) -> Server:
         """Start listening and running rounds (returns at once)."""
         self._grpc = GrpcServer(self.federated.coordinator, self._bind).start()
-
-        def run() -> None:
-            try:
-                self._outcome["result"] = self.federated.run()
-            except BaseException as exc:  # handed to wait()
-                self._outcome["error"] = exc
-
-        self._thread = threading.Thread(target=run, name="secure-fl-rounds", daemon=True)
-        self._thread.start()
+        self._rounds = BackgroundRun(self.federated)
         return self
 
     def wait(self, timeout: float | None = None, *, linger: float = 5.0) -> RunResult:
         """Block until the run ends, keep answering FINISHED for up to ``linger`` seconds, stop."""
-        if self._thread is None:
+        if self._rounds is None:
             raise RunError("the server is not started")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        self._rounds.join(timeout)
+        if self._rounds.is_alive():
             raise RunError(f"the run did not finish within {timeout} s")
         deadline = time.monotonic() + linger
         while self.federated.coordinator.active_clients() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.stop()
-        if "error" in self._outcome:
-            raise self._outcome["error"]
-        result: RunResult = self._outcome["result"]
-        return result
+        return self._rounds.result()
 
     def stop(self) -> None:
         """Stop the run (if still going) and the gRPC server."""

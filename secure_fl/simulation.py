@@ -7,7 +7,6 @@ model instance to save memory, poll and train one after another in the calling t
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,7 +22,7 @@ from secure_fl.config import Config
 from secure_fl.data.sources import client_partitions, load_splits
 from secure_fl.errors import ConfigError
 from secure_fl.progress import ProgressObserver
-from secure_fl.server.engine import FederatedServer, RoundObserver, RunResult, new_run_id
+from secure_fl.server.engine import BackgroundRun, FederatedServer, RoundObserver, RunResult, new_run_id
 from secure_fl.transport.inprocess import InProcessTransport
 from secure_fl.workload import Workload
 
@@ -116,18 +115,9 @@ def simulate(
         client.join()
         clients.append(client)
 
-    outcome: dict[str, object] = {}
-
-    def serve() -> None:
-        try:
-            outcome["result"] = server.run()
-        except BaseException as exc:  # re-raised in the caller's thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=serve, name="secure-fl-server", daemon=True)
-    thread.start()
+    rounds = BackgroundRun(server, name="secure-fl-server")
     try:
-        while thread.is_alive() and not all(c.finished for c in clients):
+        while rounds.is_alive() and not all(c.finished for c in clients):
             trained = False
             for client in clients:
                 if not client.finished and client.step() == "trained":
@@ -136,11 +126,9 @@ def simulate(
                 time.sleep(0.01)
     except BaseException:
         server.coordinator.finish("simulation aborted")
-        thread.join(timeout=30)
+        rounds.join(timeout=30)
         raise
-    thread.join()
+    rounds.join()
     for client in clients:
         client.leave()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
+    return rounds.result()  # re-raises the server's exception in the caller's thread

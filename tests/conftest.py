@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from secure_fl.config import Config, load_preset
-from secure_fl.server.engine import FederatedServer, RunResult
+from secure_fl.server.engine import BackgroundRun, FederatedServer, RunResult
 from secure_fl.transport.grpc_server import GrpcServer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -29,19 +28,16 @@ class RunningServer:
 
     server: FederatedServer
     grpc: GrpcServer
-    thread: threading.Thread
-    outcome: dict[str, Any] = field(default_factory=dict)
+    rounds: BackgroundRun
 
     @property
     def address(self) -> str:
         return self.grpc.address
 
     def result(self, timeout: float = 120.0) -> RunResult:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "server did not finish in time"
-        if "error" in self.outcome:
-            raise self.outcome["error"]
-        return self.outcome["result"]
+        self.rounds.join(timeout)
+        assert not self.rounds.is_alive(), "server did not finish in time"
+        return self.rounds.result()
 
 
 @pytest.fixture
@@ -52,16 +48,7 @@ def grpc_server(tmp_path: Path) -> Iterator[Any]:
     def start(config: Config) -> RunningServer:
         server = FederatedServer(config, tmp_path / f"run{len(started)}")
         grpc = GrpcServer(server.coordinator, "127.0.0.1:0").start()
-        running = RunningServer(server, grpc, threading.Thread(daemon=True))
-
-        def serve() -> None:
-            try:
-                running.outcome["result"] = server.run()
-            except BaseException as exc:  # surfaced by RunningServer.result()
-                running.outcome["error"] = exc
-
-        running.thread = threading.Thread(target=serve, daemon=True)
-        running.thread.start()
+        running = RunningServer(server, grpc, BackgroundRun(server))
         started.append(running)
         return running
 

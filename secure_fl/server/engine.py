@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -327,6 +328,44 @@ class FederatedServer:
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
+
+
+class BackgroundRun:
+    """:meth:`FederatedServer.run` in a daemon thread, started at construction.
+
+    :meth:`result` hands the outcome to the caller's thread: the :class:`RunResult`, or the run's
+    own exception re-raised, so a failed run is never mistaken for a finished one.
+    """
+
+    def __init__(self, server: FederatedServer, *, name: str = "secure-fl-rounds") -> None:
+        self._server = server
+        self._result: RunResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._server.run()
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def is_alive(self) -> bool:
+        """Whether the rounds are still running."""
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the rounds to end (at most ``timeout`` seconds)."""
+        self._thread.join(timeout)
+
+    def result(self) -> RunResult:
+        """The run's result; re-raises the run's exception. Call after the thread ended."""
+        if self._thread.is_alive():
+            raise RunError("the run is still going; join() it first")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
