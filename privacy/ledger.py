@@ -6,7 +6,7 @@ release as a Gaussian event (``noise_multiplier``, ``sample_rate``, ``steps``) p
 and ``epsilon``: the cumulative spend after this round per accountant at ``delta``. ``null``
 means unbounded: the release had no differential-privacy guarantee.
 
-Replaying the events of a ledger (:meth:`PrivacyLedger.replay`) rebuilds every accountant, so
+Replaying the events of a ledger (`PrivacyLedger.replay`) rebuilds every accountant, so
 the ledger alone is the source of truth; the epsilons in it are there for humans and reports.
 """
 
@@ -36,7 +36,7 @@ def epsilon_to_json(value: float) -> float | None:
 
 
 def epsilon_from_json(value: float | None) -> float:
-    """Inverse of :func:`epsilon_to_json`."""
+    """Inverse of `epsilon_to_json`."""
     return math.inf if value is None else float(value)
 
 
@@ -154,7 +154,7 @@ class ReleaseAccounting:
         self.releases = ledger.replay(self.accountants.values())
 
     def epsilon(self) -> dict[str, float]:
-        """Cumulative epsilon per accountant at :attr:`delta` (``math.inf``: unbounded)."""
+        """Cumulative epsilon per accountant at `delta` (``math.inf``: unbounded)."""
         return {name: accountant.epsilon(self.delta) for name, accountant in self.accountants.items()}
 
     def record(
@@ -170,7 +170,7 @@ class ReleaseAccounting:
         The line's epsilons come from copies of the accountants that include ``event``; they replace
         the accountants only once the line is on disk, so a failed write spends nothing.
 
-        ``mechanism`` is the mechanism's :meth:`describe` output (its ``mode`` becomes the line's
+        ``mechanism`` is the mechanism's `describe` output (its ``mode`` becomes the line's
         ``mechanism``); ``details`` adds who took part (cohort, contributors, dropouts...).
         """
         after = {name: accountant.composed_with(event) for name, accountant in self.accountants.items()}

@@ -33,7 +33,7 @@ class AuditReport:
 def audit(run_dir: str | Path) -> AuditReport:
     """Build and write the privacy audit report of the run in ``run_dir``.
 
-    Raises :class:`~secure_fl.errors.RunError` naming the file when the directory is not a run
+    Raises `RunError` naming the file when the directory is not a run
     directory or one of its files is unreadable (a damaged ledger is never papered over).
     """
     path = Path(run_dir)

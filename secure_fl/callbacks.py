@@ -1,7 +1,7 @@
 """Per-round hooks: log to your tracker, stop early, watch cohorts.
 
-Pass callbacks to :func:`secure_fl.simulate` or :class:`secure_fl.Server`. A callback is either a
-:class:`Callback` subclass or a plain function ``fn(record) -> bool | None`` called after every
+Pass callbacks to `secure_fl.simulate` or `secure_fl.Server`. A callback is either a
+`Callback` subclass or a plain function ``fn(record) -> bool | None`` called after every
 round with that round's metrics record (the same dict as a ``metrics.jsonl`` line). Returning
 ``True`` from ``on_round_end`` stops the run after that round.
 """

@@ -1,7 +1,7 @@
 """Exceptions raised to users of secure-fl.
 
 Every message says what is wrong and what to do about it. Errors from the lower packages keep
-their own trees (:mod:`protocols.errors`, :mod:`privacy.errors`, :mod:`robustness.errors`).
+their own trees (`protocols.errors`, `privacy.errors`, `robustness.errors`).
 """
 
 from __future__ import annotations

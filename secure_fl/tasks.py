@@ -1,7 +1,7 @@
 """Training tasks: how examples become model inputs, how a step's loss is computed, how a model
 is evaluated. ``[model] task`` selects one; sequence classification is built in.
 
-A task tokenises a dataset once (:meth:`Task.encode`), then local training draws batches from
+A task tokenises a dataset once (`Task.encode`), then local training draws batches from
 the encoded tensors. A causal-LM instruction-tuning task fits the same three methods (encode
 prompts and responses with the prompt masked out of the labels, loss from the model's output,
 evaluation by perplexity); it is not shipped yet.

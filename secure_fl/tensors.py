@@ -1,7 +1,7 @@
 """Flat views of adapter state: name -> array dicts to ``(d,)`` vectors and back.
 
 Defenses and aggregation rules work on one ``(n, d)`` float32 matrix (vectorised, no Python loop
-over parameters); the wire and the model work on named tensors. :class:`Layout` is the fixed,
+over parameters); the wire and the model work on named tensors. `Layout` is the fixed,
 ordered mapping between the two.
 """
 

@@ -105,9 +105,9 @@ def test_page_with_finite_epsilon_has_plots_and_numbers() -> None:
     assert 'class="high-box"' in page and "sev-high" in page and "sev-medium" in page and "sev-info" in page
     high_box = page.split('class="high-box"', 1)[1].split("</div>", 1)[0]
     assert "secagg-plain" in high_box and "small-cohort" not in high_box
-    # stages: plug-in classes, built-in vs user, compact JSON params
+    # stages: plug-in classes, built-in vs user, one "key = compact JSON" per parameter
     assert "user_pkg.attacks.MyAttack" in page and "user plug-in" in page and "built-in" in page
-    assert "{&quot;scale&quot;:[1,2]}" in page
+    assert "<div><code>scale = [1,2]</code></div>" in page
     # mechanism: lists joined, None as a dash not needed here
     assert "rdp, prv" in page
     assert "No client was excluded by a defense." not in page

@@ -16,6 +16,8 @@ from safetensors.numpy import load_file
 
 import secure_fl
 from privacy.ledger import PrivacyLedger
+from secure_fl.audit import audit as audit_run_dir
+from secure_fl.simulation import simulate
 from secure_fl.models import load_adapter
 from tests.conftest import smoke_config
 
@@ -137,3 +139,87 @@ def test_cli_audit_rebuilds_the_report_and_refuses_damage(tmp_path: Path) -> Non
     done = _cli("audit", str(tmp_path / "nowhere"))
     assert done.returncode == 1 and "is not a run directory: config.toml is missing" in done.stderr, done.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def _append_interrupted_round(run_dir: Path, number: int, selected: list[str], trained: list[str]) -> None:
+    """What the round engine writes for a round cut short by Ctrl-C: a metrics record, no ledger line."""
+    record = {
+        "round": number, "status": "interrupted", "reason": "interrupted by the user (Ctrl-C)",
+        "clients": len(trained), "cohort": len(selected), "selected": selected,
+        "dropped": sorted(set(selected) - set(trained)), "accuracy": None, "stages": {},
+    }
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "interrupted": True}))
+
+
+def test_an_interrupted_run_is_reported_and_its_last_round_not_released(tmp_path: Path) -> None:
+    simulate(smoke_config("run.rounds=3"), tmp_path, progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # round 3 never finished ...
+    ledger = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    (tmp_path / "ledger.jsonl").write_text("\n".join(ledger[:2]) + "\n")  # ... and released nothing
+    clients = ["client-0", "client-1", "client-2", "client-3"]
+    _append_interrupted_round(tmp_path, 3, clients, trained=["client-0"])
+    report = audit_run_dir(tmp_path).data
+    warning = next(w for w in report["warnings"] if w["code"] == "run-interrupted")
+    assert warning["severity"] == "high" and "run interrupted in round 3" in warning["message"]
+    assert "Ctrl-C" in warning["message"] and "failed-rounds" not in {w["code"] for w in report["warnings"]}
+    run = report["run"]
+    assert run["interrupted"] is True and run["rounds_completed"] == 2 and run["rounds_interrupted"] == 1
+    assert run["rounds_failed"] == 0 and report["mechanism"]["releases"] == 2
+    for row in report["clients"]:  # selected in round 3 but not dropped out: the run stopped
+        assert (row["rounds_selected"], row["rounds_contributed"], row["rounds_dropped"]) == (3, 2, 0)
+        assert row["rounds_interrupted"] == 1
+    page = (tmp_path / "report" / "privacy_report.html").read_text(encoding="utf-8")
+    high_box = page.split('class="high-box"', 1)[1].split("</div>", 1)[0]
+    assert "run-interrupted" in high_box and "Run interrupted" in page and "(run interrupted)" in page
+    clients_table = page.split(">Clients<", 1)[1].split("</table>", 1)[0]
+    assert "<th>interrupted</th>" in clients_table
+
+
+def _handcrafted_run(run_dir: Path, metrics: list[dict[str, Any]], ledger: list[dict[str, Any]], **info: Any) -> Path:
+    """A run directory written by hand: DP off, plain aggregation, in-process transport."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(
+        '[run]\nrounds = 3\n[privacy]\nmode = "none"\ndelta = 1e-05\naccountants = ["rdp"]\n', encoding="utf-8"
+    )
+    stages = {"secure": {"name": "plain", "params": {"server_sees_individual_updates": True}},
+              "privacy": {"name": "none", "params": {"guarantee": "none"}}}
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "hand", "transport": "in-process", "stages": stages, **info}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run_dir / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
+    return run_dir
+
+
+def test_clients_that_never_contributed_show_no_epsilon_number(tmp_path: Path) -> None:
+    release = {"round": 1, "mechanism": "none", "guarantee": "none", "noise_multiplier": 0.0, "sample_rate": 0.5,
+               "steps": 1, "clip_norm": None, "delta": 1e-5, "epsilon": {"rdp": None}, "run_id": "hand",
+               "cohort": ["a", "b"], "contributors": ["a"], "dropouts": ["b"], "excluded": []}
+    metrics = [
+        {"round": 1, "status": "ok", "selected": ["a", "b"], "dropped": ["b"], "excluded": [], "accuracy": 0.5},
+        {"round": 2, "status": "interrupted", "reason": "Ctrl-C", "selected": ["c"], "dropped": ["c"]},
+    ]
+    run_dir = _handcrafted_run(tmp_path / "run", metrics, [release])
+    report = audit_run_dir(run_dir).data
+    rows = {row["client_id"]: row for row in report["clients"]}
+    assert rows["b"]["rounds_dropped"] == 1 and rows["c"]["rounds_dropped"] == 0  # c was cut short, not dropped
+    assert report["run"]["interrupted"] is True  # from metrics alone; run.json does not say it
+    page = (run_dir / "report" / "privacy_report.html").read_text(encoding="utf-8")
+    table = page.split(">Clients<", 1)[1].split("</table>", 1)[0]
+    row_b = table.split("<td>b</td>", 1)[1].split("</tr>", 1)[0]
+    row_c = table.split("<td>c</td>", 1)[1].split("</tr>", 1)[0]
+    for row in (row_b, row_c):
+        assert "0.0000" not in row and "not released" in row and "no guarantee" not in row
+    row_a = table.split("<td>a</td>", 1)[1].split("</tr>", 1)[0]
+    assert "∞ (no guarantee)" in row_a
+
+
+def test_run_json_alone_marks_a_run_interrupted(tmp_path: Path) -> None:
+    metrics = [{"round": 1, "status": "ok", "selected": ["a"], "dropped": [], "excluded": []}]
+    release = {"round": 1, "mechanism": "none", "guarantee": "none", "noise_multiplier": 0.0, "sample_rate": 1.0,
+               "steps": 1, "clip_norm": None, "delta": 1e-5, "epsilon": {"rdp": None}, "contributors": ["a"]}
+    report = audit_run_dir(_handcrafted_run(tmp_path / "run", metrics, [release], interrupted=True)).data
+    assert report["run"]["interrupted"] is True and report["run"]["rounds_interrupted"] == 0
+    assert [w["severity"] for w in report["warnings"] if w["code"] == "run-interrupted"] == ["high"]

@@ -1,4 +1,4 @@
-"""Tests of the plug-in registries, the FedIT rule, :class:`Layout` and plain aggregation."""
+"""Tests of the plug-in registries, the FedIT rule, `Layout` and plain aggregation."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The accountant interface: immutable privacy events in, (epsilon, delta) out.
 
-A release of the sampled Gaussian mechanism is a :class:`GaussianEvent` (noise multiplier z,
+A release of the sampled Gaussian mechanism is a `GaussianEvent` (noise multiplier z,
 sampling rate q, number of steps). An accountant composes events and answers "how much has been
 spent at this delta?". An event with ``noise_multiplier == 0`` is a release without noise: it has
 no differential-privacy guarantee, and every accountant then reports an unbounded epsilon
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Self
 
 from privacy.errors import PrivacyError
 
-#: Version of :meth:`Accountant.state_dict`; bumped when its layout changes.
+#: Version of `Accountant.state_dict`; bumped when its layout changes.
 STATE_SCHEMA_VERSION = 1
 
 
@@ -50,9 +50,9 @@ class GaussianEvent:
 
 
 class Accountant(ABC):
-    """Composes :class:`GaussianEvent` releases and reports epsilon at a given delta.
+    """Composes `GaussianEvent` releases and reports epsilon at a given delta.
 
-    Subclasses implement :meth:`_epsilon` for a non-empty history of noisy events; the base class
+    Subclasses implement `_epsilon` for a non-empty history of noisy events; the base class
     handles the empty history (epsilon 0) and noiseless releases (epsilon infinite).
     """
 
@@ -101,7 +101,7 @@ class Accountant(ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the history with a snapshot from :meth:`state_dict`."""
+        """Replace the history with a snapshot from `state_dict`."""
         if state.get("schema_version") != STATE_SCHEMA_VERSION:
             raise PrivacyError(
                 f"accountant {self.name!r}: state schema_version {state.get('schema_version')!r} is not "

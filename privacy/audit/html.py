@@ -3,36 +3,37 @@
 The page is self-contained so it can be archived with a run or sent to a reviewer: no external
 links, scripts, fonts or images; plots are embedded PNG data URIs, styling is inline CSS. Client
 ids come from the network and plug-in names from user configuration, so every string from the
-report is HTML-escaped. Missing optional sections are skipped, not treated as errors. matplotlib
-is imported lazily and used without pyplot (a private Agg canvas per figure), so importing this
-module stays cheap and rendering never touches the caller's backend.
+report is HTML-escaped. Missing optional sections are skipped, not treated as errors. The charts
+come from `privacy.audit.plots` (matplotlib without pyplot, imported lazily). The layout fits a
+1280 px window: long values wrap inside their cells (``scripts/screenshot_report.py`` checks it in
+a real browser).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from privacy.audit.plots import clients_plot, line_plot
 
 __all__ = ["render_html"]
 
 _MAX_PLOTTED_CLIENTS = 60
 _UNBOUNDED = "∞ (no guarantee)"
 _MISSING = "—"
+_NOT_RELEASED = "— (not released)"
 _SEVERITIES = ("high", "medium", "info")
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; overflow-wrap: break-word; }
 h2 { border-bottom: 1px solid #ccc; } .meta, .caption { color: #555; } img { max-width: 100%; }
-table { border-collapse: collapse; margin: .5em 0 1em; } th { background: #f2f2f2; }
+table { border-collapse: collapse; margin: .5em 0 1em; max-width: 100%; } th { background: #f2f2f2; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { white-space: nowrap; } .wrap { overflow-wrap: anywhere; }
+.banner { border: 2px solid #c62828; background: #fdecea; color: #c62828; font-weight: bold; padding: .5em 1em; }
 .high-box { border: 2px solid #c62828; background: #fdecea; padding: .3em 1em; margin: .5em 0; }
 .severity { font-weight: bold; text-transform: uppercase; margin-right: .5em; }
 .sev-high .severity, .unbounded { color: #c62828; font-weight: bold; } .sev-medium .severity { color: #e65100; }
@@ -54,7 +55,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     str
         The page, starting with ``<!DOCTYPE html>``. It references nothing outside itself
         (plots are ``data:image/png;base64`` URIs, no JavaScript) and every string taken from
-        the report is escaped with :func:`html.escape`, because client ids come from the network.
+        the report is escaped with `html.escape`, because client ids come from the network.
     """
     run = _mapping(report.get("run"))
     accountants = _accountants(report)
@@ -162,17 +163,30 @@ def _accountants(report: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], code_cols: Sequence[int] = ()) -> str:
-    """An HTML table; every cell is escaped here, cells in ``code_cols`` are wrapped in ``<code>``."""
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], code_cols: Sequence[int] = (),
+    html_cols: Sequence[int] = (),
+) -> str:
+    """An HTML table; every cell is escaped here, cells in ``code_cols`` are wrapped in ``<code>``.
+
+    Cells in ``html_cols`` are inserted as they are: the caller must have escaped them.
+    """
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     body = []
     for row in rows:
         cells = "".join(
-            f"<td><code>{_esc(c)}</code></td>" if i in code_cols else f"<td>{_esc(c)}</td>"
+            f'<td class="wrap">{c}</td>' if i in html_cols
+            else f"<td{_wrap(c)}><code>{_esc(c)}</code></td>" if i in code_cols else f"<td{_wrap(c)}>{_esc(c)}</td>"
             for i, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+
+
+def _wrap(cell: object, longest: int = 24) -> str:
+    """`` class="wrap"`` (break anywhere) for a cell holding a word longer than ``longest``
+    characters, which would otherwise widen its table past the page; short words never break."""
+    return ' class="wrap"' if any(len(word) > longest for word in str(cell).split()) else ""
 
 
 def _section(title: str, body: str) -> str:
@@ -185,90 +199,27 @@ def _img(png_b64: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{png_b64}" alt="{_esc(alt)}">'
 
 
-def _new_figure(width: float = 6.0, height: float = 3.0) -> Figure:
-    """A small standalone figure with its own Agg canvas.
-
-    ``Figure`` is used without pyplot, so rendering a report never changes the caller's
-    matplotlib backend or leaves figures open in a notebook.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Figure) -> str:
-    """Save ``fig`` as PNG (no software metadata) and return the base64 text."""
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _plot_label(text: object, limit: int = 24) -> str:
-    """A client id shortened for a plot axis, with ``$`` escaped so matplotlib does no mathtext."""
-    label = str(text)
-    label = label if len(label) <= limit else label[: limit - 1] + "…"
-    return label.replace("$", r"\$")
-
-
-def _line_plot(series: Mapping[str, tuple[list[float], list[float]]], ylabel: str) -> str:
-    """A line plot, one line per named series of (rounds, values); returns base64 PNG."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=_plot_label(name))
-    ax.set(xlabel="round", ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend()
-    return _png(fig)
-
-
-def _clients_plot(clients: Sequence[Mapping[str, Any]]) -> str:
-    """A stacked horizontal bar per client: rounds aggregated, excluded by the defense, dropped.
-
-    An excluded update was still contributed (the defense looked at it), so the bar shows
-    ``contributed - excluded`` as aggregated.
-    """
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _new_figure(6.0, max(3.0, 0.2 * len(clients) + 1.0))
-    ax = fig.add_subplot()
-    ys = list(range(len(clients)))
-    counts = {k: [_num(c.get(f"rounds_{k}")) or 0.0 for c in clients] for k in ("contributed", "excluded", "dropped")}
-    parts = (
-        ("aggregated", [max(a - b, 0.0) for a, b in zip(counts["contributed"], counts["excluded"])], "#2e7d32"),
-        ("excluded by defense", counts["excluded"], "#c62828"),
-        ("dropped", counts["dropped"], "#f9a825"),
-    )
-    left = [0.0] * len(clients)
-    for label, widths, colour in parts:
-        ax.barh(ys, widths, left=left, color=colour, label=label)
-        left = [a + b for a, b in zip(left, widths)]
-    ax.set_yticks(ys, [_plot_label(c.get("client_id", "?")) for c in clients], fontsize=7)
-    ax.margins(y=0.01)
-    ax.invert_yaxis()
-    ax.set(xlabel="rounds")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    return _png(fig)
-
-
 def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountants: Sequence[str]) -> str:
     """Title, run metadata and the one-line summary (rounds, clients, accuracy, final epsilon)."""
     run_id, run_dir = (_esc(_fmt(run.get(k))) for k in ("run_id", "run_dir"))
     generated = _esc(_fmt(report.get("generated_at")))
-    meta = f'<p class="meta">Run <code>{run_id}</code> · generated {generated} · run dir <code>{run_dir}</code></p>'
+    generator = _mapping(report.get("generator"))
+    version = f' by {_esc(generator.get("name", "secure-fl"))} {_esc(_fmt(generator.get("version")))}' if generator else ""
+    meta = (
+        f'<p class="meta">Run <code>{run_id}</code> · generated {generated}{version} · '
+        f'run dir <code>{run_dir}</code></p>'
+    )
     n_clients = len(_seq(run.get("clients")) or _seq(report.get("clients")))
     rounds = f"{_fmt(run.get('rounds_completed'))}/{_fmt(run.get('rounds_planned'))}"
     if _num(run.get("rounds_failed")):
         rounds += f" ({_fmt(run.get('rounds_failed'))} failed)"
+    banner = ""
+    if run.get("interrupted") is True:
+        rounds += " (run interrupted)"
+        banner = (
+            '\n<p class="banner">Run interrupted: it stopped before its planned rounds. '
+            "Only the rounds before the interruption released anything; see the warnings.</p>"
+        )
     accuracy = _num(run.get("final_accuracy"))
     final = _mapping(_mapping(report.get("epsilon")).get("final"))
     delta = _mapping(report.get("mechanism")).get("delta")
@@ -280,7 +231,7 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
         f"Final ε at δ = {_fmt(delta)}: {eps or _MISSING}",
     ]
     summary = " · ".join(_esc(p) for p in parts)
-    return f'<h1>Privacy audit report</h1>\n{meta}\n<p class="summary">{summary}</p>'
+    return f'<h1>Privacy audit report</h1>\n{meta}{banner}\n<p class="summary">{summary}</p>'
 
 
 def _warnings_section(warnings: Sequence[Any]) -> str:
@@ -326,9 +277,18 @@ def _stages_section(stages: Mapping[str, Any]) -> str:
         entry = _mapping(info)
         builtin = entry.get("builtin")
         kind = _MISSING if builtin is None else ("built-in" if builtin else "user plug-in")
-        rows.append([stage, *_cells(entry, ("name", "plugin")), kind, _json(entry.get("params", {}))])
-    headers = ["stage", "name", "plug-in class", "built-in or user plug-in", "params"]
-    return _section("Pipeline stages", _table(headers, rows, code_cols=(2, 4)))
+        rows.append([stage, *_cells(entry, ("name", "plugin")), kind, _params_html(entry.get("params"))])
+    headers = ["stage", "name", "plug-in class", "origin", "params"]
+    return _section("Pipeline stages", _table(headers, rows, code_cols=(2,), html_cols=(4,)))
+
+
+def _params_html(params: object) -> str:
+    """A stage's parameters, one escaped ``key = value`` per line (values as compact JSON), so the
+    column wraps between parameters instead of stretching the table past the window."""
+    entries = _mapping(params)
+    if not entries:
+        return _esc(_MISSING) if params is None or isinstance(params, Mapping) else f"<code>{_esc(_fmt(params))}</code>"
+    return "".join(f"<div><code>{_esc(key)} = {_esc(_json(value))}</code></div>" for key, value in sorted(entries.items()))
 
 
 def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> str:
@@ -342,7 +302,7 @@ def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> 
         if xs:
             series[name] = (xs, ys)
     if series:
-        body = _img(_line_plot(series, "epsilon"), "Epsilon per round for each accountant")
+        body = _img(line_plot(series, "epsilon"), "Epsilon per round for each accountant")
     else:
         body = '<p class="unbounded">No differential-privacy guarantee: epsilon is unbounded in every round.</p>'
     rows = [[_fmt(r.get("round")), *_eps_cells(r, accountants)] for r in by_round]
@@ -355,14 +315,18 @@ def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
     entries = [_mapping(c) for c in clients]
     if not entries:
         return _section("Clients", "<p>No client took part.</p>")
-    keys = ("rounds_selected", "rounds_contributed", "rounds_dropped", "rounds_excluded")
-    rows = [[*_cells(c, ("client_id", *keys)), *_eps_cells(c, accountants)] for c in entries]
-    headers = ["client", "selected", "contributed", "dropped", "excluded", *[f"ε ({n})" for n in accountants]]
+    keys = ["rounds_selected", "rounds_contributed", "rounds_dropped", "rounds_excluded"]
+    headers = ["client", "selected", "contributed", "dropped", "excluded"]
+    if any(_num(c.get("rounds_interrupted")) for c in entries):  # selected in a round cut short
+        keys.append("rounds_interrupted")
+        headers.append("interrupted")
+    rows = [[*_cells(c, ("client_id", *keys)), *_client_eps_cells(c, accountants)] for c in entries]
+    headers += [f"ε ({n})" for n in accountants]
     shown = entries[:_MAX_PLOTTED_CLIENTS]
     caption = "Rounds per client: aggregated, excluded by the defense, dropped"
     if len(entries) > len(shown):
         caption += f" (plot shows the first {len(shown)} of {len(entries)} clients; the table lists all)"
-    img = _img(_clients_plot(shown), caption)
+    img = _img(clients_plot(shown), caption)
     figure = f'<figure>\n{img}\n<figcaption class="caption">{_esc(caption)}.</figcaption>\n</figure>'
     note = (
         '<p class="caption">Per-client ε composes only the releases the client\'s update was part of, each '
@@ -371,6 +335,14 @@ def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
         "selection.</p>"
     )
     return _section("Clients", note + "\n" + _table(headers, rows) + "\n" + figure)
+
+
+def _client_eps_cells(client: Mapping[str, Any], accountants: Sequence[str]) -> list[str]:
+    """A client's epsilon cells; a client none of whose updates was released shows "not released"
+    (not a number next to the run's "no guarantee", nor unbounded: nothing of it left the server)."""
+    if client.get("rounds_contributed") == 0:
+        return [_NOT_RELEASED for _ in accountants]
+    return _eps_cells(client, accountants)
 
 
 def _exclusions_section(exclusions: Sequence[Any]) -> str:
@@ -386,5 +358,5 @@ def _accuracy_section(accuracy: Sequence[Any]) -> str:
     xs, ys = _xy((_mapping(a).get("round"), _mapping(a).get("accuracy")) for a in accuracy)
     if not xs:
         return ""
-    png = _line_plot({"accuracy": (xs, ys)}, "accuracy")
+    png = line_plot({"accuracy": (xs, ys)}, "accuracy")
     return _section("Accuracy over rounds", _img(png, "Global model accuracy per round"))

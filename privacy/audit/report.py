@@ -14,7 +14,7 @@ selected (amplification by sampling needs that secrecy). The per-client epsilon 
 participation view, for an observer who knows who took part (the server does): it composes only
 the releases the client's update was part of, each with ``q = 1`` (no amplification), so a client
 that sat a round out spends nothing that round. With full participation the two coincide. The
-report's schema is ``secure-fl/privacy-report/v1``; :func:`privacy.audit.html.render_html` turns it
+report's schema is ``secure-fl/privacy-report/v1``; `privacy.audit.html.render_html` turns it
 into a self-contained page.
 """
 
@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections import Counter
+from importlib import metadata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from privacy.errors import PrivacyError
 from privacy.ledger import epsilon_to_json
 
 SCHEMA = "secure-fl/privacy-report/v1"
+DISTRIBUTION = "secure-fl"
 
 
 def build_report(
@@ -42,8 +44,16 @@ def build_report(
     metrics: Sequence[Mapping[str, Any]],
     ledger: Sequence[Mapping[str, Any]],
     run_dir: str | Path = "",
+    version: str | None = None,
 ) -> dict[str, Any]:
-    """The audit report as a JSON-serialisable dict (see the module docstring for the inputs)."""
+    """The audit report as a JSON-serialisable dict (see the module docstring for the inputs).
+
+    ``version`` is the secure-fl version shown in the report; by default the installed
+    distribution's (``privacy`` does not import ``secure_fl``, so it is read from package metadata).
+    A round whose metrics record has ``"status": "interrupted"`` (cut short, e.g. by Ctrl-C; it has
+    no ledger line) is never counted as released, and raises the ``run-interrupted`` warning, as
+    does ``"interrupted": true`` in ``run.json``.
+    """
     stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in dict(run.get("stages", {})).items()}
     privacy_cfg = dict(config.get("privacy", {}))
     delta = float(privacy_cfg.get("delta", ledger[-1]["delta"] if ledger else 1e-5))
@@ -81,16 +91,20 @@ def build_report(
     }
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
     completed = [m for m in metrics if m.get("status", "ok") == "ok"]
+    interrupted = [m for m in metrics if _is_interrupted(m)]
     return {
         "schema": SCHEMA,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "generator": {"name": DISTRIBUTION, "version": version or installed_version()},
         "run": {
             "run_id": run.get("run_id"),
             "run_dir": str(run_dir),
             "transport": run.get("transport"),
             "rounds_planned": int(dict(config.get("run", {})).get("rounds", len(metrics))),
             "rounds_completed": len(completed),
-            "rounds_failed": len(metrics) - len(completed),
+            "rounds_failed": len(metrics) - len(completed) - len(interrupted),
+            "rounds_interrupted": len(interrupted),
+            "interrupted": bool(interrupted) or bool(run.get("interrupted", False)),
             "clients": [row["client_id"] for row in clients],
             "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),
         },
@@ -120,6 +134,19 @@ def write_report(report: Mapping[str, Any], report_dir: str | Path) -> tuple[Pat
     return json_path, html_path
 
 
+def installed_version() -> str:
+    """The installed secure-fl distribution's version, or ``"unknown"`` when it is not installed."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _is_interrupted(record: Mapping[str, Any]) -> bool:
+    """Whether a metrics record is a round cut short (status ``interrupted``): nothing was released."""
+    return record.get("status") == "interrupted"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -139,7 +166,7 @@ def _clients(
     def row(client: str) -> dict[str, Any]:
         return rows.setdefault(client, {
             "client_id": client, "rounds_selected": 0, "rounds_contributed": 0,
-            "rounds_dropped": 0, "rounds_excluded": 0, "_releases": [],
+            "rounds_dropped": 0, "rounds_excluded": 0, "rounds_interrupted": 0, "_releases": [],
         })
 
     for client in run.get("clients", []):
@@ -152,6 +179,10 @@ def _clients(
     for m in metrics:
         for client in m.get("selected", []):
             row(str(client))["rounds_selected"] += 1
+        if _is_interrupted(m):  # selected clients of a cut-short round did not drop out
+            for client in m.get("selected", []):
+                row(str(client))["rounds_interrupted"] += 1
+            continue
         for client in m.get("dropped", []):
             row(str(client))["rounds_dropped"] += 1
         for client in m.get("excluded", []):
@@ -199,6 +230,13 @@ def _no_dp(mechanism: Mapping[str, Any]) -> bool:
     return mechanism.get("guarantee", "none") in (None, "none")
 
 
+#: What every client sends unprotected with its update under the current round engine.
+CLEAR_METADATA = (
+    "per-client metadata sent in the clear with every update: the client's example count (its "
+    "aggregation weight, also sent when it joins) and its training loss and local evaluation metrics"
+)
+
+
 def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any]) -> list[dict[str, str]]:
     mode, params, reveals = _secure_mode(stages)
     dp_text = "nothing: no differential privacy" if _no_dp(mechanism) else (
@@ -213,6 +251,7 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         server_protection = f"secure.mode = {mode}" + (f"; keys held by {params['key_custody']}" if params.get("key_custody") else "")
     rows = [
         {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},
+        {"party": "server", "sees": CLEAR_METADATA, "protected_by": "nothing, whatever secure.mode and privacy.mode are"},
         {"party": "other clients", "sees": "the global adapter of every round they take part in", "protected_by": dp_text},
         {"party": "anyone given the final adapter", "sees": "the released global adapter", "protected_by": dp_text},
     ]
@@ -244,7 +283,17 @@ def _warnings(
     if attack.get("kind", "none") != "none":
         out.append(_warn("simulated-attack", "info", f"simulated attackers: attack.kind = {attack['kind']}, "
                          f"fraction = {attack.get('fraction')}"))
-    failed = [int(m["round"]) for m in metrics if m.get("status", "ok") != "ok"]
+    cut = [m for m in metrics if _is_interrupted(m)]
+    if cut or run.get("interrupted"):
+        rounds = ", ".join(str(m.get("round", "?")) for m in cut)
+        reasons = sorted({str(m["reason"]) for m in cut if m.get("reason")})
+        out.insert(0, _warn(  # first: it qualifies every other number in the report
+            "run-interrupted", "high",
+            "run interrupted" + (f" in round {rounds}" if rounds else "") + (f" ({'; '.join(reasons)})" if reasons else "")
+            + ": the run stopped before its planned rounds; a cut-short round released nothing and is not counted "
+            "as released, and the report covers only the rounds before it",
+        ))
+    failed = [int(m["round"]) for m in metrics if m.get("status", "ok") not in ("ok", "interrupted")]
     if failed:
         out.append(_warn("failed-rounds", "info", f"round(s) {', '.join(map(str, failed))} failed and released nothing"))
     return out

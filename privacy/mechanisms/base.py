@@ -1,9 +1,9 @@
 """The interface of a differential-privacy mechanism in the round.
 
-A mechanism acts at two points: on the client, before encoding (:meth:`client_transform`: clip
+A mechanism acts at two points: on the client, before encoding (`client_transform`: clip
 and, in distributed mode, add a noise share), and on the server after aggregation
-(:meth:`server_transform`: central noise). :meth:`privacy_event` says what one release costs as a
-:class:`~privacy.accounting.GaussianEvent`; the server composes it into the configured accountants
+(`server_transform`: central noise). `privacy_event` says what one release costs as a
+`GaussianEvent`; the server composes it into the configured accountants
 and writes the result to the privacy ledger before the new global adapter is released.
 """
 

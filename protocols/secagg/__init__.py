@@ -2,7 +2,7 @@
 turns those messages into sums without seeing individual updates (except in ``plain`` mode).
 
 Each protocol is one file with a client half and a server half plus one line in
-:mod:`protocols.secagg.registry`.
+`protocols.secagg.registry`.
 """
 
 from protocols.secagg.base import BucketSum, Contribution, SecureAggregation

@@ -1,9 +1,9 @@
 """The interface every secure-aggregation protocol implements.
 
-A protocol has a client half (:meth:`SecureAggregation.encode`: what leaves the client instead of
-the raw update) and a server half (:meth:`SecureAggregation.aggregate`: turning everything that
+A protocol has a client half (`SecureAggregation.encode`: what leaves the client instead of
+the raw update) and a server half (`SecureAggregation.aggregate`: turning everything that
 arrived into per-bucket sums). The server's later stages (defenses, PEFT rules) only ever see
-:class:`BucketSum` objects, so the same round runs whatever the protocol: in ``plain`` mode every
+`BucketSum` objects, so the same round runs whatever the protocol: in ``plain`` mode every
 client is a bucket of one; a masked or encrypted protocol hands on one sum per bucket.
 """
 
@@ -59,7 +59,7 @@ class BucketSum:
 
 
 class SecureAggregation(ABC):
-    """A secure-aggregation protocol: one subclass per mode, registered under :attr:`name`.
+    """A secure-aggregation protocol: one subclass per mode, registered under `name`.
 
     Attributes
     ----------

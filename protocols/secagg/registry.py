@@ -1,7 +1,7 @@
 """Registry of secure-aggregation protocols: ``[secure] mode`` names one of these.
 
 Adding a protocol is one file plus one line in ``_PROTOCOLS`` (or one call to
-:func:`register_secure_aggregation` from user code).
+`register_secure_aggregation` from user code).
 """
 
 from __future__ import annotations

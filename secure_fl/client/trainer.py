@@ -52,7 +52,7 @@ def split_local(dataset: Any, fraction: float, *, seed: int) -> tuple[Any, Any |
 class LocalTrainer:
     """Holds a model and one client's prepared data; trains one round at a time.
 
-    In simulation many trainers share one :class:`AdaptedModel`: each round starts by loading
+    In simulation many trainers share one `AdaptedModel`: each round starts by loading
     the global adapter into it, so sharing is safe as long as clients train one after another.
     """
 

@@ -3,7 +3,7 @@
 Every party of a federation (server and simulated or real clients) must turn
 raw data into the *same* label ids, so the loaders here are deterministic
 (sorted file order, fixed seeds) and refuse ambiguous input with a
-:class:`DataError` that names the file, the line and the column at fault.
+`DataError` that names the file, the line and the column at fault.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class TextDataset:
     labels : numpy.ndarray
         int64 class ids, shape ``(n,)``, each in ``[0, num_labels)``. Stored as a
         read-only copy so that a dataset shared between simulated clients (or
-        cached by :func:`load_bbc_news`) cannot be mutated by one of them.
+        cached by `load_bbc_news`) cannot be mutated by one of them.
     label_names : tuple of str
         ``label_names[i]`` is the human readable name of class id ``i``.
     """
@@ -137,7 +137,7 @@ def load_text_file(
     Parameters
     ----------
     path : str or os.PathLike
-        ``.csv`` (parsed with :mod:`csv`) or ``.jsonl`` / ``.json`` (one JSON
+        ``.csv`` (parsed with `csv`) or ``.jsonl`` / ``.json`` (one JSON
         object per line; blank lines are skipped).
     text_column, label_column : str
         Column (CSV) or key (JSON) holding the text and the label.

@@ -148,7 +148,7 @@ def partition(labels: np.ndarray, num_clients: int, *, method: str, alpha: float
     """Partition example indices among clients with the named ``method``.
 
     ``"iid"`` ignores ``alpha`` and the labels' values (only their count);
-    ``"dirichlet"`` uses :func:`partition_dirichlet` with its default ``min_size``.
+    ``"dirichlet"`` uses `partition_dirichlet` with its default ``min_size``.
     """
     if method == "iid":
         return partition_iid(_check_labels(labels).size, num_clients, seed=seed)

@@ -1,9 +1,9 @@
 """The interface of a PEFT-aware aggregation rule.
 
-A rule decides which trainable adapter tensors a client sends (:meth:`update_keys`) and how the
-server turns the rows the defense kept into the global adapter delta (:meth:`aggregate`), then
-applies it (:meth:`apply`). Rules that change what a client trains (frozen A, an r x r core,
-stacking) extend :meth:`prepare_client` and :meth:`apply`.
+A rule decides which trainable adapter tensors a client sends (`update_keys`) and how the
+server turns the rows the defense kept into the global adapter delta (`aggregate`), then
+applies it (`apply`). Rules that change what a client trains (frozen A, an r x r core,
+stacking) extend `prepare_client` and `apply`.
 """
 
 from __future__ import annotations

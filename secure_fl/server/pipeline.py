@@ -4,7 +4,7 @@ Stages are looked up by name in their registries, so the pipeline never changes 
 is added. The order is fixed by what each stage may see: the secure-aggregation protocol turns
 uploads into bucket sums (one per client in ``plain`` mode); the defense runs across bucket means;
 the PEFT rule turns the kept rows into the global delta; the privacy mechanism noises that delta.
-What the release costs is accounted by the engine (:mod:`privacy.ledger`) before it is released.
+What the release costs is accounted by the engine (`privacy.ledger`) before it is released.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Layout (``OUT/``): ``config.toml`` (resolved), ``run.json`` (run id, transport, every stage's
 plug-in class and parameters), ``metrics.jsonl`` (one JSON line a round), ``ledger.jsonl`` (the
-privacy ledger, one fsynced line per release, see :mod:`privacy.ledger`),
+privacy ledger, one fsynced line per release, see `privacy.ledger`),
 ``checkpoints/round-NNNN.safetensors`` (global adapter state after each round, the last few kept),
 ``adapter/`` (the latest global adapter, loadable with ``PeftModel.from_pretrained``) and
 ``report/`` (``privacy_report.json`` and ``privacy_report.html``). Every file is written atomically

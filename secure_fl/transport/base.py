@@ -1,8 +1,8 @@
 """The client's view of the server: four calls carrying the v1 protobuf messages.
 
-:class:`~secure_fl.transport.grpc_client.GrpcTransport` sends them over gRPC;
-:class:`~secure_fl.transport.inprocess.InProcessTransport` hands them to a coordinator in the same
-process (simulation). Both raise :class:`~secure_fl.errors.TransportError` with the gRPC status
+`GrpcTransport` sends them over gRPC;
+`InProcessTransport` hands them to a coordinator in the same
+process (simulation). Both raise `TransportError` with the gRPC status
 name, so client code handles one error type.
 """
 

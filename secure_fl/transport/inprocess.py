@@ -2,7 +2,7 @@
 
 No sockets and no serialization, but the coordinator runs exactly the validation, chunking and
 byte accounting it runs behind gRPC; protocol errors come back as the same
-:class:`~secure_fl.errors.TransportError` the gRPC transport raises.
+`TransportError` the gRPC transport raises.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 class InProcessTransport(ClientTransport):
-    """Calls a :class:`Coordinator` living in the same process."""
+    """Calls a `Coordinator` living in the same process."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
