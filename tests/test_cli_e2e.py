@@ -164,9 +164,9 @@ def _predict_accuracy(run_dir: Path) -> tuple[float, tuple[str, ...], tuple[str,
     adapter = run_dir / "adapter"
     info = json.loads((adapter / "secure_fl.json").read_text(encoding="utf-8"))
     base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-    assert Path(base_path).is_dir(), f"adapter_config base_model_name_or_path {base_path!r} is not a directory"
-    assert Path(base_path).resolve() == (run_dir / "base_model").resolve()
-    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=4)
+    assert base_path == "../base_model", base_path  # portable: relative to the adapter directory
+    assert (adapter / base_path).resolve() == (run_dir / "base_model").resolve()
+    base = AutoModelForSequenceClassification.from_pretrained(str(adapter / base_path), num_labels=4)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
 

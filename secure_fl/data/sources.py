@@ -7,8 +7,10 @@ and the server's held-out test split never overlaps any client's training data.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from secure_fl.config import Config
-from secure_fl.data.datasets import TextDataset, load_bbc_news, load_text_file, make_synthetic
+from secure_fl.data.datasets import DataError, TextDataset, load_bbc_news, load_text_file, make_synthetic
 from secure_fl.data.partition import partition, train_test_split
 
 
@@ -19,6 +21,7 @@ def load_source(config: Config) -> TextDataset:
         return load_bbc_news()
     if data.dataset == "synthetic":
         return make_synthetic(data.synthetic_examples, num_labels=data.synthetic_labels, seed=config.run.seed)
+    _require_file("data.path", data.path)
     return load_text_file(
         data.path, text_column=data.text_column, label_column=data.label_column, label_names=data.label_names or None
     )
@@ -29,6 +32,7 @@ def load_splits(config: Config) -> tuple[TextDataset, TextDataset]:
     data = config.data
     full = load_source(config)
     if data.dataset == "file" and data.test_path:
+        _require_file("data.test_path", data.test_path)
         test = load_text_file(
             data.test_path,
             text_column=data.text_column,
@@ -37,6 +41,12 @@ def load_splits(config: Config) -> tuple[TextDataset, TextDataset]:
         )
         return full, test
     return train_test_split(full, test_fraction=data.test_fraction, seed=config.run.seed)
+
+
+def _require_file(key: str, path: str) -> None:
+    """Refuse a configured data file that does not exist, naming the key and the path."""
+    if not Path(path).is_file():
+        raise DataError(f"{key}: file {path!r} does not exist (relative paths are read from {Path.cwd()})")
 
 
 def client_partitions(config: Config, train: TextDataset) -> list[TextDataset]:
