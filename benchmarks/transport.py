@@ -19,7 +19,8 @@ import numpy as np
 
 from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
-from secure_fl.server.coordinator import PROTOCOL_VERSION, Coordinator
+from protocols.wire.limits import PROTOCOL_VERSION
+from secure_fl.server.coordinator import Coordinator
 from secure_fl.transport.grpc_client import GrpcTransport
 from secure_fl.transport.grpc_server import GrpcServer
 
@@ -43,7 +44,7 @@ def main() -> None:
     )
     server = GrpcServer(coordinator, "127.0.0.1:0").start()
     client = GrpcTransport(server.address)
-    client.join(pb.JoinRequest(envelope=serde.envelope("", 0, "c0"), protocol_version=PROTOCOL_VERSION, model_fingerprint="f"))
+    client.join(pb.JoinRequest(envelope=serde.envelope("", 0, "c0"), protocol_version=PROTOCOL_VERSION, model_fingerprint="f", num_examples=1))
     coordinator.open_round(1, ["c0"], *serde.pack_tensors({}), plan={}, timeout=600)
 
     manifest, body = serde.pack_tensors(update)

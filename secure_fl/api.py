@@ -1,7 +1,7 @@
-"""Deployment entry points: :class:`Server` / :func:`serve` and :func:`run_client`.
+"""Deployment entry points: `Server` / `serve` and `run_client`.
 
 The command-line tools are thin wrappers around these; use them directly to embed a server or a
-client in your own code, with your own model and data (a :class:`~secure_fl.workload.Workload`).
+client in your own code, with your own model and data (a `Workload`).
 
 Example (server and two clients on loopback, from Python)::
 
@@ -32,6 +32,7 @@ from secure_fl.config import Config
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.progress import ProgressObserver
 from secure_fl.server.engine import BackgroundRun, FederatedServer, RunResult
+from secure_fl.transport.address import check_id, parse_address
 from secure_fl.transport.grpc_client import GrpcTransport
 from secure_fl.transport.grpc_server import GrpcServer
 from secure_fl.workload import Workload
@@ -45,11 +46,15 @@ class Server:
     config:
         The run configuration; its ``[client]`` section is the plan sent to every client.
     address:
-        ``host:port`` to listen on (port 0 picks a free one; read :attr:`address` after start).
+        ``host:port`` to listen on (port 0 picks a free one; read `address` after start).
     out_dir:
         Run directory (config, metrics, checkpoints, adapter).
-    workload, eval_dataset:
-        Your own model/data handling and evaluation set (default: from the config).
+    workload:
+        Your own model and data handling (default: the config's text-classification workload).
+    eval_dataset:
+        Held-out data the server evaluates every round's global adapter on: any indexable dataset
+        your ``workload`` can prepare (default: the config dataset's evaluation split when ``workload``
+        is not given; no evaluation otherwise).
     callbacks:
         Per-round hooks; one returning ``True`` stops the run after that round.
     progress:
@@ -67,6 +72,7 @@ class Server:
         callbacks: Sequence[RoundCallback] = (),
         progress: bool = False,
     ) -> None:
+        parse_address(address, what="server address", allow_port_zero=True)  # before anything is written
         observer = CallbackObserver(ProgressObserver(config.run.rounds, enabled=progress), callbacks)
         self.federated = FederatedServer(config, out_dir, observer=observer, workload=workload, eval_dataset=eval_dataset)
         self._bind = address
@@ -80,14 +86,22 @@ class Server:
 
     @property
     def address(self) -> str:
-        """The address actually listened on (after :meth:`start`)."""
+        """The address actually listened on (after `start`)."""
         if self._grpc is None:
             raise RunError("the server is not started")
         return self._grpc.address
 
     def start(self) -> Server:
         """Start listening and running rounds (returns at once)."""
-        self._grpc = GrpcServer(self.federated.coordinator, self._bind).start()
+        t = self.federated.config.transport
+        self._grpc = GrpcServer(
+            self.federated.coordinator,
+            self._bind,
+            max_streams=t.max_streams,
+            max_streams_per_peer=t.max_streams_per_peer,
+            first_message_timeout=t.first_message_timeout,
+            idle_timeout=t.idle_timeout,
+        ).start()
         self._rounds = BackgroundRun(self.federated)
         return self
 
@@ -118,7 +132,7 @@ class Server:
 
 
 def serve(config: Config, *, address: str, out_dir: str | Path, linger: float = 15.0, **kwargs: Any) -> RunResult:
-    """Run a server until its last round is done (blocking); keyword arguments go to :class:`Server`."""
+    """Run a server until its last round is done (blocking); keyword arguments go to `Server`."""
     server = Server(config, address=address, out_dir=out_dir, **kwargs).start()
     try:
         return server.wait(linger=linger)
@@ -152,7 +166,7 @@ def run_client(
     config:
         Must match the server's ``[model]``, ``[peft]``, ``[secure]`` and ``[privacy]`` settings.
     dataset:
-        This party's training data: a :class:`~secure_fl.data.TextDataset` for the config's
+        This party's training data: a `TextDataset` for the config's
         workload, or any indexable dataset for a custom ``workload``. Default: partition ``N`` of
         the configured dataset, where ``client_id`` ends with ``N``.
     workload:
@@ -160,6 +174,8 @@ def run_client(
     """
     from secure_fl.data.sources import client_dataset
 
+    check_id(client_id, what="client id")
+    parse_address(server, what="server address")
     if dataset is None:
         if workload is not None:
             raise ConfigError("a custom workload needs this client's dataset: pass dataset=...")

@@ -1,8 +1,8 @@
 """Command line: ``secure-fl`` (simulate, audit, config, presets), ``secure-fl-server``, ``secure-fl-client``.
 
 A thin layer over the library: parse arguments, resolve the config (file or preset, then
-``--set`` overrides), call :func:`secure_fl.simulation.simulate`, :class:`FederatedServer` or
-:class:`FederatedClient`. User errors print one clear line and exit with status 2.
+``--set`` overrides), call `secure_fl.simulation.simulate`, `FederatedServer` or
+`FederatedClient`. User errors print one clear line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _guard(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the round in flight was not released; the run's report says so", file=sys.stderr)
         return 130
 
 
@@ -55,8 +55,9 @@ def _simulate(args: argparse.Namespace) -> int:
     result = simulate(config, args.out)
     elapsed = time.perf_counter() - started
     accuracy = result.final_accuracy
+    stopped = f" ({result.stop_reason})" if result.stopped_early else ""
     print(
-        f"done in {elapsed:.1f} s: {len(result.metrics)} rounds, final accuracy "
+        f"done in {elapsed:.1f} s: {len(result.metrics)} rounds{stopped}, final accuracy "
         f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}"
     )
     print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
@@ -91,7 +92,10 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _show_config(args: argparse.Namespace) -> int:
-    print(_config(args, default_preset="bbc-news").to_toml(), end="")
+    from secure_fl.config import explain_config
+
+    config = _config(args, default_preset="bbc-news")
+    print(explain_config(config) if args.explain else config.to_toml(), end="")
     return 0
 
 
@@ -111,8 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     aud = sub.add_parser("audit", help="write the privacy audit report of a run directory (report/privacy_report.*)")
     aud.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
     aud.set_defaults(fn=_audit)
-    show = sub.add_parser("config", help="print the resolved config as TOML")
+    show = sub.add_parser("config", help="print the resolved config as TOML (--explain: with meanings and defaults)")
     _add_config_args(show, default_preset="bbc-news")
+    show.add_argument(
+        "--explain", action="store_true",
+        help="comment every key with its meaning and default, and mark the values that differ from it",
+    )
     show.set_defaults(fn=_show_config)
     sub.add_parser("presets", help="list the bundled presets").set_defaults(fn=_presets)
     args = parser.parse_args(argv)
@@ -121,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from secure_fl.transport.address import parse_address
+
+    parse_address(args.address, what="--address", allow_port_zero=True)  # before the config and model load
     config = _config(args)
     from secure_fl.api import Server
 
@@ -131,7 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     accuracy = result.final_accuracy
-    print(f"done: {len(result.metrics)} rounds, final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}")
+    stopped = f" ({result.stop_reason})" if result.stopped_early else ""
+    print(f"done: {len(result.metrics)} rounds{stopped}, final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}")
     print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
     return 0
 
@@ -149,6 +161,10 @@ def server_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
+    from secure_fl.transport.address import check_id, parse_address
+
+    check_id(args.client_id, what="--client-id")  # before anything is loaded or printed
+    parse_address(args.server, what="--server")
     config = _config(args)
     from secure_fl.api import run_client
 

@@ -2,7 +2,7 @@
 
 A config is read from a TOML file or a bundled preset, optionally changed with
 ``--set section.key=value`` overrides, validated once, and written back resolved to the run
-directory. Unknown keys and bad values raise :class:`~secure_fl.errors.ConfigError` naming the key
+directory. Unknown keys and bad values raise `ConfigError` naming the key
 and the allowed values. Plug-in names (secure mode, privacy mode, defense, PEFT rule, attack) are
 checked against the live registries, so a user-registered plug-in is accepted like a built-in.
 """
@@ -78,6 +78,14 @@ class RunConfig:
     min_updates: int = field(default=1, metadata={"help": "fewest updates a round needs once its deadline passed"})
     join_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for clients_per_round clients to join"})
     keep_checkpoints: int = field(default=3, metadata={"help": "number of round checkpoints kept"})
+    max_weight: float = field(
+        default=1e9,
+        metadata={"help": "largest example count (update weight) a party may declare; larger is refused at Join"},
+    )
+    require_full_cohort: bool = field(
+        default=False,
+        metadata={"help": "fail the run if fewer than clients_per_round clients joined within join_timeout (else warn)"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "clients_per_round", "min_updates", "keep_checkpoints"):
@@ -85,6 +93,11 @@ class RunConfig:
         _non_negative_int("run.seed", self.seed)
         _positive_float("run.round_timeout", self.round_timeout)
         _positive_float("run.join_timeout", self.join_timeout)
+        _positive_float("run.max_weight", self.max_weight)
+        if self.max_weight > 1e15:
+            _fail("run.max_weight", f"{self.max_weight!r} is above 1e15; weights that large lose float64 precision")
+        if not isinstance(self.require_full_cohort, bool):
+            _fail("run.require_full_cohort", f"must be true or false, got {self.require_full_cohort!r}")
         if self.clients_per_round > self.num_clients:
             _fail("run.clients_per_round", f"{self.clients_per_round} exceeds run.num_clients={self.num_clients}")
         if self.min_updates > self.clients_per_round:
@@ -260,12 +273,32 @@ class TransportConfig:
     max_update_bytes: int = field(default=1 << 30, metadata={"help": "largest accepted upload"})
     poll_interval: float = field(default=0.5, metadata={"help": "seconds between a waiting client's polls"})
     connect_timeout: float = field(default=120.0, metadata={"help": "seconds a client keeps retrying an unreachable server"})
+    liveness_timeout: float = field(
+        default=60.0,
+        metadata={"help": "seconds of silence after which a joined party is left out of cohorts (and may be evicted)"},
+    )
+    first_message_timeout: float = field(
+        default=10.0, metadata={"help": "seconds the server waits for the first message of an upload stream"}
+    )
+    idle_timeout: float = field(
+        default=60.0, metadata={"help": "seconds the server waits between two messages of an upload stream"}
+    )
+    max_streams: int = field(default=16, metadata={"help": "most upload/download streams the server serves at once"})
+    max_streams_per_peer: int = field(
+        default=8, metadata={"help": "most streams one network peer (IP address) may hold open at once"}
+    )
 
     def __post_init__(self) -> None:
         _positive_int("transport.chunk_size", self.chunk_size)
         _positive_int("transport.max_update_bytes", self.max_update_bytes)
         _positive_float("transport.poll_interval", self.poll_interval)
         _positive_float("transport.connect_timeout", self.connect_timeout)
+        for name in ("liveness_timeout", "first_message_timeout", "idle_timeout"):
+            _positive_float(f"transport.{name}", getattr(self, name))
+        _positive_int("transport.max_streams", self.max_streams)
+        _positive_int("transport.max_streams_per_peer", self.max_streams_per_peer)
+        if self.max_streams_per_peer > self.max_streams:
+            _fail("transport.max_streams_per_peer", f"{self.max_streams_per_peer} exceeds transport.max_streams={self.max_streams}")
         if self.chunk_size > 4 << 20:
             _fail("transport.chunk_size", f"{self.chunk_size} exceeds gRPC's default 4 MiB message limit")
 
@@ -328,11 +361,17 @@ class Config:
     def from_toml(cls, path: str | Path) -> Config:
         """Read a TOML config file; syntax errors and bad keys name the file."""
         path = Path(path)
+        if path.is_dir():
+            inside = path / "config.toml"
+            hint = f" (a run directory's config is {inside})" if inside.is_file() else ""
+            raise ConfigError(f"config file {path} is a directory; give the path of a TOML file{hint}")
         try:
             with path.open("rb") as handle:
                 data = tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         try:
@@ -345,7 +384,7 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`to_toml` to ``path``."""
+        """Write `to_toml` to ``path``."""
         Path(path).write_text(self.to_toml(), encoding="utf-8")
 
     def with_overrides(self, overrides: Iterable[str]) -> Config:
@@ -486,3 +525,32 @@ def config_reference() -> str:
             lines.append(f"| `{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def explain_config(config: Config) -> str:
+    """The resolved config as TOML, every key commented with its meaning and its default.
+
+    What ``secure-fl config --explain`` prints: valid TOML (it can be saved and edited as a config
+    file), one ``key = value  # meaning (default: ...)`` line per key, taken from the config
+    dataclasses' field metadata like ``docs/configuration.md``; keys that differ from their
+    default are marked ``[changed]``.
+    """
+    lines: list[str] = []
+    values = config.to_dict()
+    for section, cls in _SECTIONS.items():
+        doc = (cls.__doc__ or "").strip().split("\n")[0].replace("``", "").removeprefix(f"[{section}]: ")
+        if lines:
+            lines.append("")
+        lines += [f"[{section}]", f"# {doc}"]
+        defaults = _plain(asdict(cls()))
+        for f in fields(cls):
+            value, default = values[section][f.name], defaults[f.name]
+            changed = " [changed]" if value != default else ""
+            help_text = f.metadata.get("help", "")
+            lines.append(f"{f.name} = {_toml_literal(value)}  # {help_text} (default: {_toml_literal(default)}){changed}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_literal(value: Any) -> str:
+    """One value as an inline TOML literal (lists of strings on one line, as JSON writes them)."""
+    return json.dumps(value) if isinstance(value, list) else tomli_w.dumps({"v": value}).strip()[4:]

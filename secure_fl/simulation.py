@@ -50,7 +50,7 @@ def simulate(
     """Run a whole federated fine-tune in this process and return its result.
 
     With only a config, the model and data come from it (``[model]``, ``[peft]``, ``[data]``). With
-    your own pieces, pass a :class:`~secure_fl.workload.CustomWorkload` (model factory + peft
+    your own pieces, pass a `CustomWorkload` (model factory + peft
     config + optional collate / loss / metric functions), one dataset per client and an
     evaluation dataset; ``run.num_clients`` then becomes ``len(client_datasets)`` and
     ``run.clients_per_round`` is capped at it.
@@ -58,7 +58,7 @@ def simulate(
     Parameters
     ----------
     config:
-        The run configuration (default: :class:`Config` defaults).
+        The run configuration (default: `Config` defaults).
     out_dir:
         Run directory; default ``runs/<run-id>``.
     workload:
@@ -68,7 +68,7 @@ def simulate(
     eval_dataset:
         Held-out data the server evaluates every round's global adapter on.
     callbacks:
-        Per-round hooks (:class:`~secure_fl.callbacks.Callback` or ``fn(record) -> bool | None``).
+        Per-round hooks (`Callback` or ``fn(record) -> bool | None``).
     progress:
         Draw a progress bar per round and print a metrics line per round.
     observer:
@@ -124,8 +124,8 @@ def simulate(
                     trained = True
             if not trained:
                 time.sleep(0.01)
-    except BaseException:
-        server.coordinator.finish("simulation aborted")
+    except BaseException as exc:
+        server.coordinator.finish("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"simulation aborted: {exc}")
         rounds.join(timeout=30)
         raise
     rounds.join()

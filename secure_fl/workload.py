@@ -1,12 +1,12 @@
 """Workloads: the model- and data-specific half of a federated run.
 
-The round engine knows nothing about models or examples; a :class:`Workload` builds the adapted
+The round engine knows nothing about models or examples; a `Workload` builds the adapted
 model (identically on every party), turns a dataset into batches once, computes a batch's loss,
 evaluates, and saves the adapter. Two are provided:
 
-* :class:`TextClassification`: what the config describes (``[model]``, ``[peft]``, ``[data]``):
+* `TextClassification`: what the config describes (``[model]``, ``[peft]``, ``[data]``):
   MiniLM / tiny-bert / a local checkpoint with a LoRA adapter on text examples;
-* :class:`CustomWorkload`: the user's own model factory (any transformers model or torch module)
+* `CustomWorkload`: the user's own model factory (any transformers model or torch module)
   with a peft config, and datasets given as a torch ``Dataset``, a Hugging Face ``datasets.Dataset``
   or a plain list of examples, with optional ``collate_fn``, ``loss_fn`` and ``metric_fn``.
 """
@@ -51,7 +51,7 @@ class Workload(ABC):
 
     @abstractmethod
     def prepare(self, adapted: AdaptedModel, dataset: Any) -> Batches:
-        """Turn a dataset into :class:`Batches` once (tokenise, wrap)."""
+        """Turn a dataset into `Batches` once (tokenise, wrap)."""
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -80,7 +80,7 @@ class TextClassification(Workload):
         return build_model(self.model_cfg, self.peft_cfg, num_labels=len(self.label_names), seed=seed)
 
     def prepare(self, adapted: AdaptedModel, dataset: Any) -> Batches:
-        """Tokenise a :class:`TextDataset` once."""
+        """Tokenise a `TextDataset` once."""
         if not isinstance(dataset, TextDataset):
             raise ModelError(f"the text-classification workload needs a TextDataset, got {type(dataset).__name__}")
         return self.task.encode(adapted.tokenizer, dataset, max_length=self.model_cfg.max_length)

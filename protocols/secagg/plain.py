@@ -29,9 +29,14 @@ class PlainAggregation(SecureAggregation):
         return {key: TensorSpec(key, "float32", spec.shape) for key, spec in update_spec.items()}
 
     def aggregate(self, contributions: Sequence[Contribution]) -> list[BucketSum]:
-        """One bucket per client: ``total = weight * update`` (inputs were validated on arrival)."""
+        """One bucket per client: ``total = weight * update`` in float64 (inputs were validated on arrival).
+
+        float64 keeps ``weight * update`` finite for every finite float32 update and any weight the
+        coordinator admits (at most ``run.max_weight``); a float32 product overflows to infinity.
+        """
         buckets = []
         for contribution in contributions:
-            total = {key: value * np.float32(contribution.weight) for key, value in contribution.tensors.items()}
+            weight = np.float64(contribution.weight)
+            total = {key: value.astype(np.float64) * weight for key, value in contribution.tensors.items()}
             buckets.append(BucketSum(total=total, weight=contribution.weight, members=(contribution.client_id,)))
         return buckets

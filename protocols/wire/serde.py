@@ -1,14 +1,14 @@
 """Tensor (de)serialisation and chunked streaming for the v1 wire protocol.
 
-A bundle of tensors is sent as a :class:`pb.Manifest` (name, dtype and shape of every tensor, in
+A bundle of tensors is sent as a `pb.Manifest` (name, dtype and shape of every tensor, in
 order, plus the payload's size and SHA-256) and a payload: the concatenation of every tensor's raw
 little-endian, C-order bytes. Nothing is pickled: the receiver validates the manifest against the
 payload (and, optionally, against the tensors it expects) before building a single array, so a
-malicious or buggy peer can only get its message refused with a :class:`MalformedMessage` that
+malicious or buggy peer can only get its message refused with a `MalformedMessage` that
 names the peer and the offending tensor or field.
 
-Payloads are cut into :class:`pb.Chunk` messages (1 MiB by default) so that a large update passes
-without raising gRPC message limits; :class:`ChunkAssembler` puts them back together, checking
+Payloads are cut into `pb.Chunk` messages (1 MiB by default) so that a large update passes
+without raising gRPC message limits; `ChunkAssembler` puts them back together, checking
 offsets, sizes and the checksum as it goes.
 """
 
@@ -28,7 +28,7 @@ from protocols.wire.v1 import federation_pb2 as pb
 
 __all__ = [
     "ALLOWED_DTYPES", "DEFAULT_CHUNK_SIZE", "MAX_NDIM", "ChunkAssembler", "TensorSpec",
-    "envelope", "iter_chunks", "pack_tensors", "read_task_stream", "read_update_stream",
+    "check_manifest", "envelope", "iter_chunks", "pack_tensors", "read_task_stream", "read_update_stream",
     "spec_of", "task_stream", "unpack_tensors", "update_stream",
 ]  # fmt: skip
 
@@ -38,7 +38,7 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
      "uint8", "uint16", "uint32", "uint64", "bool"}
 )  # fmt: skip
 
-#: Default size of the data in one :class:`pb.Chunk` (1 MiB), well below gRPC's 4 MiB default.
+#: Default size of the data in one `pb.Chunk` (1 MiB), well below gRPC's 4 MiB default.
 DEFAULT_CHUNK_SIZE: int = 1 << 20
 
 #: Most dimensions a received tensor may declare (numpy 1.x supports 32, numpy 2.x supports 64).
@@ -53,7 +53,7 @@ class TensorSpec:
     """Python-side description of one tensor: its name, numpy dtype name and shape.
 
     Used both to describe what was received and to state what a receiver expects (see the
-    ``expected`` argument of :func:`unpack_tensors`).
+    ``expected`` argument of `unpack_tensors`).
     """
 
     name: str
@@ -73,7 +73,7 @@ class TensorSpec:
 
 
 def spec_of(tensors: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:
-    """Describe every tensor of a bundle, e.g. as the ``expected`` of :func:`unpack_tensors`."""
+    """Describe every tensor of a bundle, e.g. as the ``expected`` of `unpack_tensors`."""
     return {name: TensorSpec.of(name, array) for name, array in tensors.items()}
 
 
@@ -87,7 +87,7 @@ def pack_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[pb.Manifest, bytes]
     Raises
     ------
     MalformedMessage
-        A name is empty or not a string, or a dtype is not in :data:`ALLOWED_DTYPES` (naming the
+        A name is empty or not a string, or a dtype is not in `ALLOWED_DTYPES` (naming the
         tensor): the receiver would refuse such a bundle anyway.
     """
     manifest = pb.Manifest()
@@ -113,7 +113,7 @@ def pack_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[pb.Manifest, bytes]
 
 
 def _specs_from_manifest(manifest: pb.Manifest, who: str) -> list[TensorSpec]:
-    """Validate every spec of ``manifest`` on its own and convert it to :class:`TensorSpec`."""
+    """Validate every spec of ``manifest`` on its own and convert it to `TensorSpec`."""
     specs: list[TensorSpec] = []
     seen: set[str] = set()
     for index, spec in enumerate(manifest.tensors):
@@ -164,6 +164,30 @@ def _check_expected(specs: list[TensorSpec], expected: Mapping[str, TensorSpec],
             )
 
 
+def check_manifest(
+    manifest: pb.Manifest, *, expected: Mapping[str, TensorSpec] | None, max_bytes: int, who: str
+) -> list[TensorSpec]:
+    """Validate a manifest before any of its payload is read or any memory is reserved for it.
+
+    Every spec is checked on its own, then against ``expected`` (when given), the declared
+    ``total_bytes`` against the sum of the specs and against ``max_bytes``. A receiver that calls
+    this on the header of a stream refuses a lying manifest (a 1 GiB ``total_bytes`` for a 4 kB
+    update) at once, instead of after reading, or reserving memory for, the declared size.
+    """
+    specs = _specs_from_manifest(manifest, who)
+    if expected is not None:
+        _check_expected(specs, expected, who)
+    declared = sum(s.nbytes for s in specs)
+    if declared != manifest.total_bytes:
+        raise MalformedMessage(
+            f"{who}: manifest tensors add up to {declared} bytes "
+            f"but total_bytes is {manifest.total_bytes}"
+        )
+    if declared > max_bytes:
+        raise MalformedMessage(f"{who}: payload of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    return specs
+
+
 def unpack_tensors(
     manifest: pb.Manifest,
     payload: bytes | bytearray | memoryview,
@@ -184,7 +208,7 @@ def unpack_tensors(
     who
         Names the peer in error messages, e.g. ``"client 'c3'"``.
     verify_checksum
-        Check the SHA-256 (skip it only when a :class:`ChunkAssembler` already did).
+        Check the SHA-256 (skip it only when a `ChunkAssembler` already did).
 
     Returns
     -------
@@ -260,7 +284,7 @@ class ChunkAssembler:
 
     Chunks must arrive in order, without gap or overlap, and stay within ``total_bytes``; empty
     chunks are refused (no correct sender emits them). The SHA-256 is computed incrementally.
-    Only ``total_bytes`` and ``sha256`` of the manifest are used; :func:`unpack_tensors` checks
+    Only ``total_bytes`` and ``sha256`` of the manifest are used; `unpack_tensors` checks
     the tensor specs. A ``total_bytes`` above ``max_bytes`` is refused before any data arrives,
     so that a peer cannot make the receiver allocate arbitrary memory; ``who`` names the peer in
     error messages.
@@ -274,7 +298,9 @@ class ChunkAssembler:
             raise MalformedMessage(
                 f"{who}: payload of {self._total} bytes exceeds the limit of {max_bytes} bytes"
             )
-        self._buffer: bytearray | None = bytearray(self._total)
+        # Grown as data arrives: a peer that declares a large payload and sends little makes the
+        # receiver hold only what it actually sent.
+        self._buffer: bytearray | None = bytearray()
         self._received = 0
         self._digest = hashlib.sha256()
 
@@ -284,15 +310,15 @@ class ChunkAssembler:
         return self._received
 
     def add(self, chunk: pb.Chunk) -> None:
-        """Append ``chunk``; raise :class:`MalformedMessage` if it is out of place or too long."""
+        """Append ``chunk``; raise `MalformedMessage` if it is out of place or too long."""
         if self._buffer is None:
             raise RuntimeError("ChunkAssembler.add() called after finish()")
         data = chunk.data  # one access: protobuf may build a new bytes object on each
         who, offset, size = self._who, int(chunk.offset), len(data)
         if offset != self._received:
-            problem = "gap" if offset > self._received else "overlap"
+            problem = "a gap" if offset > self._received else "an overlap"
             raise MalformedMessage(
-                f"{who}: chunk at offset {offset} leaves a {problem}, "
+                f"{who}: chunk at offset {offset} leaves {problem}, "
                 f"expected offset {self._received}"
             )
         if size == 0:
@@ -302,12 +328,12 @@ class ChunkAssembler:
                 f"{who}: chunk at offset {offset} with {size} bytes overruns "
                 f"total_bytes {self._total}"
             )
-        self._buffer[offset : offset + size] = data
+        self._buffer += data
         self._digest.update(data)
         self._received += size
 
     def finish(self) -> bytes:
-        """Return the payload; :class:`MalformedMessage` if it is truncated or fails SHA-256."""
+        """Return the payload; `MalformedMessage` if it is truncated or fails SHA-256."""
         if self._buffer is None:
             raise RuntimeError("ChunkAssembler.finish() called twice")
         if self._received != self._total:
@@ -364,7 +390,12 @@ def task_stream(
 
 
 def _read_stream(
-    messages: Iterable[_StreamMsg], *, max_bytes: int, who: str, manifest_optional: bool
+    messages: Iterable[_StreamMsg],
+    *,
+    max_bytes: int,
+    who: str,
+    manifest_optional: bool,
+    expected: Mapping[str, TensorSpec] | None = None,
 ) -> tuple[_AnyHeader, bytes]:
     """Shared reader of update and task streams: one header, then chunks of its manifest."""
     iterator = iter(messages)
@@ -375,6 +406,8 @@ def _read_stream(
         raise MalformedMessage(f"{who}: stream must start with a header")
     header = first.header
     if header.HasField("manifest"):
+        if expected is not None:
+            check_manifest(header.manifest, expected=expected, max_bytes=max_bytes, who=who)
         assembler: ChunkAssembler | None = ChunkAssembler(
             header.manifest, max_bytes=max_bytes, who=who
         )
@@ -397,16 +430,21 @@ def _read_stream(
 
 
 def read_update_stream(
-    messages: Iterable[pb.UpdateChunk], *, max_bytes: int, who: str = "peer"
+    messages: Iterable[pb.UpdateChunk],
+    *,
+    max_bytes: int,
+    who: str = "peer",
+    expected: Mapping[str, TensorSpec] | None = None,
 ) -> tuple[pb.UpdateHeader, bytes]:
     """Read a ``PushUpdate`` stream into its header and verified payload.
 
-    Raises :class:`MalformedMessage` for an empty stream, a first message that is not a header,
-    a second header, a header without manifest, or any chunk problem found by
-    :class:`ChunkAssembler` (size limit, offsets, truncation, checksum).
+    Raises `MalformedMessage` for an empty stream, a first message that is not a header,
+    a second header, a header without manifest, a manifest that differs from ``expected``
+    (checked before the first chunk is read), or any chunk problem found by
+    `ChunkAssembler` (size limit, offsets, truncation, checksum).
     """
     return _read_stream(
-        messages, max_bytes=max_bytes, who=who, manifest_optional=False
+        messages, max_bytes=max_bytes, who=who, manifest_optional=False, expected=expected
     )
 
 
@@ -415,7 +453,7 @@ def read_task_stream(
 ) -> tuple[pb.TaskHeader, bytes]:
     """Read a ``PullTask`` reply into its header and verified payload.
 
-    Same checks as :func:`read_update_stream`, except that a header without a manifest (WAIT,
+    Same checks as `read_update_stream`, except that a header without a manifest (WAIT,
     FINISHED) is fine: it has no chunks and the payload is ``b""``.
     """
     return _read_stream(
@@ -424,5 +462,5 @@ def read_task_stream(
 
 
 def envelope(run_id: str, round: int, client_id: str) -> pb.Envelope:  # noqa: A002
-    """Build the :class:`pb.Envelope` that every message carries."""
+    """Build the `pb.Envelope` that every message carries."""
     return pb.Envelope(run_id=run_id, round=round, client_id=client_id)

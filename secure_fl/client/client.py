@@ -26,15 +26,17 @@ from robustness.attacks import Attack, create_attack
 from secure_fl.client.trainer import LocalTrainer, derive_seed
 from secure_fl.config import Config
 from secure_fl.errors import RunError, TransportError
-from secure_fl.models import model_fingerprint
-from secure_fl.server.coordinator import PROTOCOL_VERSION
+from secure_fl.models import model_fingerprint, model_info
+from protocols.wire.limits import PROTOCOL_VERSION
 from secure_fl.transport.base import ClientTransport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Codes meaning "the server is not there (yet)": retried until the connect timeout.
-_RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+# Codes meaning "the server is not there (yet)" or "busy": retried until the connect timeout.
+_RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+# Most times in a row a client rejoins after the server forgot it (NOT_FOUND) before giving up.
+_MAX_REJOINS = 3
 
 
 @dataclass
@@ -60,7 +62,7 @@ class ClientStages:
 
 
 class FederatedClient:
-    """One party in a federated run, over any :class:`ClientTransport`."""
+    """One party in a federated run, over any `ClientTransport`."""
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class FederatedClient:
                 protocol_version=PROTOCOL_VERSION,
                 model_fingerprint=self._fingerprint,
                 num_examples=self.trainer.num_examples,
+                info=model_info(self.trainer.adapted.model),
             )
         )
         self.run_id = reply.envelope.run_id
@@ -139,7 +142,7 @@ class FederatedClient:
         try:
             self.transport.push_update(serde.update_stream(upload, body, self.chunk_size))
         except TransportError as exc:
-            if exc.code != "FAILED_PRECONDITION":
+            if exc.code not in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
                 raise
             log.warning("client %s: update for round %d refused: %s", self.client_id, round_number, exc.details)
             return "wait"
@@ -154,12 +157,26 @@ class FederatedClient:
             log.debug("client %s: leave failed: %s", self.client_id, exc)
 
     def run(self, *, connect_timeout: float = 120.0, stop: threading.Event | None = None) -> None:
-        """Join (retrying while the server is unreachable), then poll and train until finished."""
+        """Join unless already joined (retrying while the server is unreachable), then poll and train until finished."""
         stop = stop or threading.Event()
-        self._retrying(self.join, connect_timeout, stop)
+        if not self.run_id:  # a client that already joined keeps its place
+            self._retrying(self.join, connect_timeout, stop)
+        rejoins = 0
         try:
             while not stop.is_set():
-                outcome = self._retrying(self.step, connect_timeout, stop)
+                try:
+                    outcome = self._retrying(self.step, connect_timeout, stop)
+                except TransportError as exc:
+                    if exc.code != "NOT_FOUND" or rejoins >= _MAX_REJOINS:
+                        raise
+                    rejoins += 1
+                    log.warning(
+                        "client %s: the server no longer knows this client (%s); joining again (%d of %d)",
+                        self.client_id, exc.details, rejoins, _MAX_REJOINS,
+                    )
+                    self._retrying(self.join, connect_timeout, stop)
+                    continue
+                rejoins = 0
                 if outcome == "finished":
                     break
                 if outcome == "wait":
@@ -171,14 +188,29 @@ class FederatedClient:
     def _retrying(self, fn: Callable[[], T], timeout: float, stop: threading.Event) -> T:
         """Call ``fn``, retrying while the server is unreachable, for up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        announced = ""
+        where = getattr(self.transport, "address", "the server")
         while True:
             try:
                 return fn()
             except TransportError as exc:
-                if exc.code not in _RETRY_CODES or time.monotonic() > deadline or stop.is_set():
+                taken = exc.code == "ALREADY_EXISTS" and fn == self.join
+                if not (exc.code in _RETRY_CODES or taken) or time.monotonic() > deadline or stop.is_set():
+                    if taken:
+                        raise RunError(f"client {self.client_id}: {exc.details}") from exc
                     if exc.code in _RETRY_CODES:
-                        raise RunError(f"client {self.client_id}: server unreachable for {timeout:.0f}s ({exc.details})") from exc
+                        raise RunError(
+                            f"client {self.client_id}: server at {where} unreachable or busy for {timeout:.0f}s ({exc.code}: {exc.details})"
+                        ) from exc
                     raise
+                if exc.code != announced:  # say at once what we wait for, and until when
+                    announced = exc.code
+                    until = time.strftime("%H:%M:%S", time.localtime(time.time() + deadline - time.monotonic()))
+                    reason = "its id is taken" if taken else f"{exc.code}: {exc.details}"
+                    log.warning(
+                        "client %s: waiting for the server at %s (%s); retrying until %s (transport.connect_timeout=%gs)",
+                        self.client_id, where, reason, until, timeout,
+                    )
                 stop.wait(1.0)
 
     def _check_stages(self, announced: dict[str, str]) -> None:

@@ -2,8 +2,8 @@
 
 The gRPC servicer and the in-process transport both call these four handlers with the same
 protobuf messages, so simulation exercises exactly the validation a real deployment does. The
-round engine (:mod:`secure_fl.server.engine`) drives the rounds through :meth:`open_round`,
-:meth:`wait_round` and :meth:`finish`. One condition variable guards all state; handlers never
+round engine (`secure_fl.server.engine`) drives the rounds through `open_round`,
+`wait_round` and `finish`. One condition variable guards all state; handlers never
 hold it while reading a client's stream, so a slow upload does not block other clients.
 """
 
@@ -22,9 +22,13 @@ import numpy as np
 from protocols.errors import MalformedMessage, Refused, StaleMessage, UnknownClient
 from protocols.secagg import Contribution
 from protocols.wire import serde
+from protocols.wire.limits import PROTOCOL_VERSION, check_client_id, check_metrics, shown
 from protocols.wire.v1 import federation_pb2 as pb
 
-PROTOCOL_VERSION = 1
+__all__ = ["PROTOCOL_VERSION", "ClientRecord", "Coordinator", "RoundState"]
+
+#: Default bound on an update's weight (its example count), whatever a client declares.
+DEFAULT_MAX_WEIGHT = 1e9
 
 
 @dataclass
@@ -44,6 +48,9 @@ class RoundState:
     bytes_up: int = 0
     bytes_down: int = 0
     closed: bool = False
+    #: Set when the run was stopped (Ctrl-C, an error) while this round was open: nothing derived
+    #: from it may be released.
+    interrupted: str | None = None
 
     def complete(self) -> bool:
         """True once every cohort member delivered or left."""
@@ -52,11 +59,12 @@ class RoundState:
 
 @dataclass
 class ClientRecord:
-    """A joined client."""
+    """A joined client: what it declared at Join and when it was last heard from."""
 
     client_id: str
     num_examples: int
     joined_at: float
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 class Coordinator:
@@ -73,6 +81,10 @@ class Coordinator:
         chunk_size: int,
         poll_interval: float,
         on_update: Callable[[str, int], None] | None = None,
+        max_clients: int | None = None,
+        max_weight: float = DEFAULT_MAX_WEIGHT,
+        liveness_timeout: float = 60.0,
+        model_info: Mapping[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.model_fingerprint = model_fingerprint
@@ -82,40 +94,96 @@ class Coordinator:
         self.chunk_size = chunk_size
         self.poll_ms = max(1, int(poll_interval * 1000))
         self.on_update = on_update
+        self.max_clients = max_clients
+        self.max_weight = float(max_weight)
+        self.liveness_timeout = float(liveness_timeout)
+        self.model_info = dict(model_info or {})
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
         self._round: RoundState | None = None
         self._closed_rounds: set[int] = set()
         self._finished: str | None = None
+        self._evicted: set[str] = set()
 
     # ------------------------------------------------------------------ handlers (any thread)
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:
-        """Register a client; refuse another run, another protocol version or another model."""
-        client_id = request.envelope.client_id
-        if not client_id or len(client_id) > 128:
-            raise MalformedMessage("Join: envelope.client_id must be 1-128 characters")
+        """Register a client; refuse another run, protocol version or model, a bad or taken id, a full run.
+
+        Ids are restricted to a safe character set (see `protocols.wire.limits`). An id that is
+        active is refused with ALREADY_EXISTS unless its holder went silent for longer than the
+        liveness timeout (a client restarting after a crash). When ``max_clients`` are active, a
+        silent party that owes nothing is evicted to make room; if none is, the Join is refused
+        with RESOURCE_EXHAUSTED.
+        """
+        client_id = check_client_id(request.envelope.client_id, field="Join: envelope.client_id")
         if request.envelope.run_id and request.envelope.run_id != self.run_id:
-            raise StaleMessage(f"client {client_id!r} asked to join run {request.envelope.run_id!r}; this server runs {self.run_id!r}")
+            raise StaleMessage(f"client {client_id!r} asked to join run {shown(request.envelope.run_id)}; this server runs {self.run_id!r}")
         if request.protocol_version != PROTOCOL_VERSION:
             raise Refused(
                 f"client {client_id!r} speaks protocol version {request.protocol_version}; this server speaks {PROTOCOL_VERSION}"
             )
         if request.model_fingerprint != self.model_fingerprint:
-            raise Refused(
-                f"client {client_id!r} has a different model or adapter layout than the server "
-                f"(fingerprint {request.model_fingerprint[:12]} != {self.model_fingerprint[:12]}): "
-                "use the same [model] and [peft] settings (and seed) on both sides"
+            raise Refused(f"client {client_id!r} {self._layout_mismatch(dict(request.info))}")
+        declared = int(request.num_examples)
+        if not 1 <= declared <= self.max_weight:
+            raise MalformedMessage(
+                f"client {client_id!r} declared {declared} training examples; a party needs between 1 and "
+                f"run.max_weight={self.max_weight:g}"
             )
+        now = time.monotonic()
         with self._cond:
             if self._finished is not None:
                 raise Refused(f"run {self.run_id!r} is finished: {self._finished}")
-            self._clients[client_id] = ClientRecord(client_id, int(request.num_examples), time.time())
+            existing = self._clients.get(client_id)
+            if existing is not None and now - existing.last_seen <= self.liveness_timeout:
+                raise Refused(
+                    f"client id {client_id!r} is already taken by an active party; use another --client-id "
+                    f"(an id is freed when its holder leaves or is silent for {self.liveness_timeout:g} s)",
+                    code=grpc.StatusCode.ALREADY_EXISTS,
+                )
+            if existing is None and self.max_clients is not None and len(self._clients) >= self.max_clients:
+                if not self._evict_one_silent(now):
+                    raise Refused(
+                        f"run {self.run_id!r} is full: {len(self._clients)} of run.num_clients={self.max_clients} "
+                        f"parties joined; client {client_id!r} was not admitted",
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    )
+            self._clients[client_id] = ClientRecord(client_id, declared, time.time(), last_seen=now)
             self._cond.notify_all()
         return pb.JoinReply(
             envelope=serde.envelope(self.run_id, 0, client_id),
             protocol_version=PROTOCOL_VERSION,
             poll_interval_ms=self.poll_ms,
         )
+
+    def _layout_mismatch(self, info: Mapping[str, str]) -> str:
+        """Why a client's model fingerprint differs, as precisely as the Join tells (never the fingerprint)."""
+        theirs, ours = info.get("num_labels"), self.model_info.get("num_labels")
+        if theirs is not None and ours is not None and theirs != ours and theirs.isdigit() and len(theirs) <= 9:
+            return (
+                f"has a classifier for {theirs} labels but this run has {ours}: give the client data with "
+                "the same labels, or set the same data.label_names on both sides"
+            )
+        return (
+            "has a different model or adapter layout than the server (model fingerprints differ): "
+            "use the same [model] and [peft] settings (and seed) on both sides"
+        )
+
+    def _evict_one_silent(self, now: float) -> bool:
+        """Forget the longest-silent party that owes nothing in the open round; False if none is silent."""
+        owing = set()
+        current = self._round
+        if current is not None and not current.closed:
+            owing = {c for c in current.cohort if c not in current.received and c not in current.left}
+        silent = [
+            r for r in self._clients.values() if now - r.last_seen > self.liveness_timeout and r.client_id not in owing
+        ]
+        if not silent:
+            return False
+        oldest = min(silent, key=lambda r: r.last_seen)
+        del self._clients[oldest.client_id]
+        self._evicted.add(oldest.client_id)
+        return True
 
     def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
         """Answer a poll: TRAIN (with the global adapter in chunks), WAIT or FINISHED."""
@@ -172,23 +240,32 @@ class Coordinator:
         client_id = self._check_client(header.envelope, "PushUpdate")
         who = f"client {client_id!r}"
         with self._cond:
+            declared = self._clients[client_id].num_examples if client_id in self._clients else 0
+        with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
             if client_id not in current.cohort:
                 raise Refused(f"{who} is not in the cohort of round {current.number}")
             if client_id in current.received:
                 raise Refused(f"{who} already delivered an update for round {current.number}", code=grpc.StatusCode.ALREADY_EXISTS)
         if header.encoding != self.stages["secure"]:
-            raise Refused(f"{who} sent a {header.encoding!r} payload; this run uses secure mode {self.stages['secure']!r}")
+            raise Refused(f"{who} sent a {shown(header.encoding)} payload; this run uses secure mode {self.stages['secure']!r}")
         if not (math.isfinite(header.weight) and header.weight > 0):
             raise MalformedMessage(f"{who}: update weight must be a finite number > 0, got {header.weight}")
+        if header.weight > declared or header.weight > self.max_weight:
+            raise MalformedMessage(
+                f"{who}: update weight {header.weight:g} exceeds the {declared} training examples it declared at Join"
+                + (f" or run.max_weight={self.max_weight:g}" if header.weight > self.max_weight else "")
+            )
+        metrics = check_metrics(dict(header.metrics), who=who)
+        # The manifest is checked against the expected payload before a byte of it is read, and
+        # memory grows only with the data that actually arrives.
         _, payload = serde.read_update_stream(
-            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who
+            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who, expected=self.payload_spec
         )
         tensors = serde.unpack_tensors(header.manifest, payload, expected=self.payload_spec, who=who)
         for name, value in tensors.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise MalformedMessage(f"{who}: tensor {name!r} contains NaN or infinite values")
-        metrics = {k: float(v) for k, v in header.metrics.items() if math.isfinite(v)}
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
             if client_id in current.received:
@@ -222,6 +299,18 @@ class Coordinator:
         with self._cond:
             return sorted(self._clients)
 
+    def selectable_clients(self) -> tuple[list[str], list[str]]:
+        """``(responsive, unresponsive)`` joined clients, each sorted.
+
+        Responsive: heard from (Join, a poll, an upload) within the liveness timeout. A party that
+        joined and went silent is left out of cohorts once the timeout passed, so it cannot make
+        every round wait out its deadline; it is back as soon as it polls again.
+        """
+        now = time.monotonic()
+        with self._cond:
+            responsive = sorted(c for c, r in self._clients.items() if now - r.last_seen <= self.liveness_timeout)
+            return responsive, sorted(set(self._clients) - set(responsive))
+
     def wait_for_clients(self, count: int, timeout: float) -> list[str]:
         """Block until ``count`` clients joined or ``timeout`` passed; return who is there."""
         deadline = time.monotonic() + timeout
@@ -239,6 +328,9 @@ class Coordinator:
         """Start round ``number`` for ``cohort`` with the given global adapter payload."""
         with self._cond:
             self._round = RoundState(number, tuple(cohort), time.monotonic() + timeout, manifest, payload, dict(plan))
+            if self._finished is not None:  # stopped between the engine's check and this call
+                self._round.interrupted = self._finished
+                self._round.closed = True
             self._cond.notify_all()
 
     def wait_round(self) -> RoundState:
@@ -247,7 +339,7 @@ class Coordinator:
             current = self._round
             if current is None:
                 raise RuntimeError("no round is open")
-            while not current.complete() and self._finished is None:
+            while not current.complete() and self._finished is None and not current.closed:
                 remaining = current.deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -257,30 +349,46 @@ class Coordinator:
             return current
 
     def finish(self, message: str) -> None:
-        """Mark the run finished; every later poll gets FINISHED with ``message``."""
+        """Mark the run finished; every later poll gets FINISHED with ``message``.
+
+        A round still open is marked interrupted (Ctrl-C, `Server.stop`, an aborted simulation):
+        the engine releases nothing derived from it.
+        """
         with self._cond:
             self._finished = message
             if self._round is not None:
+                if not self._round.closed:
+                    self._round.interrupted = message
                 self._round.closed = True
             self._cond.notify_all()
 
     @property
     def finished(self) -> bool:
-        """Whether :meth:`finish` was called."""
+        """Whether `finish` was called."""
         return self._finished is not None
 
     # ------------------------------------------------------------------ checks
     def _check_client(self, envelope: pb.Envelope, method: str) -> str:
         client_id = envelope.client_id
         if envelope.run_id != self.run_id:
-            raise StaleMessage(f"{method} from client {client_id!r} is for run {envelope.run_id!r}; this server runs {self.run_id!r}")
+            raise StaleMessage(
+                f"{method} from client {shown(client_id)} is for run {shown(envelope.run_id)}; this server runs {self.run_id!r}"
+            )
         with self._cond:
-            if client_id not in self._clients:
-                raise UnknownClient(f"{method}: client {client_id!r} has not joined (call Join first)")
+            record = self._clients.get(client_id)
+            if record is None:
+                why = (
+                    "was removed after going silent (join again)" if client_id in self._evicted
+                    else "has not joined (call Join first)"
+                )
+                raise UnknownClient(f"{method}: client {shown(client_id)} {why}")
+            record.last_seen = time.monotonic()
         return client_id
 
     def _check_round_open(self, number: int, client_id: str) -> RoundState:
         current = self._round
+        if current is not None and current.interrupted:
+            raise StaleMessage(f"update from client {client_id!r} is for round {number}, which was interrupted")
         if current is None or number != current.number:
             if number in self._closed_rounds:
                 raise StaleMessage(

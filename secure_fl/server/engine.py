@@ -2,9 +2,9 @@
 arrived or the deadline passed -> aggregate -> privacy ledger line -> checkpoint and adapter
 (the release) -> evaluate -> metrics line; at the end, the privacy audit report.
 
-:class:`FederatedServer` builds everything a run needs from a :class:`~secure_fl.config.Config`
+`FederatedServer` builds everything a run needs from a `Config`
 (model, stages, coordinator, run directory) and runs the rounds; a transport (gRPC or in-process)
-delivers the clients' messages to its :attr:`FederatedServer.coordinator`. Stragglers are dropped
+delivers the clients' messages to its `FederatedServer.coordinator`. Stragglers are dropped
 from a round when its deadline passes, never waited for forever.
 """
 
@@ -30,12 +30,14 @@ from secure_fl.data import TextDataset
 from secure_fl.data import load_text_file
 from secure_fl.data.sources import load_splits
 from secure_fl.errors import ConfigError, RunError
-from secure_fl.models import load_trainable_state, model_fingerprint, trainable_state
-from secure_fl.server.coordinator import Coordinator
-from secure_fl.server.pipeline import ServerPipeline, Stages
+from secure_fl.models import load_trainable_state, model_fingerprint, model_info, trainable_state
+from secure_fl.server.coordinator import Coordinator, RoundState
+from secure_fl.server.pipeline import AggregationOutcome, ServerPipeline, Stages
 from secure_fl.server.rundir import RunDirectory
 from secure_fl.tensors import Layout
 from secure_fl.workload import TextClassification, Workload
+
+log = logging.getLogger(__name__)
 
 
 class RoundObserver(Protocol):
@@ -73,6 +75,10 @@ class RunResult:
     global_state: dict[str, np.ndarray] = field(repr=False)
     report_json: Path | None = None
     report_html: Path | None = None
+    #: ``True`` when a callback's ``on_round_end`` returned ``True`` before ``run.rounds`` rounds ran.
+    stopped_early: bool = False
+    #: Why the run ended before ``run.rounds`` (e.g. "stopped early by a callback after round 2 of 5"), else ``None``.
+    stop_reason: str | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -113,21 +119,37 @@ def new_run_id() -> str:
 
 
 def load_eval_set(config: Config) -> tuple[tuple[str, ...], TextDataset | None]:
-    """Label names and the server's held-out evaluation set (``None`` if the server has no data)."""
+    """Label names and the server's held-out evaluation set (``None`` if the server has no data).
+
+    With ``data.dataset = 'file'``, a configured ``data.test_path`` must exist: a mistyped one
+    would otherwise silently turn evaluation off. Without it, the server evaluates on a split of
+    ``data.path``; a server that does not hold that file (the parties keep their data) runs
+    without evaluation when ``data.label_names`` is set, with a warning naming the path, and is
+    refused with the missing path named when it is not.
+    """
     data = config.data
     if data.dataset == "file":
-        if data.test_path and Path(data.test_path).exists():
+        if data.test_path:
+            if not Path(data.test_path).is_file():
+                raise ConfigError(
+                    f"data.test_path: the server's test file {data.test_path!r} does not exist (relative paths are "
+                    f"read from {Path.cwd()}); fix the path, or remove data.test_path", key="data.test_path",
+                )
             test = load_text_file(
                 data.test_path, text_column=data.text_column, label_column=data.label_column,
                 label_names=data.label_names or None,
             )
             return (data.label_names or test.label_names), test
-        if not Path(data.path).exists():
+        if not Path(data.path).is_file():
             if not data.label_names:
                 raise ConfigError(
-                    "data.label_names: the server has neither data.path nor data.test_path, so it needs the "
-                    "label names to build the classifier", key="data.label_names",
+                    f"data.path: file {data.path!r} does not exist (relative paths are read from {Path.cwd()}); "
+                    "a server that holds no data file needs data.label_names instead", key="data.path",
                 )
+            log.warning(
+                "data.path %r does not exist here: the server has no evaluation data and reports accuracy null "
+                "(set data.test_path to evaluate)", data.path,
+            )
             return data.label_names, None
     _, test = load_splits(config)
     return test.label_names, test
@@ -189,6 +211,10 @@ class FederatedServer:
             chunk_size=config.transport.chunk_size,
             poll_interval=config.transport.poll_interval,
             on_update=self.observer.on_update,
+            max_clients=config.run.num_clients,
+            max_weight=config.run.max_weight,
+            liveness_timeout=config.transport.liveness_timeout,
+            model_info=model_info(self.adapted.model),
         )
 
     def plan(self) -> dict[str, float]:
@@ -221,13 +247,14 @@ class FederatedServer:
             self._write_report_after_failure()
             raise
         stopped = len(records) < self.config.run.rounds
+        stop_reason = f"stopped early by a callback after round {len(records)} of {self.config.run.rounds}" if stopped else None
         self.coordinator.finish(f"run {'stopped early by a callback' if stopped else 'complete'} after {len(records)} rounds")
         from secure_fl.audit import audit
 
         report = audit(self.run_dir.path)
         return RunResult(
             self.run_id, self.run_dir.path, records, self.run_dir.adapter, self.global_state,
-            report_json=report.json_path, report_html=report.html_path,
+            report_json=report.json_path, report_html=report.html_path, stopped_early=stopped, stop_reason=stop_reason,
         )
 
     def _write_report_after_failure(self) -> None:
@@ -247,6 +274,14 @@ class FederatedServer:
                 f"only {len(joined)} client(s) joined within run.join_timeout={run.join_timeout}s; "
                 f"a round needs at least run.min_updates={run.min_updates}"
             )
+        if len(joined) < run.clients_per_round:
+            shortfall = (
+                f"only {len(joined)} of run.clients_per_round={run.clients_per_round} clients joined within "
+                f"run.join_timeout={run.join_timeout:g}s"
+            )
+            if run.require_full_cohort:
+                raise RunError(f"{shortfall}; run.require_full_cohort = true, so the run does not start")
+            log.warning("%s; running with smaller cohorts (set run.require_full_cohort = true to refuse)", shortfall)
         self._save_adapter()
         records: list[dict[str, Any]] = []
         for number in range(1, run.rounds + 1):
@@ -259,12 +294,17 @@ class FederatedServer:
     def _round(self, number: int, rng: np.random.Generator) -> tuple[dict[str, Any], bool]:
         run = self.config.run
         if self.coordinator.finished:
-            raise RunError(f"run stopped before round {number}")
-        available = self.coordinator.active_clients()
+            self._mark_interrupted()
+            raise RunInterrupted(f"run stopped before round {number}")
+        available, unresponsive = self.coordinator.selectable_clients()
         if len(available) < run.min_updates:
-            available = self.coordinator.wait_for_clients(run.min_updates, run.join_timeout)
+            self.coordinator.wait_for_clients(run.min_updates, run.join_timeout)
+            available, unresponsive = self.coordinator.selectable_clients()
             if len(available) < run.min_updates:
-                raise RunError(f"round {number}: only {len(available)} client(s) connected; need run.min_updates={run.min_updates}")
+                raise RunError(
+                    f"round {number}: only {len(available)} responsive client(s) connected "
+                    f"({len(unresponsive)} silent); need run.min_updates={run.min_updates}"
+                )
         size = min(run.clients_per_round, len(available))
         cohort = sorted(str(c) for c in rng.choice(available, size=size, replace=False))
         manifest, payload = serde.pack_tensors(self.global_state)
@@ -272,6 +312,9 @@ class FederatedServer:
         self.observer.on_round_start(number, cohort)
         self.coordinator.open_round(number, cohort, manifest, payload, self.plan(), run.round_timeout)
         state = self.coordinator.wait_round()
+        if state.interrupted is not None:
+            self._record_interrupted(number, cohort, state, started)
+            raise RunInterrupted(f"round {number} was interrupted ({state.interrupted}); nothing of it was released")
         received = [state.received[c] for c in sorted(state.received)]
         dropped = sorted(set(cohort) - set(state.received))
         record: dict[str, Any] = {
@@ -279,8 +322,10 @@ class FederatedServer:
             "status": "ok",
             "clients": len(received),
             "cohort": len(cohort),
+            "cohort_target": run.clients_per_round,
             "selected": cohort,
             "dropped": dropped,
+            "unresponsive": unresponsive,
             "accuracy": None,
             "loss": None,
             "train_loss": _weighted_mean(
@@ -291,11 +336,19 @@ class FederatedServer:
             "stages": self.stages.names(),
             **_federated_evaluation(state.client_metrics),
         }
+        outcome: AggregationOutcome | None = None
         if len(received) < run.min_updates:
             record["status"] = "failed"
             record["reason"] = f"{len(received)} update(s) before the deadline; run.min_updates={run.min_updates}"
         else:
             outcome = self.pipeline.aggregate(self.global_state, received)
+            problem = _non_finite(outcome.state)
+            if problem is not None:
+                record["status"] = "failed"
+                record["reason"] = f"the aggregated global adapter is not finite ({problem}); nothing was released"
+                log.error("round %d: %s", number, record["reason"])
+                outcome = None
+        if outcome is not None:
             event = self.stages.privacy.privacy_event(
                 cohort_size=len(cohort), population=len(available), contributions=len(received)
             )
@@ -325,15 +378,46 @@ class FederatedServer:
         stop = self.observer.on_round_end(record) is True
         return record, stop
 
+    def _record_interrupted(self, number: int, cohort: Sequence[str], state: RoundState, started: float) -> None:
+        """Write the metrics line of a round cut short; nothing derived from it is released."""
+        record: dict[str, Any] = {
+            "round": number,
+            "status": "interrupted",
+            "reason": f"run stopped while the round was open: {state.interrupted}",
+            "clients": 0,
+            "cohort": len(cohort),
+            "selected": list(cohort),
+            "updates_discarded": len(state.received),
+            "dropped": [],
+            "accuracy": None,
+            "loss": None,
+            "bytes_up": state.bytes_up,
+            "bytes_down": state.bytes_down,
+            "stages": self.stages.names(),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        self.run_dir.append_metrics(record)
+        self._mark_interrupted()
+
+    def _mark_interrupted(self) -> None:
+        """Say in ``run.json`` that the run was stopped before it completed (the report reads it)."""
+        info = self.run_dir.read_run_info()
+        info["interrupted"] = True
+        self.run_dir.write_run_info(info)
+
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
 
 
-class BackgroundRun:
-    """:meth:`FederatedServer.run` in a daemon thread, started at construction.
+class RunInterrupted(RunError):
+    """The run was stopped while a round was open; that round released nothing."""
 
-    :meth:`result` hands the outcome to the caller's thread: the :class:`RunResult`, or the run's
+
+class BackgroundRun:
+    """`FederatedServer.run` in a daemon thread, started at construction.
+
+    `result` hands the outcome to the caller's thread: the `RunResult`, or the run's
     own exception re-raised, so a failed run is never mistaken for a finished one.
     """
 
@@ -382,6 +466,15 @@ def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[s
     out = {f"fed_{k}": sum(m[k] * m["eval_examples"] for m in reports if k in m) / total for k in keys}
     out["fed_eval_examples"] = float(total)
     return out
+
+
+def _non_finite(state: dict[str, np.ndarray]) -> str | None:
+    """The first tensor of ``state`` holding NaN or infinity, described; ``None`` if all are finite."""
+    for name, value in state.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            return f"tensor {name!r} holds {int((~np.isfinite(array)).sum())} NaN/infinite value(s)"
+    return None
 
 
 def _weighted_mean(pairs: Sequence[tuple[float | None, float]]) -> float | None:

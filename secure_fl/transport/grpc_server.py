@@ -2,26 +2,45 @@
 
 Protocol errors become gRPC status codes with the coordinator's message; anything unexpected is
 logged and answered with INTERNAL, and the server keeps serving the other clients.
+
+The server is the trust boundary, so it defends its threads and its port:
+
+- requests are decoded here, not by gRPC, so an undecodable message is answered with
+  INVALID_ARGUMENT (gRPC itself would say INTERNAL);
+- streaming calls (PushUpdate, PullTask) are capped overall and per network peer (IP address):
+  one host opening many silent streams cannot take every worker thread, so Join, Leave and the
+  health check of honest parties are always served (refused streams get RESOURCE_EXHAUSTED and
+  the client retries);
+- an upload stream that sends no first message within ``first_message_timeout``, or stalls for
+  ``idle_timeout`` between two messages, is cancelled and its thread freed;
+- the port is bound exclusively: a second server on the same address fails to start instead of
+  sharing the clients with the first (gRPC enables ``SO_REUSEPORT`` by default).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import NoReturn, TypeVar
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protocols.errors import ProtocolError
+from protocols.errors import MalformedMessage, ProtocolError
 from protocols.wire.v1 import federation_pb2 as pb
-from protocols.wire.v1 import federation_pb2_grpc as pb_grpc
 from secure_fl.server.coordinator import Coordinator
+from secure_fl.transport.address import parse_address
 from secure_fl.transport.grpc_client import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 SERVICE_NAME = "secure_fl.v1.Federation"
 
 
@@ -30,15 +49,132 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
         log.info("%s refused: %s", method, exc)
         context.abort(exc.code, str(exc))
     log.exception("%s failed", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error: {type(exc).__name__}: {exc}")
+    context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error: {type(exc).__name__}")
     raise AssertionError("grpc context.abort returned")  # abort always raises
 
 
-class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # generated base is untyped
-    """Maps each RPC onto the coordinator."""
+def _decode(kind: type[M], raw: bytes, method: str) -> M:
+    """Parse ``raw`` as ``kind``; an undecodable message is a `MalformedMessage` (INVALID_ARGUMENT)."""
+    try:
+        message: M = kind.FromString(raw)
+        return message
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise MalformedMessage(f"{method}: the message is not a valid {kind.__name__} ({exc})") from None
 
-    def __init__(self, coordinator: Coordinator) -> None:
+
+def _peer_host(peer: str) -> str:
+    """The host part of a gRPC peer string (``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4``)."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+class StreamGuard:
+    """Caps concurrent streams (overall and per peer) and cancels streams that go silent.
+
+    A single monitor thread checks the deadlines of the watched streams four times a second, so
+    a silent stream costs no thread of its own beyond the worker it was already holding.
+    """
+
+    def __init__(
+        self, *, max_streams: int, max_streams_per_peer: int, first_message_timeout: float, idle_timeout: float
+    ) -> None:
+        self.max_streams = max_streams
+        self.max_streams_per_peer = max_streams_per_peer
+        self.first_message_timeout = first_message_timeout
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._open = 0
+        self._per_peer: Counter[str] = Counter()
+        self._deadlines: dict[int, tuple[float, grpc.ServicerContext, str]] = {}
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="secure-fl-stream-guard", daemon=True)
+        self._monitor.start()
+
+    @contextmanager
+    def admit(self, context: grpc.ServicerContext, method: str) -> Iterator[None]:
+        """Hold one stream slot for the duration of the block, or refuse with RESOURCE_EXHAUSTED."""
+        peer = _peer_host(context.peer())
+        with self._lock:
+            if self._open >= self.max_streams:
+                refusal = f"{method}: the server is serving {self._open} streams (transport.max_streams); retry shortly"
+            elif self._per_peer[peer] >= self.max_streams_per_peer:
+                refusal = (
+                    f"{method}: {peer} already holds {self._per_peer[peer]} open streams "
+                    "(transport.max_streams_per_peer); retry shortly"
+                )
+            else:
+                refusal = ""
+                self._open += 1
+                self._per_peer[peer] += 1
+        if refusal:
+            log.info("refused: %s", refusal)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
+                self._per_peer[peer] -= 1
+                if self._per_peer[peer] <= 0:
+                    del self._per_peer[peer]
+
+    def watched(self, messages: Iterator[bytes], context: grpc.ServicerContext, method: str) -> Iterator[bytes]:
+        """Yield the messages of a client stream; cancel it if one is late."""
+        key = id(context)
+        why = f"{method}: no first message within {self.first_message_timeout:g} s"
+        self._set(key, self.first_message_timeout, context, why)
+        iterator = iter(messages)
+        try:
+            while True:
+                try:
+                    message = next(iterator)
+                except StopIteration:
+                    return
+                except grpc.RpcError:  # cancelled: by the monitor (late) or by the client
+                    with self._lock:
+                        late = key not in self._deadlines
+                    if late:
+                        raise ProtocolError(f"{why}; stream closed", code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                    raise ProtocolError(f"{method}: the client cancelled the stream", code=grpc.StatusCode.CANCELLED) from None
+                why = f"{method}: no message for {self.idle_timeout:g} s"
+                self._set(key, self.idle_timeout, context, why)
+                yield message
+        finally:
+            with self._lock:
+                self._deadlines.pop(key, None)
+
+    def _set(self, key: int, timeout: float, context: grpc.ServicerContext, why: str) -> None:
+        with self._lock:
+            self._deadlines[key] = (time.monotonic() + timeout, context, why)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [(k, c, why) for k, (due, c, why) in self._deadlines.items() if due <= now]
+                for key, _, _ in late:
+                    del self._deadlines[key]
+            for _, context, why in late:
+                log.info("closing a stream from %s: %s", context.peer(), why)
+                context.cancel()
+
+    def open_streams(self) -> int:
+        """How many streams hold a slot now."""
+        with self._lock:
+            return self._open
+
+    def close(self) -> None:
+        """Stop the monitor thread."""
+        self._stop.set()
+
+
+class FederationServicer:
+    """Maps each RPC onto the coordinator; decodes requests itself and guards the streams."""
+
+    def __init__(self, coordinator: Coordinator, guard: StreamGuard) -> None:
         self.coordinator = coordinator
+        self.guard = guard
 
     def _unary(self, method: str, fn: Callable[[], T], context: grpc.ServicerContext) -> T:
         try:
@@ -46,38 +182,83 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # g
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, the server keeps serving
             _abort(context, exc, method)
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:  # noqa: N802
+    def join(self, raw: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
         """Join RPC."""
-        return self._unary("Join", lambda: self.coordinator.join(request), context)
+        return self._unary("Join", lambda: self.coordinator.join(_decode(pb.JoinRequest, raw, "Join")), context)
 
-    def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:  # noqa: N802
+    def pull_task(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
         """PullTask RPC (server stream)."""
-        try:
-            yield from self.coordinator.pull_task(request)
-        except Exception as exc:  # noqa: BLE001
-            _abort(context, exc, "PullTask")
+        with self.guard.admit(context, "PullTask"):
+            try:
+                yield from self.coordinator.pull_task(_decode(pb.PullTaskRequest, raw, "PullTask"))
+            except Exception as exc:  # noqa: BLE001
+                _abort(context, exc, "PullTask")
 
-    def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:  # noqa: N802
+    def push_update(self, raw_messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushReply:
         """PushUpdate RPC (client stream)."""
-        return self._unary("PushUpdate", lambda: self.coordinator.push_update(request_iterator), context)
+        with self.guard.admit(context, "PushUpdate"):
+            messages = (
+                _decode(pb.UpdateChunk, raw, "PushUpdate") for raw in self.guard.watched(raw_messages, context, "PushUpdate")
+            )
+            return self._unary("PushUpdate", lambda: self.coordinator.push_update(messages), context)
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:  # noqa: N802
+    def leave(self, raw: bytes, context: grpc.ServicerContext) -> pb.LeaveReply:
         """Leave RPC."""
-        return self._unary("Leave", lambda: self.coordinator.leave(request), context)
+        return self._unary("Leave", lambda: self.coordinator.leave(_decode(pb.LeaveRequest, raw, "Leave")), context)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler of the Federation service (requests arrive as raw bytes)."""
+        methods: dict[str, Any] = {
+            "Join": grpc.unary_unary_rpc_method_handler(self.join, response_serializer=pb.JoinReply.SerializeToString),
+            "PullTask": grpc.unary_stream_rpc_method_handler(
+                self.pull_task, response_serializer=pb.TaskChunk.SerializeToString
+            ),
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(
+                self.push_update, response_serializer=pb.PushReply.SerializeToString
+            ),
+            "Leave": grpc.unary_unary_rpc_method_handler(self.leave, response_serializer=pb.LeaveReply.SerializeToString),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
 class GrpcServer:
-    """A running gRPC server for one coordinator, with the standard health service."""
+    """A running gRPC server for one coordinator, with the standard health service.
 
-    def __init__(self, coordinator: Coordinator, address: str, *, max_workers: int = 32) -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), self._server)
+    Raises ``ValueError`` for a malformed address or port and ``OSError`` when the address cannot
+    be bound (for example because another server listens there).
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        address: str,
+        *,
+        max_workers: int = 32,
+        max_streams: int = 16,
+        max_streams_per_peer: int = 8,
+        first_message_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        host, _ = parse_address(address, what="server address", allow_port_zero=True)
+        if max_streams >= max_workers:
+            raise ValueError(f"max_streams={max_streams} must leave worker threads for Join and health checks (max_workers={max_workers})")
+        self.guard = StreamGuard(
+            max_streams=max_streams, max_streams_per_peer=max_streams_per_peer,
+            first_message_timeout=first_message_timeout, idle_timeout=idle_timeout,
+        )
+        options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self._server.add_generic_rpc_handlers((FederationServicer(coordinator, self.guard).handler(),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        self.port = self._server.add_insecure_port(address)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc >= 1.5x raises instead of returning 0
+            self.guard.close()
+            raise OSError(f"cannot listen on {address}: {exc} (is another server already using this port?)") from None
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
-        host = address.rsplit(":", 1)[0]
+            self.guard.close()
+            raise OSError(f"cannot listen on {address} (is another server already using this port?)")
         self.address = f"{host}:{self.port}"
 
     def start(self) -> GrpcServer:
@@ -92,3 +273,4 @@ class GrpcServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace).wait()
+        self.guard.close()
