@@ -48,3 +48,9 @@ class ProtocolAbort(ProtocolError):
     """A protocol instance cannot finish (for example too few clients survived)."""
 
     code = grpc.StatusCode.ABORTED
+
+
+class StageTransitionError(ProtocolError):
+    """A message or task arrived for a phase the protocol is not in (or never has)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_fl.client.client import ClientStages, FederatedClient
+from secure_fl.client.client import ClientStages, FederatedClient, HonestBoard
 from secure_fl.callbacks import CallbackObserver, RoundCallback
 from secure_fl.client.trainer import LocalTrainer
 from secure_fl.config import Config
@@ -100,9 +100,12 @@ def simulate(
         client_datasets = client_partitions(config, train)
     shared = server.workload.build(seed=config.run.seed)
     attackers = attacker_indices(config)
+    board = HonestBoard(keep=bool(attackers))  # white-box attackers read the round's honest updates
     clients = []
     for index, dataset in enumerate(client_datasets):
         stages = ClientStages.from_config(config, malicious=index in attackers)
+        if stages.attack is not None:  # label flipping, backdoors: the attacker trains on poisoned data
+            dataset = stages.attack.poison_data(dataset, rng=np.random.default_rng([config.run.seed, 11, index]))
         trainer = LocalTrainer.create(server.workload, dataset, config, adapted=shared)
         client = FederatedClient(
             f"client-{index}",
@@ -111,18 +114,21 @@ def simulate(
             stages,
             seed=config.run.seed,
             chunk_size=config.transport.chunk_size,
+            board=board,
         )
         client.join()
         clients.append(client)
+    # honest clients step first in every pass, so an attacker of the round sees their updates
+    clients.sort(key=lambda c: c.stages.attack is not None)
 
     rounds = BackgroundRun(server, name="secure-fl-server")
     try:
         while rounds.is_alive() and not all(c.finished for c in clients):
-            trained = False
+            progressed = False
             for client in clients:
-                if not client.finished and client.step() == "trained":
-                    trained = True
-            if not trained:
+                if not client.finished and client.step() in ("trained", "answered"):
+                    progressed = True
+            if not progressed:
                 time.sleep(0.01)
     except BaseException as exc:
         server.coordinator.finish("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"simulation aborted: {exc}")

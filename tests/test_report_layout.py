@@ -68,14 +68,18 @@ def test_report_names_the_secure_fl_version() -> None:
 
 
 def test_threat_model_says_what_the_server_sees_in_the_clear() -> None:
-    for mode, reveals in (("plain", True), ("masked", False)):
-        stages = {"secure": {"name": mode, "params": {"server_sees_individual_updates": reveals, "bucket_size": 4}}}
-        report = build_report(run={"stages": stages}, config={}, metrics=[], ledger=[])
-        sees = " ".join(row["sees"] for row in report["threat_model"] if row["party"] == "server")
-        assert "example count" in sees and "training loss" in sees and "local evaluation metrics" in sees
-        assert "in the clear" in sees
-        page = render_html(report)
-        assert "example count (its aggregation weight" in page
+    plain = {"secure": {"name": "plain", "params": {"server_sees_individual_updates": True, "bucket_size": 1}}}
+    report = build_report(run={"stages": plain}, config={}, metrics=[], ledger=[])
+    sees = " ".join(row["sees"] for row in report["threat_model"] if row["party"] == "server")
+    assert "example count" in sees and "training loss" in sees and "local evaluation metrics" in sees
+    assert "in the clear" in sees
+    assert "example count (its aggregation weight" in render_html(report)
+    # a mode that hides updates: clients send no metrics or weight in the clear, and the report says so
+    masked = {"secure": {"name": "masked", "params": {"server_sees_individual_updates": False, "bucket_size": 4}}}
+    report = build_report(run={"stages": masked}, config={}, metrics=[], ledger=[])
+    sees = " ".join(row["sees"] for row in report["threat_model"] if row["party"] == "server")
+    assert "no loss, no evaluation metrics and no weight in the clear" in sees
+    assert "example count (its aggregation weight" not in render_html(report)
 
 
 def test_privacy_module_does_not_import_secure_fl() -> None:

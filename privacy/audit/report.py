@@ -230,10 +230,16 @@ def _no_dp(mechanism: Mapping[str, Any]) -> bool:
     return mechanism.get("guarantee", "none") in (None, "none")
 
 
-#: What every client sends unprotected with its update under the current round engine.
+#: What every client sends unprotected with its update when the secure mode reveals updates.
 CLEAR_METADATA = (
     "per-client metadata sent in the clear with every update: the client's example count (its "
     "aggregation weight, also sent when it joins) and its training loss and local evaluation metrics"
+)
+#: What is left in the clear when the secure mode hides updates.
+HIDDEN_METADATA = (
+    "per-client metadata: none of the update's content; clients send no loss, no evaluation metrics "
+    "and no weight in the clear (the weight travels inside the masked or encrypted payload) and declare "
+    "one example when they join; the server still sees who took part in each phase and the size of every message"
 )
 
 
@@ -251,7 +257,8 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         server_protection = f"secure.mode = {mode}" + (f"; keys held by {params['key_custody']}" if params.get("key_custody") else "")
     rows = [
         {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},
-        {"party": "server", "sees": CLEAR_METADATA, "protected_by": "nothing, whatever secure.mode and privacy.mode are"},
+        {"party": "server", "sees": CLEAR_METADATA, "protected_by": "nothing: sent in the clear in this secure mode"}
+        if reveals else {"party": "server", "sees": HIDDEN_METADATA, "protected_by": f"secure.mode = {mode}"},
         {"party": "other clients", "sees": "the global adapter of every round they take part in", "protected_by": dp_text},
         {"party": "anyone given the final adapter", "sees": "the released global adapter", "protected_by": dp_text},
     ]

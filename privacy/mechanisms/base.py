@@ -1,8 +1,10 @@
 """The interface of a differential-privacy mechanism in the round.
 
-A mechanism acts at two points: on the client, before encoding (`client_transform`: clip
-and, in distributed mode, add a noise share), and on the server after aggregation
-(`server_transform`: central noise). `privacy_event` says what one release costs as a
+A mechanism acts at three points. On the client it clips the float update (`clip`) before the
+secure-aggregation protocol quantises it, and adds its integer noise share (`add_noise_share`, the
+distributed mode) after quantisation and before masking; the order is fixed by
+`secure_fl.client.mods`. On the server it transforms the aggregate (`server_transform`: central
+noise). `privacy_event` says what one release costs as a
 `GaussianEvent`; the server composes it into the configured accountants
 and writes the result to the privacy ledger before the new global adapter is released.
 """
@@ -11,11 +13,36 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from privacy.accounting import GaussianEvent
+
+
+@dataclass(frozen=True)
+class MechanismContext:
+    """What a client-side mechanism knows about the release its update is part of.
+
+    Attributes
+    ----------
+    round:
+        The round number.
+    cohort_size:
+        Clients selected for the round.
+    bucket_size:
+        Clients per sum the server learns (1 in plain mode); distributed noise must give every
+        bucket sum the full noise.
+    worst_case_dropouts:
+        Most clients of a bucket that may drop without the round aborting; noise shares are sized
+        so the survivors' shares still add up to the accounted noise.
+    """
+
+    round: int
+    cohort_size: int
+    bucket_size: int
+    worst_case_dropouts: int = 0
 
 
 class PrivacyMechanism(ABC):
@@ -28,9 +55,25 @@ class PrivacyMechanism(ABC):
     name: ClassVar[str]
     guarantee: ClassVar[str] = "none"
 
-    @abstractmethod
     def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Transform a client's float update before it is encoded and uploaded."""
+        """v0.1 hook: transform a client's float update before it is encoded (default: unchanged).
+
+        New mechanisms implement `clip` and `add_noise_share` instead; `clip` calls this by default
+        so a v0.1 mechanism keeps working.
+        """
+        return dict(update)
+
+    def clip(self, update: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, np.ndarray]:
+        """Client step 2 (after training, before quantisation): bound the float update."""
+        return self.client_transform(update)
+
+    def add_noise_share(self, quantised: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, np.ndarray]:
+        """Client step 5 (after quantisation, before masking): add this client's share of the noise.
+
+        Works on the protocol's quantised values (integers under SecAgg+), so distributed
+        discrete noise is added where the protocol cannot round it away. Default: unchanged.
+        """
+        return dict(quantised)
 
     @abstractmethod
     def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:

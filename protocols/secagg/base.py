@@ -1,8 +1,12 @@
 """The interface every secure-aggregation protocol implements.
 
-A protocol has a client half (`SecureAggregation.encode`: what leaves the client instead of
-the raw update) and a server half (`SecureAggregation.aggregate`: turning everything that
-arrived into per-bucket sums). The server's later stages (defenses, PEFT rules) only ever see
+A protocol leads each round as a sequence of phases (`protocols.secagg.phases`): its server half
+(`ServerRound`, from `SecureAggregation.server_round`) declares the phases and turns the answers
+into per-bucket sums; its client half (`ClientRound`, from `SecureAggregation.client_round`) is a
+per-round session that answers them and keeps its secrets until the round ends. A one-shot
+protocol (one upload, no key agreement) only implements `SecureAggregation.encode`,
+`SecureAggregation.payload_spec` and `SecureAggregation.aggregate`: the base class runs it as a
+one-phase round (that is how ``plain`` works, and how v0.1 plug-ins keep working). The server's later stages (defenses, PEFT rules) only ever see
 `BucketSum` objects, so the same round runs whatever the protocol: in ``plain`` mode every
 client is a bucket of one; a masked or encrypted protocol hands on one sum per bucket.
 """
@@ -16,6 +20,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from protocols.errors import StageTransitionError
+from protocols.secagg.phases import (
+    Answer, AnswerSpec, ClientContext, Phase, PhaseData, PhaseResult, RoundContext,
+)
 from protocols.wire.serde import TensorSpec
 
 
@@ -58,8 +66,59 @@ class BucketSum:
         return {name: (value / self.weight).astype(np.float32) for name, value in self.total.items()}
 
 
+class ServerRound(ABC):
+    """The server half of one round: a state machine over phases.
+
+    The engine calls `first_phase`, then `next_phase` with each phase's result until it returns
+    ``None``, then `result`. Raising `protocols.errors.ProtocolAbort` from `next_phase` aborts
+    the round: the reason goes to ``metrics.jsonl`` and nothing of the round is released.
+    """
+
+    @abstractmethod
+    def first_phase(self) -> Phase:
+        """The round's first phase."""
+
+    @abstractmethod
+    def next_phase(self, result: PhaseResult) -> Phase | None:
+        """Consume a finished phase; return the next one, or ``None`` when the sums are ready."""
+
+    @abstractmethod
+    def result(self) -> list[BucketSum]:
+        """The bucket sums of the round (call after `next_phase` returned ``None``)."""
+
+
+class ClientRound(ABC):
+    """The client half of one round: a session that keeps its secrets between phases.
+
+    The client creates it when the first task of a round arrives and calls `close` when the round
+    is over (a task for a later round, or the run's end); its secrets are gone after that.
+    """
+
+    def on_phase(self, phase: str, data: PhaseData) -> PhaseData:
+        """Answer a phase that does not train (key agreement, unmasking)."""
+        raise StageTransitionError(f"this protocol has no phase {phase!r} that a client answers")
+
+    def quantise(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Training phase, step 1: map the clipped float update to what is masked (default: float32)."""
+        return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in update.items()}
+
+    @abstractmethod
+    def mask(self, quantised: Mapping[str, np.ndarray], *, weight: float, data: PhaseData) -> PhaseData:
+        """Training phase, step 2: mask or encrypt the (noised) quantised update into the answer.
+
+        ``weight`` is the client's aggregation weight; a protocol that hides updates carries it
+        inside the answer (the upload's header then holds no weight). ``data`` is the phase payload.
+        """
+
+    def close(self) -> None:
+        """Forget every secret of the round (default: nothing to forget)."""
+
+
 class SecureAggregation(ABC):
     """A secure-aggregation protocol: one subclass per mode, registered under `name`.
+
+    Implement either the one-shot trio (`encode`, `payload_spec`, `aggregate`) or the two round
+    halves (`server_round`, `client_round`) for a multi-phase protocol.
 
     Attributes
     ----------
@@ -67,26 +126,48 @@ class SecureAggregation(ABC):
         The value of ``[secure] mode`` that selects the protocol.
     reveals_individual_updates:
         True when the server sees each client's update (plain mode). Defenses that need individual
-        updates, and the privacy report, read this.
+        updates, and the privacy report, read this. When False, clients send no per-client metrics
+        (loss, example counts) in the clear and the weight travels inside the protocol.
     """
 
     name: ClassVar[str]
     reveals_individual_updates: ClassVar[bool] = False
+    #: Name of the one phase of a one-shot protocol.
+    UPLOAD_PHASE: ClassVar[str] = "update"
 
-    @abstractmethod
+    # ------------------------------------------------------------------ one-shot protocols
     def encode(self, update: Mapping[str, np.ndarray], *, weight: float) -> dict[str, np.ndarray]:
-        """Client half: turn a float update into the tensors that are uploaded."""
+        """One-shot client half: turn a float update into the tensors that are uploaded."""
+        raise NotImplementedError(
+            f"{type(self).__name__}: implement encode/payload_spec/aggregate (one-shot) or server_round/client_round"
+        )
 
-    @abstractmethod
     def payload_spec(self, update_spec: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
-        """Return the specs of the upload for an update with the given tensor specs.
+        """One-shot: the specs of the upload for an update with the given tensor specs.
 
         The server validates every arriving payload against it before the protocol sees it.
         """
+        raise NotImplementedError(f"{type(self).__name__}: a one-shot protocol implements payload_spec")
 
-    @abstractmethod
     def aggregate(self, contributions: Sequence[Contribution]) -> list[BucketSum]:
-        """Server half: combine the round's contributions into bucket sums."""
+        """One-shot server half: combine the round's contributions into bucket sums."""
+        raise NotImplementedError(f"{type(self).__name__}: a one-shot protocol implements aggregate")
+
+    # ------------------------------------------------------------------ rounds
+    def assign_buckets(self, cohort: Sequence[str], rng: np.random.Generator) -> tuple[tuple[str, ...], ...]:
+        """Split the cohort into buckets when the round opens (default: one per client if updates
+        are revealed anyway, else one bucket holding the whole cohort)."""
+        if self.reveals_individual_updates:
+            return tuple((c,) for c in cohort)
+        return (tuple(cohort),)
+
+    def server_round(self, context: RoundContext) -> ServerRound:
+        """The server half of one round (default: the one-shot protocol as a one-phase round)."""
+        return _OneShotServerRound(self, context)
+
+    def client_round(self, context: ClientContext) -> ClientRound:
+        """The client half of one round (default: the one-shot protocol's `encode`)."""
+        return _OneShotClientRound(self)
 
     def describe(self) -> dict[str, object]:
         """Return what the server can see under this protocol, for the audit report's threat model.
@@ -101,3 +182,38 @@ class SecureAggregation(ABC):
             "key_custody": None,
         }
 
+
+class _OneShotServerRound(ServerRound):
+    """One phase in which the whole cohort trains and uploads; then `SecureAggregation.aggregate`."""
+
+    def __init__(self, protocol: SecureAggregation, context: RoundContext) -> None:
+        self.protocol = protocol
+        self.context = context
+        self._answers: Mapping[str, Answer] | None = None
+
+    def first_phase(self) -> Phase:
+        spec = self.protocol.payload_spec(self.context.update_spec)
+        return Phase(self.protocol.UPLOAD_PHASE, self.context.cohort, AnswerSpec(tensors=spec), trains=True)
+
+    def next_phase(self, result: PhaseResult) -> Phase | None:
+        if result.phase.name != self.protocol.UPLOAD_PHASE or self._answers is not None:
+            raise StageTransitionError(f"one-shot protocol {self.protocol.name!r} got phase {result.phase.name!r}")
+        self._answers = result.answers
+        return None
+
+    def result(self) -> list[BucketSum]:
+        if self._answers is None:
+            raise StageTransitionError("the upload phase has not ended")
+        contributions = [Contribution(c, a.tensors, a.weight) for c, a in sorted(self._answers.items())]
+        return self.protocol.aggregate(contributions)
+
+
+class _OneShotClientRound(ClientRound):
+    def __init__(self, protocol: SecureAggregation) -> None:
+        self.protocol = protocol
+
+    def quantise(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(update)
+
+    def mask(self, quantised: Mapping[str, np.ndarray], *, weight: float, data: PhaseData) -> PhaseData:
+        return PhaseData(tensors=self.protocol.encode(quantised, weight=weight))

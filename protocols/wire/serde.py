@@ -59,6 +59,9 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: When True (an expected spec only), any shape of the same rank with every dimension at most
+    #: ``shape``'s is accepted: ciphertexts and other variable-length payloads with a maximum.
+    variable: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -158,7 +161,12 @@ def _check_expected(specs: list[TensorSpec], expected: Mapping[str, TensorSpec],
             raise MalformedMessage(
                 f"{who}: tensor {name!r} has dtype {spec.dtype}, expected {want.dtype}"
             )
-        if spec.shape != tuple(want.shape):
+        if want.variable:
+            if len(spec.shape) != len(want.shape) or any(d > m for d, m in zip(spec.shape, want.shape)):
+                raise MalformedMessage(
+                    f"{who}: tensor {name!r} has shape {spec.shape}, expected at most {tuple(want.shape)}"
+                )
+        elif spec.shape != tuple(want.shape):
             raise MalformedMessage(
                 f"{who}: tensor {name!r} has shape {spec.shape}, expected {tuple(want.shape)}"
             )
@@ -461,6 +469,6 @@ def read_task_stream(
     )
 
 
-def envelope(run_id: str, round: int, client_id: str) -> pb.Envelope:  # noqa: A002
-    """Build the `pb.Envelope` that every message carries."""
-    return pb.Envelope(run_id=run_id, round=round, client_id=client_id)
+def envelope(run_id: str, round: int, client_id: str, phase: str = "") -> pb.Envelope:  # noqa: A002
+    """Build the `pb.Envelope` that every message carries (``phase``: the phase it answers)."""
+    return pb.Envelope(run_id=run_id, round=round, client_id=client_id, phase=phase)

@@ -19,14 +19,16 @@ from typing import TypeVar
 import numpy as np
 
 from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
-from protocols.secagg import SecureAggregation, create_secure_aggregation
+from privacy.mechanisms import MechanismContext
+from protocols.secagg import ClientContext, ClientRound, PhaseData, SecureAggregation, create_secure_aggregation
 from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
-from robustness.attacks import Attack, create_attack
+from robustness.attacks import Attack, AttackContext, create_attack
 from secure_fl.client.trainer import LocalTrainer, derive_seed
 from secure_fl.config import Config
 from secure_fl.errors import RunError, TransportError
-from secure_fl.models import model_fingerprint, model_info
+from secure_fl.client.mods import prepare_upload
+from secure_fl.models import model_fingerprint, model_info, trainable_state
 from protocols.wire.limits import PROTOCOL_VERSION
 from secure_fl.transport.base import ClientTransport
 
@@ -61,6 +63,33 @@ class ClientStages:
         return {"secure": self.secure.name, "privacy": self.privacy.name}
 
 
+class HonestBoard:
+    """The honest clipped updates of each round, shared by simulated clients (white-box attacks).
+
+    Only a simulation with attackers shares a keeping board among its clients; every other client
+    has a board that keeps nothing.
+    """
+
+    def __init__(self, *, keep: bool = False) -> None:
+        self.keep = keep
+        self._updates: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._lock = threading.Lock()
+
+    def post(self, round_number: int, update: dict[str, np.ndarray]) -> None:
+        """Record an honest client's clipped update of ``round_number`` (older rounds are dropped)."""
+        if not self.keep:
+            return
+        with self._lock:
+            for old in [r for r in self._updates if r < round_number]:
+                del self._updates[old]
+            self._updates.setdefault(round_number, []).append(update)
+
+    def honest(self, round_number: int) -> list[dict[str, np.ndarray]]:
+        """The honest updates of ``round_number`` posted so far."""
+        with self._lock:
+            return list(self._updates.get(round_number, []))
+
+
 class FederatedClient:
     """One party in a federated run, over any `ClientTransport`."""
 
@@ -74,6 +103,7 @@ class FederatedClient:
         seed: int = 0,
         chunk_size: int = serde.DEFAULT_CHUNK_SIZE,
         max_download_bytes: int = 1 << 30,
+        board: HonestBoard | None = None,
     ) -> None:
         self.client_id = client_id
         self.transport = transport
@@ -89,6 +119,11 @@ class FederatedClient:
         self.rounds_trained: list[int] = []
         self._fingerprint = model_fingerprint(trainer.adapted.model)
         self._rng = np.random.default_rng(derive_seed(seed, "attack", client_id))
+        state = trainable_state(trainer.adapted.model)
+        self._update_spec = serde.spec_of({k: state[k] for k in trainer.update_keys})
+        self._round_session: tuple[int, ClientRound] | None = None
+        #: Where honest clients of a simulation leave their clipped updates for white-box attackers.
+        self.board = board if board is not None else HonestBoard()
 
     def _envelope(self, round_number: int = 0) -> pb.Envelope:
         return serde.envelope(self.run_id, round_number, self.client_id)
@@ -100,7 +135,8 @@ class FederatedClient:
                 envelope=self._envelope(),
                 protocol_version=PROTOCOL_VERSION,
                 model_fingerprint=self._fingerprint,
-                num_examples=self.trainer.num_examples,
+                # under a secure mode that hides updates the example count is not revealed either
+                num_examples=self.trainer.num_examples if self.stages.secure.reveals_individual_updates else 1,
                 info=model_info(self.trainer.adapted.model),
             )
         )
@@ -109,45 +145,102 @@ class FederatedClient:
         return reply
 
     def step(self) -> str:
-        """Poll once and act on the answer; returns ``"wait"``, ``"trained"`` or ``"finished"``."""
+        """Poll once and act on the answer: ``"wait"``, ``"trained"``, ``"answered"`` or ``"finished"``.
+
+        A TRAIN task runs the fixed client-side order (`secure_fl.client.mods`) inside the round's
+        protocol session; a PHASE task is answered by the session (key agreement, unmasking). The
+        session of a round keeps its secrets between phases and is closed, secrets forgotten, when
+        a later round or the end of the run arrives.
+        """
         header, payload = serde.read_task_stream(
             self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope())),
             max_bytes=self.max_download_bytes,
             who="server",
         )
         if header.kind == pb.TaskHeader.FINISHED:
+            self._close_session()
             self.finished, self.finish_message = True, header.message
             return "finished"
-        if header.kind != pb.TaskHeader.TRAIN:
+        if header.kind not in (pb.TaskHeader.TRAIN, pb.TaskHeader.PHASE):
             self.retry_after = max(header.retry_after_ms, 1) / 1000
             return "wait"
         self._check_stages(dict(header.stages))
         round_number = header.envelope.round
-        global_state = serde.unpack_tensors(header.manifest, payload, who="server")
-        seed = derive_seed(self.seed, round_number, self.client_id)
-        delta, metrics = self.trainer.train(global_state, dict(header.plan), seed=seed)
-        if self.stages.attack is not None:
-            delta = self.stages.attack.perturb(delta, rng=self._rng)
-        update = self.stages.privacy.client_transform(delta)
-        weight = float(self.trainer.num_examples)
-        encoded = self.stages.secure.encode(update, weight=weight)
-        manifest, body = serde.pack_tensors(encoded)
+        phase = header.phase or self.stages.secure.UPLOAD_PHASE
+        session = self._session(round_number)
+        if header.kind == pb.TaskHeader.TRAIN:
+            body, weight, metrics = self._train(header, payload, session, round_number)
+        else:
+            tensors = serde.unpack_tensors(header.manifest, payload, who="server")
+            body, weight, metrics = session.on_phase(phase, PhaseData(tensors, dict(header.blobs))), 0.0, {}
+        manifest, raw = serde.pack_tensors(body.tensors)
         upload = pb.UpdateHeader(
-            envelope=self._envelope(round_number),
+            envelope=serde.envelope(self.run_id, round_number, self.client_id, phase),
             manifest=manifest,
             weight=weight,
-            metrics={k: float(v) for k, v in metrics.items()},
+            metrics=metrics,
             encoding=self.stages.secure.name,
+            blobs=dict(body.blobs),
         )
         try:
-            self.transport.push_update(serde.update_stream(upload, body, self.chunk_size))
+            self.transport.push_update(serde.update_stream(upload, raw, self.chunk_size))
         except TransportError as exc:
             if exc.code not in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
                 raise
-            log.warning("client %s: update for round %d refused: %s", self.client_id, round_number, exc.details)
+            log.warning(
+                "client %s: answer to phase %r of round %d refused: %s", self.client_id, phase, round_number, exc.details
+            )
             return "wait"
-        self.rounds_trained.append(round_number)
-        return "trained"
+        if header.kind == pb.TaskHeader.TRAIN:
+            self.rounds_trained.append(round_number)
+            return "trained"
+        return "answered"
+
+    def _train(
+        self, header: pb.TaskHeader, payload: bytes, session: ClientRound, round_number: int
+    ) -> tuple[PhaseData, float, dict[str, float]]:
+        """Train on the global adapter and run the client-side order; return the answer, weight, metrics."""
+        global_state = serde.unpack_tensors(header.manifest, payload, who="server")
+        plan = dict(header.plan)
+        seed = derive_seed(self.seed, round_number, self.client_id)
+        delta, metrics = self.trainer.train(global_state, plan, seed=seed)
+        weight = float(self.trainer.num_examples)
+        cohort = int(plan.get("cohort_size", 1))
+        reveals = self.stages.secure.reveals_individual_updates
+        clipped, answer = prepare_upload(
+            delta,
+            weight=weight,
+            privacy=self.stages.privacy,
+            session=session,
+            mechanism_context=MechanismContext(
+                round=round_number, cohort_size=cohort, bucket_size=1 if reveals else int(plan.get("bucket_size", cohort)),
+            ),
+            phase_data=PhaseData(blobs=dict(header.blobs)),
+            attack=self.stages.attack,
+            attack_context=AttackContext(round_number, self.client_id, tuple(self.board.honest(round_number)))
+            if self.stages.attack is not None else None,
+            rng=self._rng,
+        )
+        if self.stages.attack is None:
+            self.board.post(round_number, clipped)
+        if not reveals:  # per-client loss and example counts would reveal something of the update
+            return answer, 0.0, {}
+        return answer, weight, {k: float(v) for k, v in metrics.items()}
+
+    def _session(self, round_number: int) -> ClientRound:
+        """The protocol session of ``round_number`` (a new round closes the previous session)."""
+        if self._round_session is not None and self._round_session[0] == round_number:
+            return self._round_session[1]
+        self._close_session()
+        context = ClientContext(self.run_id, round_number, self.client_id, self._update_spec)
+        session = self.stages.secure.client_round(context)
+        self._round_session = (round_number, session)
+        return session
+
+    def _close_session(self) -> None:
+        if self._round_session is not None:
+            self._round_session[1].close()
+            self._round_session = None
 
     def leave(self, reason: str = "done") -> None:
         """Tell the server this client is gone (errors are ignored: the server may be gone too)."""

@@ -7,11 +7,15 @@ and the server's held-out test split never overlaps any client's training data.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from secure_fl.config import Config
+from secure_fl.errors import ConfigError
 from secure_fl.data.datasets import DataError, TextDataset, load_bbc_news, load_text_file, make_synthetic
 from secure_fl.data.partition import partition, train_test_split
+
+log = logging.getLogger(__name__)
 
 
 def load_source(config: Config) -> TextDataset:
@@ -63,3 +67,40 @@ def client_dataset(config: Config, index: int) -> TextDataset:
         raise ValueError(f"client index {index} is outside 0..{config.run.num_clients - 1} (run.num_clients)")
     train, _ = load_splits(config)
     return client_partitions(config, train)[index]
+
+
+def load_eval_set(config: Config) -> tuple[tuple[str, ...], TextDataset | None]:
+    """Label names and the server's held-out evaluation set (``None`` if the server has no data).
+
+    With ``data.dataset = 'file'``, a configured ``data.test_path`` must exist: a mistyped one
+    would otherwise silently turn evaluation off. Without it, the server evaluates on a split of
+    ``data.path``; a server that does not hold that file (the parties keep their data) runs
+    without evaluation when ``data.label_names`` is set, with a warning naming the path, and is
+    refused with the missing path named when it is not.
+    """
+    data = config.data
+    if data.dataset == "file":
+        if data.test_path:
+            if not Path(data.test_path).is_file():
+                raise ConfigError(
+                    f"data.test_path: the server's test file {data.test_path!r} does not exist (relative paths are "
+                    f"read from {Path.cwd()}); fix the path, or remove data.test_path", key="data.test_path",
+                )
+            test = load_text_file(
+                data.test_path, text_column=data.text_column, label_column=data.label_column,
+                label_names=data.label_names or None,
+            )
+            return (data.label_names or test.label_names), test
+        if not Path(data.path).is_file():
+            if not data.label_names:
+                raise ConfigError(
+                    f"data.path: file {data.path!r} does not exist (relative paths are read from {Path.cwd()}); "
+                    "a server that holds no data file needs data.label_names instead", key="data.path",
+                )
+            log.warning(
+                "data.path %r does not exist here: the server has no evaluation data and reports accuracy null "
+                "(set data.test_path to evaluate)", data.path,
+            )
+            return data.label_names, None
+    _, test = load_splits(config)
+    return test.label_names, test

@@ -2,9 +2,11 @@
 
 The gRPC servicer and the in-process transport both call these four handlers with the same
 protobuf messages, so simulation exercises exactly the validation a real deployment does. The
-round engine (`secure_fl.server.engine`) drives the rounds through `open_round`,
-`wait_round` and `finish`. One condition variable guards all state; handlers never
-hold it while reading a client's stream, so a slow upload does not block other clients.
+round engine (`secure_fl.server.engine`) drives each round as the secure-aggregation protocol
+declares it: `begin_round`, then `open_phase` / `wait_phase` for every phase, then `end_round`
+(`open_round` / `wait_round` run a one-phase round). A message for a phase that is not open is
+refused. One condition variable guards all state; handlers never hold it while reading a
+client's stream, so a slow upload does not block other clients.
 """
 
 from __future__ import annotations
@@ -20,41 +22,16 @@ import grpc
 import numpy as np
 
 from protocols.errors import MalformedMessage, Refused, StaleMessage, UnknownClient
-from protocols.secagg import Contribution
+from protocols.secagg import Answer, AnswerSpec, Phase, SecureAggregation
 from protocols.wire import serde
 from protocols.wire.limits import PROTOCOL_VERSION, check_client_id, check_metrics, shown
 from protocols.wire.v1 import federation_pb2 as pb
+from secure_fl.server.rounds import PhaseState, RoundState, check_blobs, pack_phase_tasks
 
 __all__ = ["PROTOCOL_VERSION", "ClientRecord", "Coordinator", "RoundState"]
 
 #: Default bound on an update's weight (its example count), whatever a client declares.
 DEFAULT_MAX_WEIGHT = 1e9
-
-
-@dataclass
-class RoundState:
-    """Everything the server holds about one round."""
-
-    number: int
-    cohort: tuple[str, ...]
-    deadline: float
-    manifest: pb.Manifest
-    payload: bytes
-    plan: dict[str, float]
-    sent: set[str] = field(default_factory=set)
-    received: dict[str, Contribution] = field(default_factory=dict)
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    left: set[str] = field(default_factory=set)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    closed: bool = False
-    #: Set when the run was stopped (Ctrl-C, an error) while this round was open: nothing derived
-    #: from it may be released.
-    interrupted: str | None = None
-
-    def complete(self) -> bool:
-        """True once every cohort member delivered or left."""
-        return all(c in self.received or c in self.left for c in self.cohort)
 
 
 @dataclass
@@ -75,7 +52,7 @@ class Coordinator:
         *,
         run_id: str,
         model_fingerprint: str,
-        payload_spec: Mapping[str, serde.TensorSpec],
+        payload_spec: Mapping[str, serde.TensorSpec] | None = None,
         stages: Mapping[str, str],
         max_update_bytes: int,
         chunk_size: int,
@@ -85,10 +62,12 @@ class Coordinator:
         max_weight: float = DEFAULT_MAX_WEIGHT,
         liveness_timeout: float = 60.0,
         model_info: Mapping[str, str] | None = None,
+        weights_in_clear: bool = True,
     ) -> None:
         self.run_id = run_id
         self.model_fingerprint = model_fingerprint
-        self.payload_spec = dict(payload_spec)
+        #: The upload spec of `open_round`'s one-phase rounds (the engine's phases carry their own).
+        self.payload_spec = dict(payload_spec or {})
         self.stages = dict(stages)
         self.max_update_bytes = max_update_bytes
         self.chunk_size = chunk_size
@@ -98,6 +77,9 @@ class Coordinator:
         self.max_weight = float(max_weight)
         self.liveness_timeout = float(liveness_timeout)
         self.model_info = dict(model_info or {})
+        #: False under a secure mode that hides updates: uploads then carry no weight and no
+        #: metrics in the clear (the protocol carries the weight inside the masked payload).
+        self.weights_in_clear = weights_in_clear
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
         self._round: RoundState | None = None
@@ -186,8 +168,9 @@ class Coordinator:
         return True
 
     def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
-        """Answer a poll: TRAIN (with the global adapter in chunks), WAIT or FINISHED."""
+        """Answer a poll: TRAIN (the global adapter), PHASE (a protocol step), WAIT or FINISHED."""
         client_id = self._check_client(request.envelope, "PullTask")
+        phase: PhaseState | None = None
         with self._cond:
             current = self._round
             if self._finished is not None:
@@ -195,23 +178,25 @@ class Coordinator:
                     envelope=serde.envelope(self.run_id, 0, client_id), kind=pb.TaskHeader.FINISHED, message=self._finished
                 )
                 payload = b""
-            elif (
-                current is not None
-                and not current.closed
-                and client_id in current.cohort
-                and client_id not in current.received
-                and client_id not in current.left
-            ):
-                current.sent.add(client_id)
+            elif current is not None and (phase := self._phase_for(current, client_id)) is not None:
+                phase.sent.add(client_id)
+                manifest, own_payload, blobs = phase.tasks[client_id]
                 header = pb.TaskHeader(
-                    envelope=serde.envelope(self.run_id, current.number, client_id),
-                    kind=pb.TaskHeader.TRAIN,
-                    manifest=current.manifest,
-                    plan=current.plan,
-                    deadline_s=max(0.0, current.deadline - time.monotonic()),
+                    envelope=serde.envelope(self.run_id, current.number, client_id, phase.phase.name),
+                    deadline_s=max(0.0, phase.deadline - time.monotonic()),
                     stages=self.stages,
+                    phase=phase.phase.name,
+                    blobs=blobs,
                 )
-                payload = current.payload
+                if phase.phase.trains:
+                    header.kind = pb.TaskHeader.TRAIN
+                    header.manifest.CopyFrom(current.manifest)
+                    header.plan.update(current.plan)
+                    payload = current.payload
+                else:
+                    header.kind = pb.TaskHeader.PHASE
+                    header.manifest.CopyFrom(manifest)
+                    payload = own_payload
             else:
                 header = pb.TaskHeader(
                     envelope=serde.envelope(self.run_id, current.number if current else 0, client_id),
@@ -223,12 +208,26 @@ class Coordinator:
         for message in serde.task_stream(header, payload, self.chunk_size):
             sent += message.ByteSize()
             yield message
-        if payload and current is not None:
+        if phase is not None:
             with self._cond:
-                current.bytes_down += sent
+                phase.bytes_down += sent
+
+    @staticmethod
+    def _phase_for(current: RoundState, client_id: str) -> PhaseState | None:
+        """The open phase if ``client_id`` still owes it an answer."""
+        phase = current.phase
+        if current.closed or phase is None or phase.closed:
+            return None
+        if client_id not in phase.phase.participants or client_id in phase.received or client_id in current.left:
+            return None
+        return phase
 
     def push_update(self, messages: Iterable[pb.UpdateChunk]) -> pb.PushReply:
-        """Receive one client's update; validate it fully before it joins the round."""
+        """Receive one client's answer to the open phase; validate it fully before it joins the round.
+
+        The answer to the training phase is the client's (encoded) update; a v0.1 client that sends
+        no phase name is taken to answer the training phase.
+        """
         counted = _CountingIterator(messages)
         try:
             first = next(counted)
@@ -241,43 +240,49 @@ class Coordinator:
         who = f"client {client_id!r}"
         with self._cond:
             declared = self._clients[client_id].num_examples if client_id in self._clients else 0
-        with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
-            if client_id not in current.cohort:
-                raise Refused(f"{who} is not in the cohort of round {current.number}")
-            if client_id in current.received:
-                raise Refused(f"{who} already delivered an update for round {current.number}", code=grpc.StatusCode.ALREADY_EXISTS)
+            phase = self._check_phase_open(current, header.envelope.phase, client_id)
+        trains = phase.phase.trains
         if header.encoding != self.stages["secure"]:
             raise Refused(f"{who} sent a {shown(header.encoding)} payload; this run uses secure mode {self.stages['secure']!r}")
-        if not (math.isfinite(header.weight) and header.weight > 0):
-            raise MalformedMessage(f"{who}: update weight must be a finite number > 0, got {header.weight}")
-        if header.weight > declared or header.weight > self.max_weight:
-            raise MalformedMessage(
-                f"{who}: update weight {header.weight:g} exceeds the {declared} training examples it declared at Join"
-                + (f" or run.max_weight={self.max_weight:g}" if header.weight > self.max_weight else "")
-            )
-        metrics = check_metrics(dict(header.metrics), who=who)
-        # The manifest is checked against the expected payload before a byte of it is read, and
+        weight = float(header.weight)
+        metrics: dict[str, float] = {}
+        if trains and self.weights_in_clear:
+            if not (math.isfinite(weight) and weight > 0):
+                raise MalformedMessage(f"{who}: update weight must be a finite number > 0, got {header.weight}")
+            if weight > declared or weight > self.max_weight:
+                raise MalformedMessage(
+                    f"{who}: update weight {weight:g} exceeds the {declared} training examples it declared at Join"
+                    + (f" or run.max_weight={self.max_weight:g}" if weight > self.max_weight else "")
+                )
+            metrics = check_metrics(dict(header.metrics), who=who)
+        else:
+            if weight != 0 or header.metrics:
+                hidden = "this secure mode hides every client's update" if trains else f"phase {phase.phase.name!r} does not train"
+                raise MalformedMessage(f"{who}: {hidden}, so the answer must carry no weight and no metrics in the clear")
+        blobs = check_blobs(header.blobs, phase.phase.answer.blobs, who=who, phase=phase.phase.name)
+        expected = dict(phase.phase.answer.tensors)
+        # The manifest is checked against the expected answer before a byte of it is read, and
         # memory grows only with the data that actually arrives.
         _, payload = serde.read_update_stream(
-            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who, expected=self.payload_spec
+            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who, expected=expected
         )
-        tensors = serde.unpack_tensors(header.manifest, payload, expected=self.payload_spec, who=who)
+        tensors = serde.unpack_tensors(header.manifest, payload, expected=expected, who=who, verify_checksum=False)
         for name, value in tensors.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise MalformedMessage(f"{who}: tensor {name!r} contains NaN or infinite values")
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
-            if client_id in current.received:
-                raise Refused(f"{who} already delivered an update for round {current.number}", code=grpc.StatusCode.ALREADY_EXISTS)
-            current.received[client_id] = Contribution(client_id, tensors, float(header.weight))
-            current.client_metrics[client_id] = metrics
-            current.bytes_up += counted.bytes
+            if self._check_phase_open(current, header.envelope.phase, client_id) is not phase:
+                raise StaleMessage(f"{who}: phase {phase.phase.name!r} closed while the answer was arriving")
+            phase.received[client_id] = Answer(client_id, tensors, blobs, weight if trains else 0.0)
+            phase.client_metrics[client_id] = metrics
+            phase.bytes_up += counted.bytes
             self._cond.notify_all()
-        if self.on_update is not None:
+        if trains and self.on_update is not None:
             self.on_update(client_id, current.number)
         return pb.PushReply(
-            envelope=serde.envelope(self.run_id, current.number, client_id),
+            envelope=serde.envelope(self.run_id, current.number, client_id, phase.phase.name),
             accepted=True,
             message="accepted",
             received_bytes=len(payload),
@@ -288,7 +293,7 @@ class Coordinator:
         client_id = self._check_client(request.envelope, "Leave")
         with self._cond:
             self._clients.pop(client_id, None)
-            if self._round is not None and client_id in self._round.cohort and client_id not in self._round.received:
+            if self._round is not None and client_id in self._round.cohort:
                 self._round.left.add(client_id)
             self._cond.notify_all()
         return pb.LeaveReply(envelope=serde.envelope(self.run_id, 0, client_id))
@@ -322,31 +327,78 @@ class Coordinator:
                 self._cond.wait(timeout=min(remaining, 1.0))
             return sorted(self._clients)
 
-    def open_round(
-        self, number: int, cohort: Iterable[str], manifest: pb.Manifest, payload: bytes, plan: Mapping[str, float], timeout: float
-    ) -> None:
-        """Start round ``number`` for ``cohort`` with the given global adapter payload."""
+    def begin_round(
+        self, number: int, cohort: Iterable[str], manifest: pb.Manifest, payload: bytes, plan: Mapping[str, float]
+    ) -> RoundState:
+        """Start round ``number`` for ``cohort`` with the given global adapter; no phase is open yet."""
         with self._cond:
-            self._round = RoundState(number, tuple(cohort), time.monotonic() + timeout, manifest, payload, dict(plan))
+            self._round = RoundState(number, tuple(cohort), manifest, payload, dict(plan))
             if self._finished is not None:  # stopped between the engine's check and this call
                 self._round.interrupted = self._finished
                 self._round.closed = True
             self._cond.notify_all()
+            return self._round
 
-    def wait_round(self) -> RoundState:
-        """Block until the open round is complete or its deadline passed, then close it."""
+    def open_phase(self, phase: Phase, timeout: float) -> PhaseState:
+        """Open ``phase`` of the current round for ``phase.timeout`` (default ``timeout``) seconds."""
+        tasks = pack_phase_tasks(phase)
         with self._cond:
             current = self._round
             if current is None:
                 raise RuntimeError("no round is open")
-            while not current.complete() and self._finished is None and not current.closed:
-                remaining = current.deadline - time.monotonic()
+            unknown = set(phase.participants) - set(current.cohort)
+            if unknown:
+                raise ValueError(f"phase {phase.name!r} names clients outside the cohort: {sorted(unknown)}")
+            if any(p.phase.name == phase.name for p in current.phases):
+                raise ValueError(f"round {current.number} already had a phase {phase.name!r}")
+            state = PhaseState(phase, time.monotonic() + (phase.timeout or timeout), tasks)
+            state.closed = current.closed
+            current.phase = state
+            current.phases.append(state)
+            self._cond.notify_all()
+            return state
+
+    def wait_phase(self) -> PhaseState:
+        """Block until every participant answered or left, or the phase's deadline passed; close it."""
+        with self._cond:
+            current = self._round
+            if current is None or current.phase is None:
+                raise RuntimeError("no phase is open")
+            phase = current.phase
+            while not phase.complete(current.left) and self._finished is None and not phase.closed:
+                remaining = phase.deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(timeout=min(remaining, 1.0))
+            phase.closed = True
+            current.phase = None
+            return phase
+
+    def end_round(self) -> RoundState:
+        """Close the current round: every later message for it is refused."""
+        with self._cond:
+            current = self._round
+            if current is None:
+                raise RuntimeError("no round is open")
             current.closed = True
+            if current.phase is not None:
+                current.phase.closed = True
+                current.phase = None
             self._closed_rounds.add(current.number)
             return current
+
+    def open_round(
+        self, number: int, cohort: Iterable[str], manifest: pb.Manifest, payload: bytes, plan: Mapping[str, float], timeout: float
+    ) -> None:
+        """Start a one-phase round: the cohort trains and uploads an update matching ``payload_spec``."""
+        current = self.begin_round(number, cohort, manifest, payload, plan)
+        upload = Phase(SecureAggregation.UPLOAD_PHASE, current.cohort, AnswerSpec(tensors=self.payload_spec), trains=True)
+        self.open_phase(upload, timeout)
+
+    def wait_round(self) -> RoundState:
+        """Wait for the one phase of a round opened with `open_round`, then close the round."""
+        self.wait_phase()
+        return self.end_round()
 
     def finish(self, message: str) -> None:
         """Mark the run finished; every later poll gets FINISHED with ``message``.
@@ -360,6 +412,8 @@ class Coordinator:
                 if not self._round.closed:
                     self._round.interrupted = message
                 self._round.closed = True
+                if self._round.phase is not None:
+                    self._round.phase.closed = True
             self._cond.notify_all()
 
     @property
@@ -384,6 +438,29 @@ class Coordinator:
                 raise UnknownClient(f"{method}: client {shown(client_id)} {why}")
             record.last_seen = time.monotonic()
         return client_id
+
+    @staticmethod
+    def _check_phase_open(current: RoundState, name: str, client_id: str) -> PhaseState:
+        """The open phase an answer is for; a message for a phase that is not open is refused."""
+        phase = current.phase
+        who = f"client {client_id!r}"
+        wanted = name or (phase.phase.name if phase is not None and phase.phase.trains else "")
+        if phase is None or phase.closed or phase.phase.name != wanted:
+            if name and current.closed_phase(name):
+                raise StaleMessage(f"answer from {who} is for phase {shown(name)} of round {current.number}, which is closed")
+            open_name = phase.phase.name if phase is not None and not phase.closed else "none"
+            raise StaleMessage(
+                f"answer from {who} is for phase {shown(name or '(training)')} of round {current.number}, "
+                f"which is not open (open phase: {open_name})"
+            )
+        if client_id not in phase.phase.participants:
+            raise Refused(f"{who} is not a participant of phase {phase.phase.name!r} of round {current.number}")
+        if client_id in phase.received:
+            raise Refused(
+                f"{who} already answered phase {phase.phase.name!r} of round {current.number}",
+                code=grpc.StatusCode.ALREADY_EXISTS,
+            )
+        return phase
 
     def _check_round_open(self, number: int, client_id: str) -> RoundState:
         current = self._round

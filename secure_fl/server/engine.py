@@ -10,149 +10,39 @@ from a round when its deadline passes, never waited for forever.
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from privacy.accounting import create_accountant
-from privacy.ledger import PrivacyLedger, ReleaseAccounting, epsilon_from_json
+from privacy.ledger import PrivacyLedger, ReleaseAccounting
 from protocols.wire import serde
 from secure_fl.config import Config
-from secure_fl.data import TextDataset
-from secure_fl.data import load_text_file
-from secure_fl.data.sources import load_splits
-from secure_fl.errors import ConfigError, RunError
+from secure_fl.data.sources import load_eval_set
+from secure_fl.errors import RunError
 from secure_fl.models import load_trainable_state, model_fingerprint, model_info, trainable_state
-from secure_fl.server.coordinator import Coordinator, RoundState
+from protocols.errors import ProtocolAbort
+from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
+from secure_fl.server.coordinator import Coordinator
+from secure_fl.server.rounds import RoundState
 from secure_fl.server.pipeline import AggregationOutcome, ServerPipeline, Stages
+from secure_fl.server.results import (
+    BackgroundRun, RoundObserver, RunInterrupted, RunResult, SilentObserver, new_run_id,
+)
 from secure_fl.server.rundir import RunDirectory
 from secure_fl.tensors import Layout
 from secure_fl.workload import TextClassification, Workload
 
 log = logging.getLogger(__name__)
 
-
-class RoundObserver(Protocol):
-    """Hooks the engine calls as a round progresses (progress bars, user callbacks)."""
-
-    def on_round_start(self, round_number: int, cohort: Sequence[str]) -> None: ...
-
-    def on_update(self, client_id: str, round_number: int) -> None: ...
-
-    def on_round_end(self, record: dict[str, Any]) -> bool | None: ...
-
-
-class SilentObserver:
-    """An observer that does nothing."""
-
-    def on_round_start(self, round_number: int, cohort: Sequence[str]) -> None:
-        """Do nothing."""
-
-    def on_update(self, client_id: str, round_number: int) -> None:
-        """Do nothing."""
-
-    def on_round_end(self, record: dict[str, Any]) -> bool | None:
-        """Do nothing."""
-        return None
-
-
-@dataclass
-class RunResult:
-    """What a finished run produced."""
-
-    run_id: str
-    run_dir: Path
-    metrics: list[dict[str, Any]]
-    adapter_dir: Path
-    global_state: dict[str, np.ndarray] = field(repr=False)
-    report_json: Path | None = None
-    report_html: Path | None = None
-    #: ``True`` when a callback's ``on_round_end`` returned ``True`` before ``run.rounds`` rounds ran.
-    stopped_early: bool = False
-    #: Why the run ended before ``run.rounds`` (e.g. "stopped early by a callback after round 2 of 5"), else ``None``.
-    stop_reason: str | None = None
-
-    @property
-    def ledger_path(self) -> Path:
-        """The run's privacy ledger (``ledger.jsonl``)."""
-        return self.run_dir / "ledger.jsonl"
-
-    @property
-    def ledger(self) -> list[dict[str, Any]]:
-        """Every privacy-ledger line: one per released round (epsilon ``None`` means unbounded)."""
-        return PrivacyLedger(self.ledger_path).entries()
-
-    @property
-    def report(self) -> dict[str, Any] | None:
-        """The privacy audit report as a dict, or ``None`` if it was not written."""
-        if self.report_json is None or not self.report_json.exists():
-            return None
-        data: dict[str, Any] = json.loads(self.report_json.read_text(encoding="utf-8"))
-        return data
-
-    @property
-    def epsilon(self) -> dict[str, float]:
-        """Final epsilon per accountant at the configured delta (``math.inf``: no guarantee)."""
-        entries = self.ledger
-        return {k: epsilon_from_json(v) for k, v in entries[-1]["epsilon"].items()} if entries else {}
-
-    @property
-    def final_accuracy(self) -> float | None:
-        """Accuracy after the last successful round, if evaluated."""
-        for record in reversed(self.metrics):
-            if record.get("accuracy") is not None:
-                return float(record["accuracy"])
-        return None
-
-
-def new_run_id() -> str:
-    """A fresh run id: UTC time plus random hex, unique across servers."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def load_eval_set(config: Config) -> tuple[tuple[str, ...], TextDataset | None]:
-    """Label names and the server's held-out evaluation set (``None`` if the server has no data).
-
-    With ``data.dataset = 'file'``, a configured ``data.test_path`` must exist: a mistyped one
-    would otherwise silently turn evaluation off. Without it, the server evaluates on a split of
-    ``data.path``; a server that does not hold that file (the parties keep their data) runs
-    without evaluation when ``data.label_names`` is set, with a warning naming the path, and is
-    refused with the missing path named when it is not.
-    """
-    data = config.data
-    if data.dataset == "file":
-        if data.test_path:
-            if not Path(data.test_path).is_file():
-                raise ConfigError(
-                    f"data.test_path: the server's test file {data.test_path!r} does not exist (relative paths are "
-                    f"read from {Path.cwd()}); fix the path, or remove data.test_path", key="data.test_path",
-                )
-            test = load_text_file(
-                data.test_path, text_column=data.text_column, label_column=data.label_column,
-                label_names=data.label_names or None,
-            )
-            return (data.label_names or test.label_names), test
-        if not Path(data.path).is_file():
-            if not data.label_names:
-                raise ConfigError(
-                    f"data.path: file {data.path!r} does not exist (relative paths are read from {Path.cwd()}); "
-                    "a server that holds no data file needs data.label_names instead", key="data.path",
-                )
-            log.warning(
-                "data.path %r does not exist here: the server has no evaluation data and reports accuracy null "
-                "(set data.test_path to evaluate)", data.path,
-            )
-            return data.label_names, None
-    _, test = load_splits(config)
-    return test.label_names, test
+__all__ = [
+    "BackgroundRun", "FederatedServer", "RoundObserver", "RunInterrupted", "RunResult", "SilentObserver",
+    "load_eval_set", "new_run_id",
+]  # fmt: skip
 
 
 class FederatedServer:
@@ -205,12 +95,12 @@ class FederatedServer:
         self.coordinator = Coordinator(
             run_id=self.run_id,
             model_fingerprint=model_fingerprint(self.adapted.model),
-            payload_spec=self.pipeline.payload_spec(),
             stages=self.stages.names(),
             max_update_bytes=config.transport.max_update_bytes,
             chunk_size=config.transport.chunk_size,
             poll_interval=config.transport.poll_interval,
             on_update=self.observer.on_update,
+            weights_in_clear=self.stages.secure.reveals_individual_updates,
             max_clients=config.run.num_clients,
             max_weight=config.run.max_weight,
             liveness_timeout=config.transport.liveness_timeout,
@@ -310,17 +200,16 @@ class FederatedServer:
         manifest, payload = serde.pack_tensors(self.global_state)
         started = time.perf_counter()
         self.observer.on_round_start(number, cohort)
-        self.coordinator.open_round(number, cohort, manifest, payload, self.plan(), run.round_timeout)
-        state = self.coordinator.wait_round()
+        state, buckets, abort = self._run_phases(number, cohort, manifest, payload, rng)
         if state.interrupted is not None:
             self._record_interrupted(number, cohort, state, started)
             raise RunInterrupted(f"round {number} was interrupted ({state.interrupted}); nothing of it was released")
-        received = [state.received[c] for c in sorted(state.received)]
-        dropped = sorted(set(cohort) - set(state.received))
+        contributors = sorted({member for bucket in buckets for member in bucket.members})
+        dropped = sorted(set(cohort) - set(contributors))
         record: dict[str, Any] = {
             "round": number,
             "status": "ok",
-            "clients": len(received),
+            "clients": len(contributors),
             "cohort": len(cohort),
             "cohort_target": run.clients_per_round,
             "selected": cohort,
@@ -333,15 +222,20 @@ class FederatedServer:
             ),
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
+            "phases": [phase.summary() for phase in state.phases],
             "stages": self.stages.names(),
             **_federated_evaluation(state.client_metrics),
         }
         outcome: AggregationOutcome | None = None
-        if len(received) < run.min_updates:
+        if abort is not None:
+            record["status"] = "aborted"
+            record["reason"] = f"the {self.stages.secure.name} protocol aborted the round: {abort}"
+            log.warning("round %d: %s", number, record["reason"])
+        elif len(contributors) < run.min_updates:
             record["status"] = "failed"
-            record["reason"] = f"{len(received)} update(s) before the deadline; run.min_updates={run.min_updates}"
+            record["reason"] = f"{len(contributors)} update(s) before the deadline; run.min_updates={run.min_updates}"
         else:
-            outcome = self.pipeline.aggregate(self.global_state, received)
+            outcome = self.pipeline.aggregate_buckets(self.global_state, buckets, num_contributions=len(contributors))
             problem = _non_finite(outcome.state)
             if problem is not None:
                 record["status"] = "failed"
@@ -350,7 +244,7 @@ class FederatedServer:
                 outcome = None
         if outcome is not None:
             event = self.stages.privacy.privacy_event(
-                cohort_size=len(cohort), population=len(available), contributions=len(received)
+                cohort_size=len(cohort), population=len(available), contributions=len(contributors)
             )
             # The ledger line is fsynced before anything derived from the new state leaves the
             # server (checkpoint, adapter directory, next round's task).
@@ -361,7 +255,7 @@ class FederatedServer:
                 details={
                     "run_id": self.run_id,
                     "cohort": cohort,
-                    "contributors": sorted(state.received),
+                    "contributors": contributors,
                     "dropouts": dropped,
                     "excluded": list(outcome.excluded),
                 },
@@ -377,6 +271,39 @@ class FederatedServer:
         self.run_dir.append_metrics(record)
         stop = self.observer.on_round_end(record) is True
         return record, stop
+
+    def _run_phases(
+        self, number: int, cohort: Sequence[str], manifest: Any, payload: bytes, rng: np.random.Generator
+    ) -> tuple[RoundState, list[BucketSum], str | None]:
+        """Run the round's phases as the protocol's server half declares them.
+
+        Returns the round state, the bucket sums (empty if the round was aborted or interrupted)
+        and the protocol's abort reason, if any. The buckets are fixed here, when the round opens.
+        """
+        run = self.config.run
+        secure = self.stages.secure
+        context = RoundContext(
+            run_id=self.run_id, round=number, cohort=tuple(cohort), buckets=secure.assign_buckets(cohort, rng),
+            update_spec=self.pipeline.layout.specs(), timeout=run.round_timeout,
+        )
+        server_round = secure.server_round(context)
+        plan = {**self.plan(), "cohort_size": float(len(cohort)), "bucket_size": float(max(len(b) for b in context.buckets))}
+        state = self.coordinator.begin_round(number, cohort, manifest, payload, plan)
+        abort: str | None = None
+        try:
+            phase: Phase | None = server_round.first_phase()
+            while phase is not None and state.interrupted is None:
+                self.coordinator.open_phase(phase, run.round_timeout)
+                done = self.coordinator.wait_phase()
+                if state.interrupted is not None:
+                    break
+                phase = server_round.next_phase(PhaseResult(done.phase, dict(done.received)))
+        except ProtocolAbort as exc:
+            abort = str(exc)
+        self.coordinator.end_round()
+        if abort is not None or state.interrupted is not None:
+            return state, [], abort
+        return state, server_round.result(), None
 
     def _record_interrupted(self, number: int, cohort: Sequence[str], state: RoundState, started: float) -> None:
         """Write the metrics line of a round cut short; nothing derived from it is released."""
@@ -408,48 +335,6 @@ class FederatedServer:
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
-
-
-class RunInterrupted(RunError):
-    """The run was stopped while a round was open; that round released nothing."""
-
-
-class BackgroundRun:
-    """`FederatedServer.run` in a daemon thread, started at construction.
-
-    `result` hands the outcome to the caller's thread: the `RunResult`, or the run's
-    own exception re-raised, so a failed run is never mistaken for a finished one.
-    """
-
-    def __init__(self, server: FederatedServer, *, name: str = "secure-fl-rounds") -> None:
-        self._server = server
-        self._result: RunResult | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._result = self._server.run()
-        except BaseException as exc:  # handed to result()
-            self._error = exc
-
-    def is_alive(self) -> bool:
-        """Whether the rounds are still running."""
-        return self._thread.is_alive()
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the rounds to end (at most ``timeout`` seconds)."""
-        self._thread.join(timeout)
-
-    def result(self) -> RunResult:
-        """The run's result; re-raises the run's exception. Call after the thread ended."""
-        if self._thread.is_alive():
-            raise RunError("the run is still going; join() it first")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
 
 
 def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
-from protocols.secagg import Contribution, SecureAggregation, create_secure_aggregation
+from protocols.secagg import BucketSum, Contribution, SecureAggregation, create_secure_aggregation
 from protocols.wire.serde import TensorSpec
 from robustness.attacks import Attack, create_attack
 from robustness.defenses import Defense, create_defense
@@ -124,13 +124,19 @@ class ServerPipeline:
         global_state: Mapping[str, np.ndarray],
         contributions: Sequence[Contribution],
     ) -> AggregationOutcome:
-        """Turn a round's contributions into the next global adapter state."""
+        """Turn a one-shot round's contributions into the next global adapter state."""
         buckets = self.stages.secure.aggregate(contributions)
+        return self.aggregate_buckets(global_state, buckets, num_contributions=len(contributions))
+
+    def aggregate_buckets(
+        self, global_state: Mapping[str, np.ndarray], buckets: Sequence[BucketSum], *, num_contributions: int
+    ) -> AggregationOutcome:
+        """Turn the protocol's bucket sums into the next global adapter state."""
         rows = self.layout.stack([bucket.mean() for bucket in buckets])
         weights = np.asarray([bucket.weight for bucket in buckets], dtype=np.float64)
         defended = self.stages.defense.aggregate(rows, weights)
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
-        delta = self.stages.privacy.server_transform(self.layout.unflatten(delta_vector), num_contributions=len(contributions))
+        delta = self.stages.privacy.server_transform(self.layout.unflatten(delta_vector), num_contributions=num_contributions)
         excluded = tuple(member for i in defended.excluded for member in buckets[i].members)
         info: dict[str, Any] = {"buckets": len(buckets), **defended.info}
         return AggregationOutcome(self.stages.rule.apply(global_state, delta), excluded, info)

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("run_id", "round", "client_id")
+    __slots__ = ("run_id", "round", "client_id", "phase")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     client_id: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+    phase: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -83,17 +85,19 @@ class PullTaskRequest(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("envelope", "kind", "retry_after_ms", "manifest", "plan", "deadline_s", "stages", "message")
+    __slots__ = ("envelope", "kind", "retry_after_ms", "manifest", "plan", "deadline_s", "stages", "message", "phase", "blobs")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TaskHeader.Kind]
         WAIT: _ClassVar[TaskHeader.Kind]
         TRAIN: _ClassVar[TaskHeader.Kind]
         FINISHED: _ClassVar[TaskHeader.Kind]
+        PHASE: _ClassVar[TaskHeader.Kind]
     KIND_UNSPECIFIED: TaskHeader.Kind
     WAIT: TaskHeader.Kind
     TRAIN: TaskHeader.Kind
     FINISHED: TaskHeader.Kind
+    PHASE: TaskHeader.Kind
     class PlanEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +112,13 @@ class TaskHeader(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class BlobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +127,8 @@ class TaskHeader(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     kind: TaskHeader.Kind
     retry_after_ms: int
@@ -124,7 +137,9 @@ class TaskHeader(_message.Message):
     deadline_s: float
     stages: _containers.ScalarMap[str, str]
     message: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., retry_after_ms: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., plan: _Optional[_Mapping[str, float]] = ..., deadline_s: _Optional[float] = ..., stages: _Optional[_Mapping[str, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    phase: str
+    blobs: _containers.ScalarMap[str, bytes]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., retry_after_ms: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., plan: _Optional[_Mapping[str, float]] = ..., deadline_s: _Optional[float] = ..., stages: _Optional[_Mapping[str, str]] = ..., message: _Optional[str] = ..., phase: _Optional[str] = ..., blobs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "chunk")
@@ -135,7 +150,7 @@ class TaskChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("envelope", "manifest", "weight", "metrics", "encoding")
+    __slots__ = ("envelope", "manifest", "weight", "metrics", "encoding", "blobs")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,17 +158,26 @@ class UpdateHeader(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class BlobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     manifest: Manifest
     weight: float
     metrics: _containers.ScalarMap[str, float]
     encoding: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ...) -> None: ...
+    blobs: _containers.ScalarMap[str, bytes]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., blobs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "chunk")
