@@ -26,7 +26,6 @@ from robustness.attacks import Attack, create_attack
 from secure_fl.client.trainer import LocalTrainer, derive_seed
 from secure_fl.config import Config
 from secure_fl.errors import RunError, TransportError
-from secure_fl.models import model_fingerprint, model_info
 from protocols.wire.limits import PROTOCOL_VERSION
 from secure_fl.transport.base import ClientTransport
 
@@ -87,7 +86,7 @@ class FederatedClient:
         self.finished = False
         self.finish_message = ""
         self.rounds_trained: list[int] = []
-        self._fingerprint = model_fingerprint(trainer.adapted.model)
+        self._fingerprint = trainer.fingerprint()
         self._rng = np.random.default_rng(derive_seed(seed, "attack", client_id))
 
     def _envelope(self, round_number: int = 0) -> pb.Envelope:
@@ -101,7 +100,7 @@ class FederatedClient:
                 protocol_version=PROTOCOL_VERSION,
                 model_fingerprint=self._fingerprint,
                 num_examples=self.trainer.num_examples,
-                info=model_info(self.trainer.adapted.model),
+                info=self.trainer.join_info(),
             )
         )
         self.run_id = reply.envelope.run_id

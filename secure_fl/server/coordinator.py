@@ -85,6 +85,7 @@ class Coordinator:
         max_weight: float = DEFAULT_MAX_WEIGHT,
         liveness_timeout: float = 60.0,
         model_info: Mapping[str, str] | None = None,
+        spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.model_fingerprint = model_fingerprint
@@ -98,6 +99,10 @@ class Coordinator:
         self.max_weight = float(max_weight)
         self.liveness_timeout = float(liveness_timeout)
         self.model_info = dict(model_info or {})
+        #: ``spec_for(client_id, join_info)``: a client's own upload specs, evaluated at Join
+        #: (rules with per-client shapes); ``None``: every upload must match ``payload_spec``.
+        self.spec_for = spec_for
+        self._client_specs: dict[str, dict[str, serde.TensorSpec]] = {}
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
         self._round: RoundState | None = None
@@ -130,6 +135,7 @@ class Coordinator:
                 f"client {client_id!r} declared {declared} training examples; a party needs between 1 and "
                 f"run.max_weight={self.max_weight:g}"
             )
+        own_spec = self._own_spec(client_id, request)
         now = time.monotonic()
         with self._cond:
             if self._finished is not None:
@@ -149,12 +155,23 @@ class Coordinator:
                         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                     )
             self._clients[client_id] = ClientRecord(client_id, declared, time.time(), last_seen=now)
+            if own_spec is not None:
+                self._client_specs[client_id] = own_spec
             self._cond.notify_all()
         return pb.JoinReply(
             envelope=serde.envelope(self.run_id, 0, client_id),
             protocol_version=PROTOCOL_VERSION,
             poll_interval_ms=self.poll_ms,
         )
+
+    def _own_spec(self, client_id: str, request: pb.JoinRequest) -> dict[str, serde.TensorSpec] | None:
+        """The joining client's upload specs from ``spec_for``; ``None`` without it. Refuses what it cannot fit."""
+        if self.spec_for is None:
+            return None
+        try:
+            return dict(self.spec_for(client_id, dict(request.info)))
+        except (ValueError, KeyError) as exc:
+            raise Refused(f"client {client_id!r}: its adapter does not fit this run: {shown(str(exc), 200)}") from None
 
     def _layout_mismatch(self, info: Mapping[str, str]) -> str:
         """Why a client's model fingerprint differs, as precisely as the Join tells (never the fingerprint)."""
@@ -241,6 +258,7 @@ class Coordinator:
         who = f"client {client_id!r}"
         with self._cond:
             declared = self._clients[client_id].num_examples if client_id in self._clients else 0
+            expected = self._client_specs.get(client_id, self.payload_spec)
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
             if client_id not in current.cohort:
@@ -260,9 +278,9 @@ class Coordinator:
         # The manifest is checked against the expected payload before a byte of it is read, and
         # memory grows only with the data that actually arrives.
         _, payload = serde.read_update_stream(
-            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who, expected=self.payload_spec
+            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who, expected=expected
         )
-        tensors = serde.unpack_tensors(header.manifest, payload, expected=self.payload_spec, who=who)
+        tensors = serde.unpack_tensors(header.manifest, payload, expected=expected, who=who)
         for name, value in tensors.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise MalformedMessage(f"{who}: tensor {name!r} contains NaN or infinite values")

@@ -126,7 +126,7 @@ class ServerPipeline:
     ) -> AggregationOutcome:
         """Turn a round's contributions into the next global adapter state."""
         buckets = self.stages.secure.aggregate(contributions)
-        rows = self.layout.stack([bucket.mean() for bucket in buckets])
+        rows = self.layout.stack([self.stages.rule.align(bucket.mean(), self.layout) for bucket in buckets])
         weights = np.asarray([bucket.weight for bucket in buckets], dtype=np.float64)
         defended = self.stages.defense.aggregate(rows, weights)
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
