@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class FrozenA(secure_fl.AggregationRule):
                 if self.freeze in name:
                     param.copy_(draw_a(name, tuple(param.shape), seed=seed, scale=self.a_scale))
 
-    def trained_keys(self, trainable: list[str]) -> list[str]:  # type: ignore[override]
+    def trained_keys(self, trainable: Sequence[str]) -> list[str]:
         return [name for name in trainable if self.freeze not in name]
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:

@@ -227,11 +227,15 @@ def test_merge_into_base_keeps_every_base_equal(tmp_path: Path) -> None:
         assert np.abs(b).sum() > 0  # the merge moved the base
         for client in clients:
             np.testing.assert_array_equal(dict(lora_layers(client.trainer.adapted.model))[name].base_layer.weight.detach().numpy(), base)
-    # round 2's uploads were deltas from the restart state (B = 0), the server applied them to it
+    # round 2's uploads were deltas from the restart state (B = 0), and the server applied them to it
     _, upload = clients[0].transport.uploads[2]  # type: ignore[attr-defined]
     trained = trainable_state(clients[0].trainer.adapted.model)
     key = next(k for k in upload if "lora_B" in k)
     np.testing.assert_allclose(upload[key], trained[key], atol=1e-7)
+    (w0, u0), (w1, u1) = (c.transport.uploads[2] for c in clients)  # type: ignore[attr-defined]
+    for key, value in result.global_state.items():
+        restart = np.zeros_like(released[key]) if "lora_B" in key else released[key]
+        np.testing.assert_allclose(value, restart + (w0 * u0[key].astype(np.float64) + w1 * u1[key]) / (w0 + w1), atol=1e-6)
 
 
 def test_a_party_that_missed_a_release_stops(tmp_path: Path) -> None:
