@@ -236,6 +236,10 @@ def test_merge_into_base_keeps_every_base_equal(tmp_path: Path) -> None:
     for key, value in result.global_state.items():
         restart = np.zeros_like(released[key]) if "lora_B" in key else released[key]
         np.testing.assert_allclose(value, restart + (w0 * u0[key].astype(np.float64) + w1 * u1[key]) / (w0 + w1), atol=1e-6)
+    # simulated clients share one model: it is merged once per release, and the run is the same
+    simulated = simulate(config, tmp_path / "simulated", progress=False)
+    for key, value in result.global_state.items():
+        np.testing.assert_array_equal(simulated.global_state[key], value)
 
 
 def test_a_party_that_missed_a_release_stops(tmp_path: Path) -> None:
