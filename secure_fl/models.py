@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,12 @@ class AdaptedModel:
     model: torch.nn.Module
     tokenizer: Any
     trainable_names: tuple[str, ...]
+    #: Set once the rule's `prepare_model` and `trained_keys` shaped the model (`peft_agg.hooks`).
+    shaped: bool = False
+    #: How many released adapters `merge_into_base` folded into this model's base weights.
+    merges_done: int = 0
+    #: The restart state the last merge returned (what this model trains from), if any.
+    merge_start: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
 def bundled_minilm_path() -> Path:
@@ -174,16 +180,20 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]
             param.copy_(value.to(param.dtype))
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, *, trainable_shapes: bool = True) -> str:
     """SHA-256 over the adapter layout and a sample of every frozen tensor.
 
     Two parties with different base weights (another checkpoint, another seed for a random
     model) or a different adapter layout get different fingerprints, so the server refuses the
     join instead of averaging incompatible updates. Sampling keeps this fast for large models.
+    With ``trainable_shapes=False`` (rules that accept per-client shapes, such as heterogeneous
+    LoRA ranks) the shapes of the trainable tensors are left out; their names and every frozen
+    tensor still count.
     """
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{param.requires_grad}\n".encode())
+        shape = tuple(param.shape) if trainable_shapes or not param.requires_grad else "per-client"
+        digest.update(f"{name}|{shape}|{param.dtype}|{param.requires_grad}\n".encode())
         if not param.requires_grad:
             flat = param.detach().reshape(-1)
             sample = torch.cat([flat[:_FINGERPRINT_SAMPLE], flat[-_FINGERPRINT_SAMPLE:]]).to(torch.float32)

@@ -36,7 +36,8 @@ def _page(out: Path) -> str:
 
 def test_every_example_is_covered() -> None:
     assert EXAMPLES == [
-        "custom_accountant.py", "custom_defense.py", "custom_rule.py", "custom_secure_mode.py", "loopback_server_clients.py", "own_model_simulation.py"
+        "custom_accountant.py", "custom_defense.py", "custom_rule.py", "custom_secure_mode.py", "frozen_a_rule.py",
+        "loopback_server_clients.py", "own_model_simulation.py",
     ]
 
 
@@ -87,6 +88,22 @@ def test_user_rule_shows_up_in_metrics(tmp_path: Path) -> None:
     assert rule["name"] == "fedavgm" and rule["plugin"].endswith(".FedAvgM") and rule["builtin"] is False
     assert rule["params"] == {"beta": 0.7}  # public settings only, never the momentum array
     assert "fedavgm" in _page(tmp_path)
+
+
+def test_frozen_a_rule_sends_half_the_lora_bytes_and_never_changes_a(tmp_path: Path) -> None:
+    done = _run("frozen_a_rule.py", tmp_path)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary == {"a_unchanged": True, "lora_ratio": 0.5}
+    assert "trained and sent: ['head', 'lora_B']" in done.stdout
+    mine, fedit = _metrics(tmp_path), _metrics(tmp_path / "fedit-baseline")
+    assert all(r["stages"]["rule"] == "frozen-a" for r in mine)
+    ratio = mine[0]["bytes_up"] / fedit[0]["bytes_up"]  # the head and framing are sent by both
+    assert 0.5 < ratio < 0.65, ratio
+    for report in (_report(tmp_path), json.loads((tmp_path / "run.json").read_text())):
+        rule = report["stages"]["rule"]
+        assert rule["name"] == "frozen-a" and rule["plugin"].endswith(".FrozenA") and rule["builtin"] is False
+        assert rule["params"] == {"freeze": "lora_A", "a_scale": 1.0}
+    assert "frozen-a" in _page(tmp_path)
 
 
 def test_user_accountant_shows_up_in_ledger_and_report(tmp_path: Path) -> None:

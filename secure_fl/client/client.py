@@ -28,7 +28,7 @@ from secure_fl.client.trainer import LocalTrainer, derive_seed
 from secure_fl.config import Config
 from secure_fl.errors import RunError, TransportError
 from secure_fl.client.mods import prepare_upload
-from secure_fl.models import model_fingerprint, model_info, trainable_state
+from secure_fl.models import trainable_state
 from protocols.wire.limits import PROTOCOL_VERSION
 from secure_fl.transport.base import ClientTransport
 
@@ -117,7 +117,7 @@ class FederatedClient:
         self.finished = False
         self.finish_message = ""
         self.rounds_trained: list[int] = []
-        self._fingerprint = model_fingerprint(trainer.adapted.model)
+        self._fingerprint = trainer.fingerprint()
         self._rng = np.random.default_rng(derive_seed(seed, "attack", client_id))
         state = trainable_state(trainer.adapted.model)
         self._update_spec = serde.spec_of({k: state[k] for k in trainer.update_keys})
@@ -137,7 +137,7 @@ class FederatedClient:
                 model_fingerprint=self._fingerprint,
                 # under a secure mode that hides updates the example count is not revealed either
                 num_examples=self.trainer.num_examples if self.stages.secure.reveals_individual_updates else 1,
-                info=model_info(self.trainer.adapted.model),
+                info=self.trainer.join_info(),
             )
         )
         self.run_id = reply.envelope.run_id

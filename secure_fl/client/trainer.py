@@ -1,13 +1,14 @@
-"""Local training on one party's data: global adapter in, adapter delta out.
+"""Local training on one party's data: global adapter in, the rule's client message out.
 
-The update is the trainable adapter tensors (LoRA factors and the saved head) after local
-training minus the global ones, restricted to the tensors the aggregation rule says travel.
+By default the message is the trained adapter tensors (LoRA factors and the saved head) after
+local training minus the ones training started from, restricted to the tensors the aggregation
+rule says travel; a rule may define another message (`AggregationRule.client_message`), shape
+the model at build time and merge released adapters into the base (`secure_fl.peft_agg.hooks`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,16 +17,19 @@ import torch
 
 from secure_fl.config import Config
 from secure_fl.data import TextDataset
-from secure_fl.models import AdaptedModel, load_trainable_state, trainable_state
-from secure_fl.peft_agg import create_rule
+from secure_fl.models import BUILD_LOCK, AdaptedModel, load_trainable_state, model_info, trainable_state
+from secure_fl.peft_agg import AggregationRule, create_rule
+from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, rule_fingerprint, shape_model, sync_base, trained_shapes
 from secure_fl.tasks import train_steps
 from secure_fl.workload import Batches, TextClassification, Workload
 
 
-#: Local training seeds torch's process-global RNG (dropout). Clients that share a process (threads
-#: in tests, notebooks, the loopback example) train one at a time so every run is reproducible;
+#: Local training seeds torch's process-global RNG (dropout), and so does every seeded model build.
+#: Clients that share a process (threads in tests, notebooks, the loopback example) train one at a
+#: time, and never while a model is being built (one lock for both: a training thread re-seeding the
+#: global RNG in the middle of another thread's seeded build made that build, and the run, differ);
 #: separate client processes, as in a deployment, train in parallel.
-TRAIN_LOCK = threading.Lock()
+TRAIN_LOCK = BUILD_LOCK
 
 
 def derive_seed(*parts: object) -> int:
@@ -66,6 +70,7 @@ class LocalTrainer:
         num_examples: int,
         eval_data: Batches | None = None,
         eval_batch_size: int = 64,
+        rule: AggregationRule | None = None,
     ) -> None:
         self.workload = workload
         self.adapted = adapted
@@ -74,6 +79,8 @@ class LocalTrainer:
         self.num_examples = num_examples
         self.eval_data = eval_data
         self.eval_batch_size = eval_batch_size
+        #: The client half of ``peft.rule`` (its hooks); default: the base class's, i.e. FedIT's.
+        self.rule: AggregationRule = rule if rule is not None else create_rule("fedit")
 
     @classmethod
     def create(
@@ -86,20 +93,24 @@ class LocalTrainer:
     ) -> LocalTrainer:
         """Build (or reuse) the workload's model and prepare ``dataset`` once.
 
-        The tensors that travel are the ones the configured ``peft.rule`` names (its
-        ``update_keys``), so every caller sends exactly what the server expects.
+        The model is shaped by the configured ``peft.rule`` as on the server (its
+        `prepare_model` and `trained_keys`, see `secure_fl.peft_agg.hooks.build_for_rule`; a
+        given ``adapted`` is shaped unless it already was), and the tensors that travel are the
+        ones the rule names (its ``update_keys``), so every caller sends exactly what the server
+        expects.
 
         With ``client.eval_fraction > 0`` a seeded share of the local examples is held out (never
         trained on) to evaluate each global adapter the client receives (federated evaluation).
         """
         seed = config.run.seed
-        adapted = adapted or workload.build(seed=seed)
+        rule = create_rule(config.peft.rule)
+        adapted = shape_model(adapted or workload.build(seed=seed), rule, seed=seed)
         train_part, eval_part = split_local(dataset, config.client.eval_fraction, seed=seed)
         data = workload.prepare(adapted, train_part)
         if len(data) == 0:
             raise ValueError("a client needs at least one training example")
         eval_data = workload.prepare(adapted, eval_part) if eval_part is not None else None
-        keys = create_rule(config.peft.rule).update_keys(adapted.trainable_names)
+        keys = rule.update_keys(adapted.trainable_names)
         return cls(
             workload,
             adapted,
@@ -108,6 +119,7 @@ class LocalTrainer:
             num_examples=len(data),
             eval_data=eval_data,
             eval_batch_size=config.client.eval_batch_size,
+            rule=rule,
         )
 
     @classmethod
@@ -118,11 +130,30 @@ class LocalTrainer:
         workload = TextClassification(config.model, config.peft, dataset.label_names)
         return cls.create(workload, dataset, config, adapted=adapted)
 
+    def fingerprint(self) -> str:
+        """The model fingerprint this client presents at Join (the rule's view of it)."""
+        return rule_fingerprint(self.adapted.model, self.rule)
+
+    def join_info(self) -> dict[str, str]:
+        """The Join ``info``: the model's layout facts plus what the rule adds (e.g. the LoRA rank)."""
+        return {**model_info(self.adapted.model), **self.rule.join_info(self.adapted.model)}
+
+    def start_state(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """What training starts from: the global adapter in this client's shapes, after any base merge."""
+        state = global_state if isinstance(global_state, dict) else dict(global_state)
+        if self.rule.accepts_client_shapes:
+            state = self.rule.to_client(state, trained_shapes(self.adapted.model))
+        return sync_base(self.rule, self.adapted, state, merges=int(plan.get(MERGES_PLAN_KEY, 0)))
+
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Train from ``global_state`` as ``plan`` says; return ``(delta, metrics)``."""
+        """Train from ``global_state`` as ``plan`` says; return ``(message, metrics)``.
+
+        The message is the rule's `client_message` (by default the delta from the start state).
+        """
         model = self.adapted.model
         with TRAIN_LOCK:
-            load_trainable_state(model, global_state)
+            start = self.start_state(global_state, plan)
+            load_trainable_state(model, start)
             evaluation: dict[str, float] = {}
             if self.eval_data is not None:
                 scores = self.workload.evaluate(model, self.eval_data, batch_size=self.eval_batch_size)
@@ -141,5 +172,5 @@ class LocalTrainer:
                 seed=seed,
             )
             local = trainable_state(model)
-        delta = {key: (local[key] - global_state[key]).astype(np.float32) for key in self.update_keys}
-        return delta, {**metrics, **evaluation}
+        message = self.rule.client_message(local, start, self.update_keys)
+        return message, {**metrics, **evaluation}

@@ -1,24 +1,39 @@
 """The interface of a PEFT-aware aggregation rule.
 
-A rule decides which trainable adapter tensors a client sends (`update_keys`) and how the
-server turns the rows the defense kept into the global adapter delta (`aggregate`), then
-applies it (`apply`). Rules that change what a client trains (frozen A, an r x r core,
-stacking) extend `prepare_client` and `apply`.
+A rule decides how the server turns the rows the defense kept into the global adapter delta
+(`AggregationRule.aggregate`) and applies it (`AggregationRule.apply`). Rules that need more
+than FedAvg over every LoRA tensor override the hooks below; every default keeps FedIT's
+behaviour exactly. `secure_fl.peft_agg.hooks` runs them, on the server and on every client
+through the same functions:
+
+* the model: `prepare_model` (freeze tensors, re-initialise A/B from the shared seed) and
+  `trained_keys` (which tensors the optimizer updates; the rest are frozen, so they are part of
+  the base model and of the model fingerprint, and never travel);
+* the message: `update_keys` (which trained tensors are sent), `client_message` (what the
+  client uploads; default ``local - start``) and its server side `apply`;
+* per-client shapes (heterogeneous ranks): `accepts_client_shapes`, `join_info`,
+  `client_spec`, `to_client` and `align`;
+* the base weights: `merges_into_base` and `merge_into_base` (FLoRA-style: fold the released
+  adapter into the base weights between rounds and restart the adapter).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
+from protocols.wire.serde import TensorSpec
 from secure_fl.tensors import Layout
 
 
 class AggregationRule(ABC):
     """Base class of every PEFT aggregation rule; ``name`` is its ``[peft] rule`` value.
+
+    Public attributes set in ``__init__`` (numbers, strings, flags) are the rule's settings: the
+    run's ``run.json`` and the audit report show them (or what ``describe()`` returns, if defined).
 
     Attributes
     ----------
@@ -28,15 +43,57 @@ class AggregationRule(ABC):
         Where the rule comes from.
     needs_individual_updates:
         True if the rule cannot run on sums (it is then refused under secure aggregation).
+    accepts_client_shapes:
+        True if clients may hold adapters of their own shapes (e.g. their own LoRA rank): the
+        server then validates each client's upload against `client_spec` of what it declared at
+        Join, the model fingerprint leaves out the shapes of the trained tensors, and `align`
+        brings each revealed update into the global layout. Such a rule sees individual uploads,
+        so it is refused under a secure mode that reveals only sums.
+    merges_into_base:
+        True if every party calls `merge_into_base` on each newly released global adapter.
     """
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     needs_individual_updates: ClassVar[bool] = False
+    accepts_client_shapes: ClassVar[bool] = False
+    merges_into_base: ClassVar[bool] = False
 
-    def update_keys(self, trainable: Sequence[str]) -> list[str]:
-        """Names of the trainable tensors that clients send (default: all of them)."""
+    # ------------------------------------------------------------------ the model
+    def prepare_model(self, model: Any, *, seed: int) -> None:
+        """Shape the freshly built adapted model in place (default: leave it as built).
+
+        Called on the server and on every client right after the model is built and before its
+        fingerprint is taken, with the run seed; torch's global RNG is seeded with it and restored
+        afterwards. May freeze tensors (``requires_grad_(False)``) or re-initialise A/B
+        deterministically (a frozen random A as FFA-LoRA, an SVD-based init), so that every party
+        holds the same starting adapter. Frozen tensors count as base weights: the fingerprint
+        covers them, so a party that built them differently is refused at Join.
+        """
+
+    def trained_keys(self, trainable: Sequence[str]) -> list[str]:
+        """Names of the tensors the optimizer updates (default: every trainable tensor).
+
+        Tensors left out are frozen after `prepare_model`: neither trained, nor sent, nor part
+        of the global state.
+        """
         return list(trainable)
+
+    # ------------------------------------------------------------------ the message
+    def update_keys(self, trainable: Sequence[str]) -> list[str]:
+        """Names of the trained tensors that clients send (default: all of them)."""
+        return list(trainable)
+
+    def client_message(
+        self, local: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], keys: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """What a client uploads for the tensors ``keys`` (default: ``local - start``, float32).
+
+        ``start`` is the state the client trained from (the global adapter, after `to_client`
+        and `merge_into_base`); ``local`` is its state after local training. Whatever this
+        returns is what `aggregate` combines and `apply` applies.
+        """
+        return {key: (local[key] - start[key]).astype(np.float32) for key in keys}
 
     @abstractmethod
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
@@ -48,3 +105,47 @@ class AggregationRule(ABC):
         for name, value in delta.items():
             new_state[name] += value
         return new_state
+
+    # ------------------------------------------------------------------ per-client shapes
+    def join_info(self, model: Any) -> dict[str, str]:
+        """Facts a client adds to its Join ``info`` for `client_spec` (default: none).
+
+        Example: ``{"lora_rank": "4"}`` for a rule that accepts heterogeneous ranks.
+        """
+        return {}
+
+    def client_spec(self, info: Mapping[str, str], specs: Mapping[str, TensorSpec]) -> Mapping[str, TensorSpec] | None:
+        """The update specs of a client that declared ``info`` at Join, given the global ``specs``.
+
+        Only called when `accepts_client_shapes` is true. ``None`` (the default) means the
+        global specs. Raise ``ValueError`` to refuse the client at Join (the reason is sent back).
+        """
+        return None
+
+    def to_client(self, global_state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """The global adapter as a client whose trained tensors have ``shapes`` loads it.
+
+        Only called when `accepts_client_shapes` is true. Default: unchanged (a rule with
+        heterogeneous ranks slices the leading ``r_i`` ranks, see `hooks.leading_block`).
+        """
+        return dict(global_state)
+
+    def align(self, update: Mapping[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
+        """Bring one revealed update (a bucket mean) into the global ``layout`` before `aggregate`.
+
+        Default: unchanged. A rule with heterogeneous ranks zero-pads to the maximum rank
+        (see `hooks.zero_pad`).
+        """
+        return dict(update)
+
+    # ------------------------------------------------------------------ the base weights
+    def merge_into_base(self, model: Any, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Fold the released adapter ``state`` into ``model``'s base weights; return the restart state.
+
+        Only called when `merges_into_base` is true, once per released global adapter, by every
+        party (the server before it sends that adapter out again, each client when it receives
+        it), so all bases stay equal without sending any base weight. Must be deterministic.
+        The returned state (same keys and shapes as ``state``) is what clients train from and
+        what the server applies the next aggregate to. Default: no merge.
+        """
+        return dict(state)

@@ -63,6 +63,7 @@ class Coordinator:
         liveness_timeout: float = 60.0,
         model_info: Mapping[str, str] | None = None,
         weights_in_clear: bool = True,
+        spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.model_fingerprint = model_fingerprint
@@ -80,6 +81,10 @@ class Coordinator:
         #: False under a secure mode that hides updates: uploads then carry no weight and no
         #: metrics in the clear (the protocol carries the weight inside the masked payload).
         self.weights_in_clear = weights_in_clear
+        #: ``spec_for(client_id, join_info)``: a client's own upload specs, evaluated at Join
+        #: (rules with per-client shapes); ``None``: every upload must match the phase's spec.
+        self.spec_for = spec_for
+        self._client_specs: dict[str, dict[str, serde.TensorSpec]] = {}
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
         self._round: RoundState | None = None
@@ -112,6 +117,7 @@ class Coordinator:
                 f"client {client_id!r} declared {declared} training examples; a party needs between 1 and "
                 f"run.max_weight={self.max_weight:g}"
             )
+        own_spec = self._own_spec(client_id, request)
         now = time.monotonic()
         with self._cond:
             if self._finished is not None:
@@ -131,12 +137,23 @@ class Coordinator:
                         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                     )
             self._clients[client_id] = ClientRecord(client_id, declared, time.time(), last_seen=now)
+            if own_spec is not None:
+                self._client_specs[client_id] = own_spec
             self._cond.notify_all()
         return pb.JoinReply(
             envelope=serde.envelope(self.run_id, 0, client_id),
             protocol_version=PROTOCOL_VERSION,
             poll_interval_ms=self.poll_ms,
         )
+
+    def _own_spec(self, client_id: str, request: pb.JoinRequest) -> dict[str, serde.TensorSpec] | None:
+        """The joining client's upload specs from ``spec_for``; ``None`` without it. Refuses what it cannot fit."""
+        if self.spec_for is None:
+            return None
+        try:
+            return dict(self.spec_for(client_id, dict(request.info)))
+        except (ValueError, KeyError) as exc:
+            raise Refused(f"client {client_id!r}: its adapter does not fit this run: {shown(str(exc), 200)}") from None
 
     def _layout_mismatch(self, info: Mapping[str, str]) -> str:
         """Why a client's model fingerprint differs, as precisely as the Join tells (never the fingerprint)."""
@@ -240,6 +257,7 @@ class Coordinator:
         who = f"client {client_id!r}"
         with self._cond:
             declared = self._clients[client_id].num_examples if client_id in self._clients else 0
+            own_spec = self._client_specs.get(client_id)
             current = self._check_round_open(header.envelope.round, client_id)
             phase = self._check_phase_open(current, header.envelope.phase, client_id)
         trains = phase.phase.trains
@@ -261,7 +279,8 @@ class Coordinator:
                 hidden = "this secure mode hides every client's update" if trains else f"phase {phase.phase.name!r} does not train"
                 raise MalformedMessage(f"{who}: {hidden}, so the answer must carry no weight and no metrics in the clear")
         blobs = check_blobs(header.blobs, phase.phase.answer.blobs, who=who, phase=phase.phase.name)
-        expected = dict(phase.phase.answer.tensors)
+        # a rule with per-client shapes gives each client its own upload spec for the training phase
+        expected = dict(own_spec) if trains and own_spec is not None else dict(phase.phase.answer.tensors)
         # The manifest is checked against the expected answer before a byte of it is read, and
         # memory grows only with the data that actually arrives.
         _, payload = serde.read_update_stream(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ import numpy as np
 from privacy.accounting import create_accountant
 from privacy.ledger import PrivacyLedger, ReleaseAccounting
 from protocols.wire import serde
+from protocols.wire.serde import TensorSpec
 from secure_fl.config import Config
 from secure_fl.data.sources import load_eval_set
-from secure_fl.errors import RunError
-from secure_fl.models import load_trainable_state, model_fingerprint, model_info, trainable_state
+from secure_fl.errors import ConfigError, RunError
+from secure_fl.models import load_trainable_state, model_info, trainable_state
+from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, build_for_rule, rule_fingerprint, sync_base
 from protocols.errors import ProtocolAbort
 from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
 from secure_fl.server.coordinator import Coordinator
@@ -87,14 +89,14 @@ class FederatedServer:
             workload = TextClassification(config.model, config.peft, label_names)
             eval_dataset = eval_set if eval_dataset is None else eval_dataset
         self.workload = workload
-        self.adapted = workload.build(seed=config.run.seed)
+        self.adapted = build_for_rule(workload, self.stages.rule, seed=config.run.seed)
         self.eval_data = workload.prepare(self.adapted, eval_dataset) if eval_dataset is not None else None
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
         self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
         self.coordinator = Coordinator(
             run_id=self.run_id,
-            model_fingerprint=model_fingerprint(self.adapted.model),
+            model_fingerprint=rule_fingerprint(self.adapted.model, self.stages.rule),
             stages=self.stages.names(),
             max_update_bytes=config.transport.max_update_bytes,
             chunk_size=config.transport.chunk_size,
@@ -105,18 +107,39 @@ class FederatedServer:
             max_weight=config.run.max_weight,
             liveness_timeout=config.transport.liveness_timeout,
             model_info=model_info(self.adapted.model),
+            spec_for=self._client_payload_spec if self.stages.rule.accepts_client_shapes else None,
         )
+        #: Global adapters released so far (the ones a merging rule folds into the base).
+        self.releases = 0
+        if self.stages.rule.accepts_client_shapes and not self.stages.secure.reveals_individual_updates:
+            raise ConfigError(
+                f"peft.rule={config.peft.rule!r} accepts per-client shapes and pads each upload on the server, "
+                f"but secure.mode={config.secure.mode!r} only reveals sums; use secure.mode='plain'",
+                key="peft.rule",
+            )
+
+    def _client_payload_spec(self, client_id: str, info: Mapping[str, str]) -> dict[str, TensorSpec]:
+        """The upload specs of one client, from what it declared at Join (rules with per-client shapes)."""
+        spec = self.stages.rule.client_spec(info, self.pipeline.layout.specs())
+        return self.pipeline.payload_spec() if spec is None else self.stages.secure.payload_spec(spec)
+
+    def start_state(self) -> dict[str, np.ndarray]:
+        """What this round's updates apply to: the global adapter, after a merging rule folded it into the base."""
+        return sync_base(self.stages.rule, self.adapted, self.global_state, merges=self.releases)
 
     def plan(self) -> dict[str, float]:
         """The training plan every client receives with its task."""
         c = self.config.client
-        return {
+        plan = {
             "local_steps": c.local_steps,
             "batch_size": c.batch_size,
             "lr": c.lr,
             "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm,
         }
+        if self.stages.rule.merges_into_base:  # clients fold the same releases into their base
+            plan[MERGES_PLAN_KEY] = float(self.releases)
+        return plan
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
         """Metrics of the global adapter ``state`` on the server's held-out set."""
@@ -197,6 +220,7 @@ class FederatedServer:
                 )
         size = min(run.clients_per_round, len(available))
         cohort = sorted(str(c) for c in rng.choice(available, size=size, replace=False))
+        start = self.start_state()
         manifest, payload = serde.pack_tensors(self.global_state)
         started = time.perf_counter()
         self.observer.on_round_start(number, cohort)
@@ -235,7 +259,7 @@ class FederatedServer:
             record["status"] = "failed"
             record["reason"] = f"{len(contributors)} update(s) before the deadline; run.min_updates={run.min_updates}"
         else:
-            outcome = self.pipeline.aggregate_buckets(self.global_state, buckets, num_contributions=len(contributors))
+            outcome = self.pipeline.aggregate_buckets(start, buckets, num_contributions=len(contributors))
             problem = _non_finite(outcome.state)
             if problem is not None:
                 record["status"] = "failed"
@@ -261,6 +285,7 @@ class FederatedServer:
                 },
             )
             self.global_state = outcome.state
+            self.releases += 1
             record["excluded"] = list(outcome.excluded)
             record["epsilon"] = entry["epsilon"]
             record.update(outcome.info)

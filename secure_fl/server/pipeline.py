@@ -131,8 +131,8 @@ class ServerPipeline:
     def aggregate_buckets(
         self, global_state: Mapping[str, np.ndarray], buckets: Sequence[BucketSum], *, num_contributions: int
     ) -> AggregationOutcome:
-        """Turn the protocol's bucket sums into the next global adapter state."""
-        rows = self.layout.stack([bucket.mean() for bucket in buckets])
+        """Turn the protocol's bucket sums into the next global adapter state (rows aligned by the rule)."""
+        rows = self.layout.stack([self.stages.rule.align(bucket.mean(), self.layout) for bucket in buckets])
         weights = np.asarray([bucket.weight for bucket in buckets], dtype=np.float64)
         defended = self.stages.defense.aggregate(rows, weights)
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
