@@ -17,7 +17,7 @@ import torch
 from secure_fl.config import Config
 from secure_fl.data import TextDataset
 from secure_fl.models import AdaptedModel, load_trainable_state, trainable_state
-from secure_fl.peft_agg import create_rule
+from secure_fl.stages import build_stage
 from secure_fl.tasks import train_steps
 from secure_fl.workload import Batches, TextClassification, Workload
 
@@ -86,8 +86,9 @@ class LocalTrainer:
     ) -> LocalTrainer:
         """Build (or reuse) the workload's model and prepare ``dataset`` once.
 
-        The tensors that travel are the ones the configured ``peft.rule`` names (its
-        ``update_keys``), so every caller sends exactly what the server expects.
+        The tensors that travel are the ones the configured ``peft.rule`` (with its
+        ``[peft.rule_params]``) names (its ``update_keys``), so every caller sends exactly what
+        the server expects.
 
         With ``client.eval_fraction > 0`` a seeded share of the local examples is held out (never
         trained on) to evaluate each global adapter the client receives (federated evaluation).
@@ -99,7 +100,7 @@ class LocalTrainer:
         if len(data) == 0:
             raise ValueError("a client needs at least one training example")
         eval_data = workload.prepare(adapted, eval_part) if eval_part is not None else None
-        keys = create_rule(config.peft.rule).update_keys(adapted.trainable_names)
+        keys = build_stage(config, "rule").update_keys(adapted.trainable_names)
         return cls(
             workload,
             adapted,

@@ -215,6 +215,7 @@ class FederatedServer:
             max_weight=config.run.max_weight,
             liveness_timeout=config.transport.liveness_timeout,
             model_info=model_info(self.adapted.model),
+            stage_fingerprints=self.stages.fingerprint(),
         )
 
     def plan(self) -> dict[str, float]:
