@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,3 +48,16 @@ class AggregationRule(ABC):
         for name, value in delta.items():
             new_state[name] += value
         return new_state
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across rounds, saved with every round's checkpoint (default: none).
+
+        Values may be JSON-able scalars, lists and dicts, or numpy arrays. Settings (the
+        ``__init__`` arguments) are not state: they come from the config.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (default: only the empty state is accepted)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")
