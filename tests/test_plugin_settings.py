@@ -206,7 +206,7 @@ def test_a_client_with_other_settings_is_refused_over_grpc(grpc_server) -> None:
     from secure_fl.errors import TransportError
     from secure_fl.transport.grpc_client import GrpcTransport
 
-    server_config = smoke_config("privacy.mode=scaled-clip", "privacy.params.clip_norm=1.0", "run.join_timeout=30")
+    server_config = smoke_config("privacy.mode=scaled-clip", "privacy.params.clip_norm=1.0", "run.join_timeout=2")
     running = grpc_server(server_config)
     client_config = server_config.with_overrides(["privacy.params.clip_norm=0.5"])
     trainer = LocalTrainer.from_config(client_config, client_dataset(client_config, 0))
@@ -216,6 +216,10 @@ def test_a_client_with_other_settings_is_refused_over_grpc(grpc_server) -> None:
     assert info.value.code == "FAILED_PRECONDITION" and "runs privacy with other settings" in info.value.details
     good = FederatedClient("client-1", GrpcTransport(running.address), trainer, ClientStages.from_config(server_config))
     assert good.join().envelope.run_id == running.server.run_id
+    # end the server's rounds inside this test: a thread left waiting would touch torch's global RNG later
+    running.server.coordinator.finish("test over")
+    running.rounds.join(60)
+    assert not running.rounds.is_alive()
 
 
 # ------------------------------------------------------------------------------ state through a checkpoint
