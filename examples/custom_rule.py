@@ -1,6 +1,8 @@
 """Register your own PEFT aggregation rule: FedAvgM (server momentum, Hsu et al. 2019).
 
-The rule keeps state across rounds: the global delta is ``beta * previous + weighted mean``.
+The rule keeps state across rounds: the global delta is ``beta * previous + weighted mean``; the
+momentum is saved with every round's checkpoint (`state_dict`), and ``beta`` is a setting
+(``[peft.rule_params] beta = 0.7``).
 Linear in the client updates, so it would also run under secure aggregation.
 
 Run:  python examples/custom_rule.py [--fast] [--out DIR]
@@ -9,6 +11,8 @@ Run:  python examples/custom_rule.py [--fast] [--out DIR]
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +34,13 @@ class FedAvgM(secure_fl.AggregationRule):
         mean = (weights @ updates.astype(np.float64) / weights.sum()).astype(np.float32)
         self.velocity = mean if self.velocity is None else self.beta * self.velocity + mean
         return self.velocity
+
+    def state_dict(self) -> dict[str, Any]:
+        # saved with every round's checkpoint (arrays as tensors), so a resumed run keeps its momentum
+        return {} if self.velocity is None else {"velocity": self.velocity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.velocity = state.get("velocity")
 
 
 secure_fl.register_rule("fedavgm", FedAvgM)

@@ -39,8 +39,9 @@ class FrozenA(secure_fl.AggregationRule):
     name = "frozen-a"
     paper = "https://arxiv.org/abs/2403.12313"
 
-    def __init__(self, a_scale: float = 1.0) -> None:
-        self.freeze = "lora_A"  # public settings: run.json and the audit report show them
+    def __init__(self, *, a_scale: float = 1.0, freeze: str = "lora_A") -> None:
+        # settings ([peft.rule_params]): run.json and the audit report show them
+        self.freeze = freeze
         self.a_scale = a_scale
 
     def prepare_model(self, model: Any, *, seed: int) -> None:

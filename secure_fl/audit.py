@@ -3,7 +3,7 @@
 Reads ``config.toml``, ``run.json``, ``metrics.jsonl`` and ``ledger.jsonl`` (nothing else, so the
 report can be rebuilt at any time, by anyone holding the directory) and writes
 ``report/privacy_report.json`` and ``report/privacy_report.html``. The server calls it at the end
-of every run; the report's content is described in ``docs/privacy-report.md``.
+of every run; what each section and warning means is described in ``docs/privacy-report.md``.
 """
 
 from __future__ import annotations

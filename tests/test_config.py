@@ -219,7 +219,7 @@ def test_unknown_key_peft_rank_lists_r() -> None:
     assert info.value.key == "peft.rank"
     assert "'peft.rank'" in msg
     # the allowed keys of [peft] are listed, so the user can find 'r'
-    assert "allowed in [peft]: alpha, dropout, modules_to_save, r, rule, target_modules" in msg
+    assert "allowed in [peft]: alpha, dropout, modules_to_save, r, rule, rule_params, target_modules" in msg
 
 
 def test_unknown_key_peft_rank_suggests_r() -> None:

@@ -65,12 +65,15 @@ def test_user_defense_and_attack_show_up_in_metrics(tmp_path: Path) -> None:
     # the one attacker (25% of 4 clients) is excluded every round, and only it
     excluded = [r["excluded"] for r in records]
     assert all(len(e) == 1 for e in excluded) and len({e[0] for e in excluded}) == 1
-    assert all("median_norm" in r for r in records)
+    assert all("median_norm" in r and "reference_norm" in r for r in records)
     # ... and in the audit report: the plug-in, its settings, and whom it excluded
     report = _report(tmp_path)
     defense = report["stages"]["defense"]
     assert defense["name"] == "norm-filter" and defense["plugin"].endswith(".NormFilter") and defense["builtin"] is False
-    assert defense["params"] == {"factor": 3.0} and defense["paper"].startswith("https://")
+    # the real settings: factor from [robustness.params] (4.0, not the class default 3.0), momentum's default
+    assert defense["params"] == {"factor": 4.0, "momentum": 0.5} and defense["paper"].startswith("https://")
+    assert json.loads((tmp_path / "run.json").read_text())["stages"]["defense"]["params"]["factor"] == 4.0
+    assert "robustness.params" in (tmp_path / "config.toml").read_text()
     assert report["stages"]["attack"]["name"] == "flip-scale"
     assert [(x["round"], x["client_id"], x["defense"]) for x in report["exclusions"]] == [
         (r["round"], r["excluded"][0], "norm-filter") for r in records
@@ -79,6 +82,13 @@ def test_user_defense_and_attack_show_up_in_metrics(tmp_path: Path) -> None:
     assert [c["rounds_excluded"] for c in report["clients"] if c["client_id"] == attacker] == [len(records)]
     assert "simulated-attack" in {w["code"] for w in report["warnings"]}
     assert "norm-filter" in _page(tmp_path) and attacker in _page(tmp_path)
+    # state across rounds, saved with the last round's checkpoint
+    from secure_fl.server.rundir import RunDirectory
+
+    checkpoint = RunDirectory(tmp_path).load_checkpoint()
+    assert checkpoint is not None and checkpoint.round == len(records)
+    assert checkpoint.plugin_state["defense"] == {"reference_norm": records[-1]["reference_norm"], "rounds": len(records)}
+    assert checkpoint.rng_state is not None and checkpoint.rng_state["bit_generator"] == "PCG64"
 
 
 def test_user_rule_shows_up_in_metrics(tmp_path: Path) -> None:

@@ -111,6 +111,9 @@ def test_join_refusals(grpc_server) -> None:
         list(stub.PullTask(pb.PullTaskRequest(envelope=serde.envelope(running.server.run_id, 0, "nobody"))))
     assert stranger.value.code() == grpc.StatusCode.NOT_FOUND
     ok = stub.Join(
-        pb.JoinRequest(envelope=serde.envelope("", 0, "c"), protocol_version=1, model_fingerprint=fingerprint, num_examples=10)
+        pb.JoinRequest(
+            envelope=serde.envelope("", 0, "c"), protocol_version=1, model_fingerprint=fingerprint, num_examples=10,
+            info={f"stage.{k}": v for k, v in running.server.stages.fingerprint().items()},
+        )
     )
     assert ok.envelope.run_id == running.server.run_id

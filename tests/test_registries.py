@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import privacy._registry
+import privacy.accounting.registry as accountant_registry
 import privacy.mechanisms.registry as privacy_registry
 import protocols._registry
 import protocols.secagg.registry as secagg_registry
@@ -67,15 +68,119 @@ def test_every_registry_has_entries() -> None:
         assert registry.config_key == key
 
 
-@pytest.mark.parametrize(("kind", "name"), CONFORMANCE_CASES)
-def test_registered_plugin_conforms(kind: str, name: str) -> None:
-    module, create, registry, _ = REGISTRIES[kind]
-    instance = create(name)
-    assert instance.name == name
-    assert type(instance) is registry.get(name)
-    assert type(instance).name == name
-    assert name in registry
-    assert list(module.available()) == sorted(module.available())
+def _case(kind: str) -> list[Any]:
+    return [pytest.param(name, id=f"{kind}:{name}") for name in REGISTRIES[kind][0].available()]
+
+
+def _state_round_trip(plugin: Any, fresh: Any) -> None:
+    """What `state_dict` returns loads into a fresh instance and comes back equal."""
+    state = plugin.state_dict()
+    fresh.load_state_dict(state)
+    again = fresh.state_dict()
+    assert set(again) == set(state)
+    for key, value in state.items():
+        np.testing.assert_equal(again[key], value)
+
+
+@pytest.mark.parametrize("name", _case("defense"))
+def test_defense_contract(name: str) -> None:
+    """Shapes kept, one weight per returned row, excluded indices valid, state round trip."""
+    rng = np.random.default_rng(0)
+    updates = rng.normal(size=(7, 5)).astype(np.float32)
+    weights = rng.uniform(1.0, 10.0, size=7)
+    defense = defense_registry.create_defense(name)
+    out = defense.aggregate(updates.copy(), weights.copy())
+    assert out.updates.ndim == 2 and out.updates.shape[1] == 5 and 1 <= out.updates.shape[0] <= 7
+    assert out.updates.dtype == np.float32 and np.isfinite(out.updates).all()
+    assert out.weights.shape == (out.updates.shape[0],) and (out.weights >= 0).all() and out.weights.sum() > 0
+    assert all(0 <= i < 7 for i in out.excluded) and len(set(out.excluded)) == len(out.excluded)
+    assert all(isinstance(v, (int, float)) for v in out.info.values())
+    _state_round_trip(defense, defense_registry.create_defense(name))
+
+
+@pytest.mark.parametrize("name", _case("rule"))
+def test_rule_contract(name: str) -> None:
+    """``update_keys`` picks trainable names, ``aggregate`` gives a ``(d,)`` delta, ``apply`` keeps the layout."""
+    rule = rule_registry.create_rule(name)
+    layout = Layout(("a", "b"), ((2, 3), (4,)))
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(3, layout.size)).astype(np.float32)
+    assert set(rule.update_keys(["a", "b"])) <= {"a", "b"}
+    delta = rule.aggregate(rows, np.array([1.0, 2.0, 3.0]), layout)
+    assert delta.shape == (layout.size,) and np.isfinite(delta).all()
+    state = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    new = rule.apply(state, layout.unflatten(delta))
+    assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in state.items()}
+    _state_round_trip(rule, rule_registry.create_rule(name))
+
+
+@pytest.mark.parametrize("name", _case("secure"))
+def test_protocol_contract(name: str) -> None:
+    """encode -> aggregate of a few contributions: the bucket totals sum to the weighted sum of the updates."""
+    protocol = secagg_registry.create_secure_aggregation(name)
+    layout = Layout(("a", "b"), ((2, 3), (4,)))
+    spec = protocol.payload_spec(layout.specs())
+    rng = np.random.default_rng(2)
+    updates = [layout.unflatten(rng.normal(size=layout.size).astype(np.float32)) for _ in range(4)]
+    weights = [1.0, 2.5, 4.0, 0.5]
+    contributions = []
+    for i, (update, weight) in enumerate(zip(updates, weights)):
+        encoded = protocol.encode(update, weight=weight)
+        assert {k: (str(v.dtype), v.shape) for k, v in encoded.items()} == {k: (s.dtype, s.shape) for k, s in spec.items()}
+        contributions.append(Contribution(f"c{i}", encoded, weight))
+    buckets = protocol.aggregate(contributions)
+    members = [m for bucket in buckets for m in bucket.members]
+    assert sorted(members) == [f"c{i}" for i in range(4)]
+    assert sum(b.weight for b in buckets) == pytest.approx(sum(weights))
+    for key in ("a", "b"):
+        total = sum(np.asarray(b.total[key], np.float64) for b in buckets)
+        expected = sum(w * u[key].astype(np.float64) for u, w in zip(updates, weights))
+        np.testing.assert_allclose(total, expected, rtol=1e-3, atol=1e-3)
+    assert isinstance(protocol.describe()["server_sees_individual_updates"], bool)
+    _state_round_trip(protocol, secagg_registry.create_secure_aggregation(name))
+
+
+@pytest.mark.parametrize("name", _case("privacy"))
+def test_mechanism_contract(name: str) -> None:
+    """Transforms keep names and shapes; ``privacy_event`` is a valid event; ``describe`` is JSON."""
+    import json
+
+    from privacy.accounting import GaussianEvent
+
+    mechanism = privacy_registry.create_privacy_mechanism(name)
+    update = {"a": np.ones((2, 3), np.float32), "b": np.arange(4, dtype=np.float32)}
+    for out in (mechanism.client_transform(update), mechanism.server_transform(update, num_contributions=3)):
+        assert {k: np.shape(v) for k, v in out.items()} == {k: v.shape for k, v in update.items()}
+    event = mechanism.privacy_event(cohort_size=3, population=10, contributions=3)
+    assert isinstance(event, GaussianEvent)
+    assert event.noise_multiplier >= 0 and 0 < event.sample_rate <= 1 and event.steps >= 1
+    described = json.loads(json.dumps(mechanism.describe()))
+    assert described["mode"] == name and isinstance(described["guarantee"], str)
+
+
+@pytest.mark.parametrize("name", _case("attack"))
+def test_attack_contract(name: str) -> None:
+    attack = attack_registry.create_attack(name)
+    update = {"a": np.ones((2, 3), np.float32)}
+    out = attack.perturb(update, rng=np.random.default_rng(0))
+    assert {k: np.shape(v) for k, v in out.items()} == {"a": (2, 3)}
+
+
+@pytest.mark.parametrize("name", list(accountant_registry.available()))
+def test_accountant_contract(name: str) -> None:
+    """Zero before any release, monotone in noisy releases, unbounded after a noiseless one."""
+    from privacy.accounting import GaussianEvent
+
+    accountant = accountant_registry.create_accountant(name)
+    assert accountant.epsilon(1e-5) == 0
+    spent = []
+    for _ in range(3):
+        accountant.compose(GaussianEvent(noise_multiplier=1.0, sample_rate=0.1), count=10)
+        spent.append(accountant.epsilon(1e-5))
+    assert all(0 < e < float("inf") for e in spent) and spent == sorted(spent)
+    assert spent[0] < spent[-1]
+    accountant.compose(GaussianEvent(noise_multiplier=0.0, sample_rate=1.0))
+    assert accountant.epsilon(1e-5) == float("inf")
 
 
 @pytest.mark.parametrize(("kind", "name"), CONFORMANCE_CASES)

@@ -38,6 +38,7 @@ class Party:
         self.stub = pb_grpc.FederationStub(self.channel)
         self.client_id = client_id
         self.fingerprint = running.server.coordinator.model_fingerprint
+        self.stage_info = {f"stage.{k}": v for k, v in running.server.stages.fingerprint().items()}
         self.run_id = ""
         self.num_examples = num_examples
 
@@ -45,7 +46,7 @@ class Party:
         reply = self.stub.Join(
             pb.JoinRequest(
                 envelope=serde.envelope("", 0, self.client_id), protocol_version=PROTOCOL_VERSION,
-                model_fingerprint=self.fingerprint, num_examples=self.num_examples,
+                model_fingerprint=self.fingerprint, num_examples=self.num_examples, info=self.stage_info,
             ),
             timeout=10,
         )

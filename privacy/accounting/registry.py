@@ -22,3 +22,5 @@ register_accountant = _ACCOUNTANTS.register
 create_accountant = _ACCOUNTANTS.create
 #: ``available()``: the registered names, sorted.
 available = _ACCOUNTANTS.names
+#: ``plugin_class(name)``: the class registered under ``name`` (its settings are its keyword arguments).
+plugin_class = _ACCOUNTANTS.get

@@ -11,6 +11,7 @@ and writes the result to the privacy ledger before the new global adapter is rel
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,5 +93,14 @@ class PrivacyMechanism(ABC):
         """Mechanism parameters for the ledger and the audit report (JSON-serialisable).
 
         The keys ``clip_norm`` and ``noise_multiplier`` are shown in the report's mechanism table.
+        By default: mode, guarantee and the mechanism's settings (its ``__init__`` keyword
+        arguments, read back from the attributes of the same name), so the ledger records the
+        configured values, not the defaults.
         """
-        return {"mode": self.name, "guarantee": self.guarantee}
+        settings = {
+            name: getattr(self, name)
+            for name, parameter in inspect.signature(type(self)).parameters.items()
+            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+            and isinstance(getattr(self, name, None), (bool, int, float, str))
+        }
+        return {"mode": self.name, "guarantee": self.guarantee, **settings}

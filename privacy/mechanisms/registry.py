@@ -21,3 +21,5 @@ register_privacy_mechanism = _MECHANISMS.register
 create_privacy_mechanism = _MECHANISMS.create
 #: ``available()``: the registered names, sorted.
 available = _MECHANISMS.names
+#: ``plugin_class(name)``: the class registered under ``name`` (its settings are its keyword arguments).
+plugin_class = _MECHANISMS.get

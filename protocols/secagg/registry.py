@@ -25,3 +25,5 @@ register_secure_aggregation = _PROTOCOLS.register
 create_secure_aggregation = _PROTOCOLS.create
 #: ``available()``: the registered names, sorted.
 available = _PROTOCOLS.names
+#: ``plugin_class(name)``: the class registered under ``name`` (its settings are its keyword arguments).
+plugin_class = _PROTOCOLS.get

@@ -21,3 +21,5 @@ register_attack = _ATTACKS.register
 create_attack = _ATTACKS.create
 #: ``available()``: the registered names, sorted.
 available = _ATTACKS.names
+#: ``plugin_class(name)``: the class registered under ``name`` (its settings are its keyword arguments).
+plugin_class = _ATTACKS.get

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -45,3 +46,16 @@ class Defense(ABC):
     @abstractmethod
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> DefenseResult:
         """Apply the defense to ``updates`` (shape ``(n, d)``) with ``weights`` (shape ``(n,)``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across rounds, saved with every round's checkpoint (default: none).
+
+        Values may be JSON-able scalars, lists and dicts, or numpy arrays. Settings (the
+        ``__init__`` arguments) are not state: they come from the config.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (default: only the empty state is accepted)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")

@@ -21,3 +21,5 @@ register_defense = _DEFENSES.register
 create_defense = _DEFENSES.create
 #: ``available()``: the registered names, sorted.
 available = _DEFENSES.names
+#: ``plugin_class(name)``: the class registered under ``name`` (its settings are its keyword arguments).
+plugin_class = _DEFENSES.get

@@ -13,22 +13,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
-from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
-from privacy.mechanisms import MechanismContext
-from protocols.secagg import ClientContext, ClientRound, PhaseData, SecureAggregation, create_secure_aggregation
+from privacy.mechanisms import MechanismContext, PrivacyMechanism
+from protocols.secagg import ClientContext, ClientRound, PhaseData, SecureAggregation
 from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
-from robustness.attacks import Attack, AttackContext, create_attack
+from robustness.attacks import Attack, AttackContext
+from secure_fl.client.mods import prepare_upload
 from secure_fl.client.trainer import LocalTrainer, derive_seed
 from secure_fl.config import Config
 from secure_fl.errors import RunError, TransportError
-from secure_fl.client.mods import prepare_upload
 from secure_fl.models import trainable_state
+from secure_fl.stages import INFO_PREFIX, Stages
 from protocols.wire.limits import PROTOCOL_VERSION
 from secure_fl.transport.base import ClientTransport
 
@@ -43,24 +43,39 @@ _MAX_REJOINS = 3
 
 @dataclass
 class ClientStages:
-    """The client halves of the pipeline."""
+    """The client halves of the pipeline: a view of `Stages` built from the same config.
+
+    ``fingerprints`` (per stage: a hash of name plus settings, see `Stages.fingerprint`) travel in
+    the Join request, so a server whose stage settings differ refuses this client before any round.
+    """
 
     secure: SecureAggregation
     privacy: PrivacyMechanism
     attack: Attack | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config, *, malicious: bool = False) -> ClientStages:
         """The client stages ``[secure]`` and ``[privacy]`` name (plus ``[attack]`` if ``malicious``)."""
+        return cls.from_stages(Stages.from_config(config), malicious=malicious)
+
+    @classmethod
+    def from_stages(cls, stages: Stages, *, malicious: bool = False) -> ClientStages:
+        """The client halves of ``stages`` (the attack only for a ``malicious`` simulated client)."""
         return cls(
-            secure=create_secure_aggregation(config.secure.mode),
-            privacy=create_privacy_mechanism(config.privacy.mode),
-            attack=create_attack(config.attack.kind) if malicious else None,
+            secure=stages.secure,
+            privacy=stages.privacy,
+            attack=stages.attack if malicious else None,
+            fingerprints=stages.fingerprint(),
         )
 
     def names(self) -> dict[str, str]:
         """Names to compare with the server's announced stages."""
         return {"secure": self.secure.name, "privacy": self.privacy.name}
+
+    def join_info(self) -> dict[str, str]:
+        """The ``JoinRequest.info`` entries carrying the stage fingerprints (``stage.privacy``, ...)."""
+        return {f"{INFO_PREFIX}{kind}": value for kind, value in self.fingerprints.items()}
 
 
 class HonestBoard:
@@ -137,7 +152,7 @@ class FederatedClient:
                 model_fingerprint=self._fingerprint,
                 # under a secure mode that hides updates the example count is not revealed either
                 num_examples=self.trainer.num_examples if self.stages.secure.reveals_individual_updates else 1,
-                info=self.trainer.join_info(),
+                info={**self.trainer.join_info(), **self.stages.join_info()},
             )
         )
         self.run_id = reply.envelope.run_id

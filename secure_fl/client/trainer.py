@@ -20,6 +20,7 @@ from secure_fl.data import TextDataset
 from secure_fl.models import BUILD_LOCK, AdaptedModel, load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg import AggregationRule, create_rule
 from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, rule_fingerprint, shape_model, sync_base, trained_shapes
+from secure_fl.stages import build_stage
 from secure_fl.tasks import train_steps
 from secure_fl.workload import Batches, TextClassification, Workload
 
@@ -93,17 +94,17 @@ class LocalTrainer:
     ) -> LocalTrainer:
         """Build (or reuse) the workload's model and prepare ``dataset`` once.
 
-        The model is shaped by the configured ``peft.rule`` as on the server (its
-        `prepare_model` and `trained_keys`, see `secure_fl.peft_agg.hooks.build_for_rule`; a
-        given ``adapted`` is shaped unless it already was), and the tensors that travel are the
-        ones the rule names (its ``update_keys``), so every caller sends exactly what the server
-        expects.
+        The model is shaped by the configured ``peft.rule`` (with its ``[peft.rule_params]``) as on
+        the server (its `prepare_model` and `trained_keys`, see
+        `secure_fl.peft_agg.hooks.build_for_rule`; a given ``adapted`` is shaped unless it already
+        was), and the tensors that travel are the ones the rule names (its ``update_keys``), so
+        every caller sends exactly what the server expects.
 
         With ``client.eval_fraction > 0`` a seeded share of the local examples is held out (never
         trained on) to evaluate each global adapter the client receives (federated evaluation).
         """
         seed = config.run.seed
-        rule = create_rule(config.peft.rule)
+        rule = build_stage(config, "rule")
         adapted = shape_model(adapted or workload.build(seed=seed), rule, seed=seed)
         train_part, eval_part = split_local(dataset, config.client.eval_fraction, seed=seed)
         data = workload.prepare(adapted, train_part)

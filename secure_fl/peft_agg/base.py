@@ -149,3 +149,15 @@ class AggregationRule(ABC):
         what the server applies the next aggregate to. Default: no merge.
         """
         return dict(state)
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across rounds, saved with every round's checkpoint (default: none).
+
+        Values may be JSON-able scalars, lists and dicts, or numpy arrays. Settings (the
+        ``__init__`` arguments) are not state: they come from the config.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (default: only the empty state is accepted)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")

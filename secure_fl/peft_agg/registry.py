@@ -21,3 +21,5 @@ register_rule = _RULES.register
 create_rule = _RULES.create
 #: ``available()``: the registered names, sorted.
 available = _RULES.names
+#: ``plugin_class(name)``: the class registered under ``name`` (its settings are its keyword arguments).
+plugin_class = _RULES.get

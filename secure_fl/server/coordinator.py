@@ -64,6 +64,7 @@ class Coordinator:
         model_info: Mapping[str, str] | None = None,
         weights_in_clear: bool = True,
         spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None,
+        stage_fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.model_fingerprint = model_fingerprint
@@ -85,6 +86,8 @@ class Coordinator:
         #: (rules with per-client shapes); ``None``: every upload must match the phase's spec.
         self.spec_for = spec_for
         self._client_specs: dict[str, dict[str, serde.TensorSpec]] = {}
+        # Per stage (secure, privacy, rule): hash of name + settings a client must send at Join.
+        self.stage_fingerprints = dict(stage_fingerprints or {})
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
         self._round: RoundState | None = None
@@ -111,6 +114,9 @@ class Coordinator:
             )
         if request.model_fingerprint != self.model_fingerprint:
             raise Refused(f"client {client_id!r} {self._layout_mismatch(dict(request.info))}")
+        stage_problem = self._stage_mismatch(client_id, dict(request.info))
+        if stage_problem is not None:
+            raise Refused(stage_problem)
         declared = int(request.num_examples)
         if not 1 <= declared <= self.max_weight:
             raise MalformedMessage(
@@ -154,6 +160,26 @@ class Coordinator:
             return dict(self.spec_for(client_id, dict(request.info)))
         except (ValueError, KeyError) as exc:
             raise Refused(f"client {client_id!r}: its adapter does not fit this run: {shown(str(exc), 200)}") from None
+    def _stage_mismatch(self, client_id: str, info: Mapping[str, str]) -> str | None:
+        """Why a client's stage settings differ from the server's (``None`` if they agree).
+
+        A client that sends no fingerprint for a stage is refused when the server has one: it
+        cannot show that it runs the same protections (a client older than stage fingerprints).
+        """
+        for stage, ours in self.stage_fingerprints.items():
+            theirs = info.get(f"stage.{stage}")
+            if theirs is None:
+                return (
+                    f"client {client_id!r} sent no fingerprint of its {stage} settings (stage.{stage}); this server "
+                    "compares stage settings at Join: run a secure-fl client that sends them"
+                )
+            if theirs != ours:
+                tables = {"rule": "[peft] rule and [peft.rule_params]"}.get(stage, f"[{stage}] and [{stage}.params]")
+                return (
+                    f"client {client_id!r} runs {stage} with other settings than the server: "
+                    f"use the same {tables} on both sides"
+                )
+        return None
 
     def _layout_mismatch(self, info: Mapping[str, str]) -> str:
         """Why a client's model fingerprint differs, as precisely as the Join tells (never the fingerprint)."""

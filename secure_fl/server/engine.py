@@ -29,6 +29,7 @@ from secure_fl.models import load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, build_for_rule, rule_fingerprint, sync_base
 from protocols.errors import ProtocolAbort
 from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
+from secure_fl.server.checkpoint import Checkpoint, restore
 from secure_fl.server.coordinator import Coordinator
 from secure_fl.server.rounds import RoundState
 from secure_fl.server.pipeline import AggregationOutcome, ServerPipeline, Stages
@@ -71,6 +72,8 @@ class FederatedServer:
                 "directory: two runs never share one privacy ledger"
             )
         self.stages = Stages.from_config(config)
+        #: Draws each round's cohort; saved with every checkpoint so a resumed run draws the same cohorts.
+        self.rng = np.random.default_rng(config.run.seed)
         self.run_dir.write_config(config)
         self.run_dir.write_run_info({
             "schema": "secure-fl/run/v1",
@@ -108,6 +111,7 @@ class FederatedServer:
             liveness_timeout=config.transport.liveness_timeout,
             model_info=model_info(self.adapted.model),
             spec_for=self._client_payload_spec if self.stages.rule.accepts_client_shapes else None,
+            stage_fingerprints=self.stages.fingerprint(),
         )
         #: Global adapters released so far (the ones a merging rule folds into the base).
         self.releases = 0
@@ -180,7 +184,7 @@ class FederatedServer:
 
     def _run_rounds(self) -> list[dict[str, Any]]:
         run = self.config.run
-        rng = np.random.default_rng(run.seed)
+        rng = self.rng
         joined = self.coordinator.wait_for_clients(run.clients_per_round, run.join_timeout)
         if len(joined) < run.min_updates:
             raise RunError(
@@ -289,7 +293,10 @@ class FederatedServer:
             record["excluded"] = list(outcome.excluded)
             record["epsilon"] = entry["epsilon"]
             record.update(outcome.info)
-            self.run_dir.save_checkpoint(number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints)
+            self.run_dir.save_checkpoint(
+                number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints,
+                plugin_state=self.stages.state_dict(), rng_state=rng.bit_generator.state,
+            )
             self._save_adapter()
             record.update(self.evaluate(self.global_state))
         record["seconds"] = round(time.perf_counter() - started, 3)
@@ -360,6 +367,17 @@ class FederatedServer:
     def _save_adapter(self) -> None:
         load_trainable_state(self.adapted.model, self.global_state)
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
+
+    def restore_from_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: global adapter, the stages' state and the cohort RNG.
+
+        Only the in-memory state; resuming a run from its directory (ledger, metrics, rounds
+        left) is the job of the hardening work.
+        """
+        self.global_state = {k: np.array(v, copy=True) for k, v in checkpoint.state.items()}
+        rng = restore(self.stages, checkpoint)
+        if rng is not None:
+            self.rng = rng
 
 
 def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The server half of a round's pipeline: secure aggregation -> defense -> PEFT rule -> DP.
 
-Stages are looked up by name in their registries, so the pipeline never changes when a plug-in
-is added. The order is fixed by what each stage may see: the secure-aggregation protocol turns
+Stages are looked up by name in their registries and built with their configured settings by
+`Stages.from_config` (in `secure_fl.stages`, re-exported here), so the pipeline never changes
+when a plug-in is added. The order is fixed by what each stage may see: the secure-aggregation protocol turns
 uploads into bucket sums (one per client in ``plain`` mode); the defense runs across bucket means;
 the PEFT rule turns the kept rows into the global delta; the privacy mechanism noises that delta.
 What the release costs is accounted by the engine (`privacy.ledger`) before it is released.
@@ -9,94 +10,18 @@ What the release costs is accounted by the engine (`privacy.ledger`) before it i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
-from protocols.secagg import BucketSum, Contribution, SecureAggregation, create_secure_aggregation
+from protocols.secagg import BucketSum, Contribution
 from protocols.wire.serde import TensorSpec
-from robustness.attacks import Attack, create_attack
-from robustness.defenses import Defense, create_defense
-from secure_fl.config import Config
-from secure_fl.errors import ConfigError
-from secure_fl.peft_agg import AggregationRule, create_rule
+from secure_fl.stages import Stages, describe_stage
 from secure_fl.tensors import Layout
 
-
-@dataclass
-class Stages:
-    """The plug-ins of one run, built from the config (shared by server and client halves)."""
-
-    secure: SecureAggregation
-    defense: Defense
-    rule: AggregationRule
-    privacy: PrivacyMechanism
-    attack: Attack
-
-    @classmethod
-    def from_config(cls, config: Config) -> Stages:
-        """Instantiate every stage and refuse combinations that would break a promise."""
-        stages = cls(
-            secure=create_secure_aggregation(config.secure.mode),
-            defense=create_defense(config.robustness.defense),
-            rule=create_rule(config.peft.rule),
-            privacy=create_privacy_mechanism(config.privacy.mode),
-            attack=create_attack(config.attack.kind),
-        )
-        if stages.rule.needs_individual_updates and not stages.secure.reveals_individual_updates:
-            raise ConfigError(
-                f"peft.rule={config.peft.rule!r} needs every client's adapter, but secure.mode="
-                f"{config.secure.mode!r} only reveals sums; use secure.mode='plain' or a linear rule",
-                key="peft.rule",
-            )
-        return stages
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        """Every stage's name, plug-in class and parameters, for ``run.json`` and the audit report."""
-        return {
-            "secure": describe_stage(self.secure),
-            "defense": describe_stage(self.defense),
-            "rule": describe_stage(self.rule),
-            "privacy": describe_stage(self.privacy),
-            "attack": describe_stage(self.attack),
-        }
-
-    def names(self) -> dict[str, str]:
-        """Stage names as sent to clients in every task."""
-        return {
-            "secure": self.secure.name,
-            "defense": self.defense.name,
-            "rule": self.rule.name,
-            "privacy": self.privacy.name,
-        }
-
-
-_OWN_PACKAGES = frozenset({"secure_fl", "privacy", "robustness", "protocols"})
-
-
-def describe_stage(stage: object) -> dict[str, Any]:
-    """Name, plug-in class, whether it ships with secure-fl, paper and JSON-safe parameters.
-
-    Parameters come from the stage's ``describe()`` when it has one, else from its public
-    attributes, so a user plug-in shows up in the report with its settings without extra code.
-    """
-    cls = type(stage)
-    describe = getattr(stage, "describe", None)
-    if callable(describe):
-        raw = describe()
-    else:  # public settings only: numbers, strings, flags (never arrays or other state)
-        raw = {k: v for k, v in vars(stage).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-    return {
-        "name": str(getattr(stage, "name", cls.__name__)),
-        "plugin": f"{cls.__module__}.{cls.__qualname__}",
-        "builtin": cls.__module__.split(".")[0] in _OWN_PACKAGES,
-        "paper": str(getattr(cls, "paper", "") or ""),
-        "params": json.loads(json.dumps(raw, default=str)),
-    }
+__all__ = ["AggregationOutcome", "ServerPipeline", "Stages", "describe_stage"]
 
 
 @dataclass

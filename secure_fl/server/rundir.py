@@ -3,7 +3,8 @@
 Layout (``OUT/``): ``config.toml`` (resolved), ``run.json`` (run id, transport, every stage's
 plug-in class and parameters), ``metrics.jsonl`` (one JSON line a round), ``ledger.jsonl`` (the
 privacy ledger, one fsynced line per release, see `privacy.ledger`),
-``checkpoints/round-NNNN.safetensors`` (global adapter state after each round, the last few kept),
+``checkpoints/round-NNNN.safetensors`` (global adapter state after each round with the plug-ins'
+state and the cohort RNG state, the last few kept),
 ``adapter/`` (the latest global adapter, loadable with ``PeftModel.from_pretrained``) and
 ``report/`` (``privacy_report.json`` and ``privacy_report.html``). Every file is written atomically
 (temporary file + rename) and metrics and ledger lines are fsynced, so a crash never leaves a
@@ -20,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
-
 from secure_fl.config import Config
+from secure_fl.server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 
 
 def _json_safe(value: Any) -> Any:
@@ -84,26 +84,39 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def save_checkpoint(self, round_number: int, state: Mapping[str, np.ndarray], *, run_id: str, keep: int) -> Path:
-        """Save the global adapter state after ``round_number``; keep the newest ``keep`` files."""
+    def save_checkpoint(
+        self,
+        round_number: int,
+        state: Mapping[str, np.ndarray],
+        *,
+        run_id: str,
+        keep: int,
+        plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
+        rng_state: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Save the global adapter state after ``round_number``; keep the newest ``keep`` files.
+
+        ``plugin_state`` (`Stages.state_dict`) and ``rng_state`` (the cohort generator's
+        ``bit_generator.state``) go into the same atomically written file (see `secure_fl.server.checkpoint`).
+        """
         target = self.checkpoints / f"round-{round_number:04d}.safetensors"
-        tmp = target.with_suffix(".tmp")
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in state.items()},
-            str(tmp),
-            metadata={"round": str(round_number), "run_id": run_id},
-        )
-        os.replace(tmp, target)
+        write_checkpoint(target, round_number, state, run_id=run_id, plugin_state=plugin_state, rng_state=rng_state)
         for old in sorted(self.checkpoints.glob("round-*.safetensors"))[:-keep]:
             old.unlink()
         return target
 
     def latest_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
-        """The newest checkpoint as ``(round, state)``, or ``None``."""
+        """The newest checkpoint as ``(round, adapter state)``, or ``None`` (see `load_checkpoint` for the rest)."""
+        checkpoint = self.load_checkpoint()
+        return None if checkpoint is None else (checkpoint.round, checkpoint.state)
+
+    def load_checkpoint(self, round_number: int | None = None) -> Checkpoint | None:
+        """The checkpoint of ``round_number`` (default: the newest) with plug-in and RNG state, or ``None``."""
+        if round_number is not None:
+            path = self.checkpoints / f"round-{round_number:04d}.safetensors"
+            return read_checkpoint(path) if path.exists() else None
         files = sorted(self.checkpoints.glob("round-*.safetensors"))
-        if not files:
-            return None
-        return int(files[-1].stem.split("-")[1]), load_file(str(files[-1]))
+        return read_checkpoint(files[-1]) if files else None
 
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:

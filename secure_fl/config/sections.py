@@ -1,0 +1,297 @@
+"""The config sections: one frozen, validated dataclass per TOML table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from secure_fl.config._checks import (
+    _choice,
+    _fail,
+    _fraction,
+    _non_negative_float,
+    _non_negative_int,
+    _positive_float,
+    _positive_int,
+)
+from secure_fl.config.params import Params, check_params
+
+
+def _params_field(table: str) -> Any:
+    return field(
+        default_factory=Params,
+        metadata={"help": f"settings of the selected plug-in (its keyword arguments), as a [{table}] table"},
+    )
+
+
+def _check_plugin_params(section: object, attribute: str, key: str, cls: type, what: str) -> None:
+    """Validate and coerce ``section.<attribute>`` against the settings of plug-in class ``cls``."""
+    checked = check_params(key, cls, getattr(section, attribute), what=what)
+    object.__setattr__(section, attribute, checked)
+
+BUILTIN_MODELS = ("minilm", "tiny-bert")
+DATASETS = ("bbc-news", "synthetic", "file")
+PARTITIONS = ("iid", "dirichlet")
+TASKS = ("seq-cls",)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``[run]``: how many rounds, clients and how long to wait for them."""
+
+    rounds: int = field(default=3, metadata={"help": "number of federated rounds"})
+    num_clients: int = field(default=4, metadata={"help": "number of parties (data partitions)"})
+    clients_per_round: int = field(default=4, metadata={"help": "cohort size sampled each round"})
+    seed: int = field(default=0, metadata={"help": "seed for partitioning, cohorts and initialisation"})
+    round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for updates before closing a round"})
+    min_updates: int = field(default=1, metadata={"help": "fewest updates a round needs once its deadline passed"})
+    join_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for clients_per_round clients to join"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "number of round checkpoints kept"})
+    max_weight: float = field(
+        default=1e9,
+        metadata={"help": "largest example count (update weight) a party may declare; larger is refused at Join"},
+    )
+    require_full_cohort: bool = field(
+        default=False,
+        metadata={"help": "fail the run if fewer than clients_per_round clients joined within join_timeout (else warn)"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "num_clients", "clients_per_round", "min_updates", "keep_checkpoints"):
+            _positive_int(f"run.{name}", getattr(self, name))
+        _non_negative_int("run.seed", self.seed)
+        _positive_float("run.round_timeout", self.round_timeout)
+        _positive_float("run.join_timeout", self.join_timeout)
+        _positive_float("run.max_weight", self.max_weight)
+        if self.max_weight > 1e15:
+            _fail("run.max_weight", f"{self.max_weight!r} is above 1e15; weights that large lose float64 precision")
+        if not isinstance(self.require_full_cohort, bool):
+            _fail("run.require_full_cohort", f"must be true or false, got {self.require_full_cohort!r}")
+        if self.clients_per_round > self.num_clients:
+            _fail("run.clients_per_round", f"{self.clients_per_round} exceeds run.num_clients={self.num_clients}")
+        if self.min_updates > self.clients_per_round:
+            _fail("run.min_updates", f"{self.min_updates} exceeds run.clients_per_round={self.clients_per_round}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the frozen base model and its tokenizer."""
+
+    name: str = field(default="minilm", metadata={"help": "'minilm', 'tiny-bert' or a local transformers model directory"})
+    task: str = field(default="seq-cls", metadata={"help": "training task"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
+    hidden_size: int = field(default=32, metadata={"help": "tiny-bert only: hidden size"})
+    num_layers: int = field(default=2, metadata={"help": "tiny-bert only: transformer layers"})
+    num_heads: int = field(default=2, metadata={"help": "tiny-bert only: attention heads"})
+    intermediate_size: int = field(default=64, metadata={"help": "tiny-bert only: feed-forward size"})
+    initializer_range: float = field(default=0.2, metadata={"help": "tiny-bert only: std of the random weights"})
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("model.name", f"must be one of {', '.join(BUILTIN_MODELS)} or a local model directory")
+        _choice("model.task", self.task, TASKS)
+        for name in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _positive_int(f"model.{name}", getattr(self, name))
+        _positive_float("model.initializer_range", self.initializer_range)
+        if self.hidden_size % self.num_heads:
+            _fail("model.hidden_size", f"{self.hidden_size} is not a multiple of model.num_heads={self.num_heads}")
+
+
+@dataclass(frozen=True)
+class PeftSection:
+    """``[peft]``: the LoRA adapter and the server's aggregation rule."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    target_modules: tuple[str, ...] = field(default=("query", "value"), metadata={"help": "module names that get LoRA"})
+    modules_to_save: tuple[str, ...] = field(default=("classifier",), metadata={"help": "modules trained in full and sent (the head)"})
+    rule: str = field(default="fedit", metadata={"help": "PEFT aggregation rule"})
+    rule_params: Params = _params_field("peft.rule_params")
+
+    def __post_init__(self) -> None:
+        _positive_int("peft.r", self.r)
+        _positive_float("peft.alpha", self.alpha)
+        _fraction("peft.dropout", self.dropout, open_high=True)
+        if not self.target_modules:
+            _fail("peft.target_modules", "needs at least one module name")
+        from secure_fl.peft_agg.registry import available, plugin_class
+
+        _choice("peft.rule", self.rule, available())
+        _check_plugin_params(self, "rule_params", "peft.rule_params", plugin_class(self.rule), f"rule {self.rule!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where the examples come from and how they are split among clients."""
+
+    dataset: str = field(default="bbc-news", metadata={"help": "'bbc-news' (bundled), 'synthetic' or 'file'"})
+    path: str = field(default="", metadata={"help": "CSV/JSONL file for dataset='file'"})
+    test_path: str = field(default="", metadata={"help": "optional separate test file for dataset='file'"})
+    text_column: str = field(default="text", metadata={"help": "column/key holding the text"})
+    label_column: str = field(default="label", metadata={"help": "column/key holding the label"})
+    label_names: tuple[str, ...] = field(default=(), metadata={"help": "label names, fixing the label -> id mapping"})
+    test_fraction: float = field(default=0.2, metadata={"help": "held-out share when no test file is given"})
+    partition: str = field(default="dirichlet", metadata={"help": "'iid' or 'dirichlet' label skew"})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller = more skew)"})
+    synthetic_examples: int = field(default=600, metadata={"help": "size of the synthetic set"})
+    synthetic_labels: int = field(default=4, metadata={"help": "classes of the synthetic set"})
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.partition", self.partition, PARTITIONS)
+        _fraction("data.test_fraction", self.test_fraction, open_low=True, open_high=True)
+        _positive_float("data.alpha", self.alpha)
+        _positive_int("data.synthetic_examples", self.synthetic_examples)
+        _positive_int("data.synthetic_labels", self.synthetic_labels)
+        if self.dataset == "file" and not self.path:
+            _fail("data.path", "is required when data.dataset = 'file'")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """``[client]``: the local training plan (the server sends its own plan to every client)."""
+
+    local_steps: int = field(default=10, metadata={"help": "optimizer steps per round"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping for stability (0 = off; not DP)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of each client's data held out to evaluate the received global adapter (0 = off)"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("local_steps", "batch_size", "eval_batch_size"):
+            _positive_int(f"client.{name}", getattr(self, name))
+        _positive_float("client.lr", self.lr)
+        _non_negative_float("client.weight_decay", self.weight_decay)
+        _non_negative_float("client.max_grad_norm", self.max_grad_norm)
+        _fraction("client.eval_fraction", self.eval_fraction, open_high=True)
+
+
+@dataclass(frozen=True)
+class SecureConfig:
+    """``[secure]``: the secure-aggregation protocol."""
+
+    mode: str = field(default="plain", metadata={"help": "secure-aggregation mode"})
+    params: Params = _params_field("secure.params")
+
+    def __post_init__(self) -> None:
+        from protocols.secagg.registry import available, plugin_class
+
+        _choice("secure.mode", self.mode, available())
+        _check_plugin_params(self, "params", "secure.params", plugin_class(self.mode), f"secure mode {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: the differential-privacy mechanism and how its spend is accounted."""
+
+    mode: str = field(default="none", metadata={"help": "differential-privacy mode"})
+    delta: float = field(default=1e-5, metadata={"help": "delta of every reported (epsilon, delta)"})
+    accountants: tuple[str, ...] = field(
+        default=("rdp", "prv"), metadata={"help": "accountants whose epsilon the ledger and report show"}
+    )
+    params: Params = _params_field("privacy.params")
+
+    def __post_init__(self) -> None:
+        from privacy.accounting.registry import available as accountants
+        from privacy.mechanisms.registry import available, plugin_class
+
+        _choice("privacy.mode", self.mode, available())
+        _check_plugin_params(self, "params", "privacy.params", plugin_class(self.mode), f"privacy mode {self.mode!r}")
+        _fraction("privacy.delta", self.delta, open_low=True, open_high=True)
+        if not self.accountants:
+            _fail("privacy.accountants", "needs at least one accountant, e.g. [\"rdp\"]")
+        if len(set(self.accountants)) != len(self.accountants):
+            _fail("privacy.accountants", f"names an accountant twice: {list(self.accountants)}")
+        for name in self.accountants:
+            _choice("privacy.accountants", name, accountants())
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """``[robustness]``: the Byzantine defense."""
+
+    defense: str = field(default="none", metadata={"help": "robust aggregation rule"})
+    params: Params = _params_field("robustness.params")
+
+    def __post_init__(self) -> None:
+        from robustness.defenses.registry import available, plugin_class
+
+        _choice("robustness.defense", self.defense, available())
+        _check_plugin_params(self, "params", "robustness.params", plugin_class(self.defense), f"defense {self.defense!r}")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """``[attack]``: simulated attackers, for evaluating defenses (simulation only)."""
+
+    kind: str = field(default="none", metadata={"help": "attack behaviour of the malicious clients"})
+    fraction: float = field(default=0.0, metadata={"help": "share of clients that are malicious"})
+    params: Params = _params_field("attack.params")
+
+    def __post_init__(self) -> None:
+        from robustness.attacks.registry import available, plugin_class
+
+        _choice("attack.kind", self.kind, available())
+        _check_plugin_params(self, "params", "attack.params", plugin_class(self.kind), f"attack {self.kind!r}")
+        _fraction("attack.fraction", self.fraction, open_high=True)
+        if self.kind == "none" and self.fraction > 0:
+            _fail("attack.fraction", "is > 0 but attack.kind = 'none'; choose an attack kind")
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """``[transport]``: wire limits and polling."""
+
+    chunk_size: int = field(default=1 << 20, metadata={"help": "bytes per streamed chunk"})
+    max_update_bytes: int = field(default=1 << 30, metadata={"help": "largest accepted upload"})
+    poll_interval: float = field(default=0.5, metadata={"help": "seconds between a waiting client's polls"})
+    connect_timeout: float = field(default=120.0, metadata={"help": "seconds a client keeps retrying an unreachable server"})
+    liveness_timeout: float = field(
+        default=60.0,
+        metadata={"help": "seconds of silence after which a joined party is left out of cohorts (and may be evicted)"},
+    )
+    first_message_timeout: float = field(
+        default=10.0, metadata={"help": "seconds the server waits for the first message of an upload stream"}
+    )
+    idle_timeout: float = field(
+        default=60.0, metadata={"help": "seconds the server waits between two messages of an upload stream"}
+    )
+    max_streams: int = field(default=16, metadata={"help": "most upload/download streams the server serves at once"})
+    max_streams_per_peer: int = field(
+        default=8, metadata={"help": "most streams one network peer (IP address) may hold open at once"}
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int("transport.chunk_size", self.chunk_size)
+        _positive_int("transport.max_update_bytes", self.max_update_bytes)
+        _positive_float("transport.poll_interval", self.poll_interval)
+        _positive_float("transport.connect_timeout", self.connect_timeout)
+        for name in ("liveness_timeout", "first_message_timeout", "idle_timeout"):
+            _positive_float(f"transport.{name}", getattr(self, name))
+        _positive_int("transport.max_streams", self.max_streams)
+        _positive_int("transport.max_streams_per_peer", self.max_streams_per_peer)
+        if self.max_streams_per_peer > self.max_streams:
+            _fail("transport.max_streams_per_peer", f"{self.max_streams_per_peer} exceeds transport.max_streams={self.max_streams}")
+        if self.chunk_size > 4 << 20:
+            _fail("transport.chunk_size", f"{self.chunk_size} exceeds gRPC's default 4 MiB message limit")
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "peft": PeftSection,
+    "data": DataConfig,
+    "client": ClientConfig,
+    "secure": SecureConfig,
+    "privacy": PrivacyConfig,
+    "robustness": RobustnessConfig,
+    "attack": AttackConfig,
+    "transport": TransportConfig,
+}
+

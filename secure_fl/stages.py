@@ -1,0 +1,197 @@
+"""The one place that builds a run's stage plug-ins from the config, server and client alike.
+
+Each stage is looked up by name in its registry and instantiated with the settings of its config
+table (``[secure.params]``, ``[privacy.params]``, ``[robustness.params]``, ``[peft.rule_params]``,
+``[attack.params]``); the config already checked those against the plug-in's keyword arguments,
+and a plug-in's own refusal (a ``ValueError`` from its ``__init__``) becomes a `ConfigError`
+naming the key. `Stages.fingerprint` hashes name plus effective settings of the stages both
+halves must agree on; the client sends it at Join and the server refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
+from privacy.mechanisms.registry import plugin_class as mechanism_class
+from protocols.secagg import SecureAggregation, create_secure_aggregation
+from protocols.secagg.registry import plugin_class as protocol_class
+from robustness.attacks import Attack, create_attack
+from robustness.attacks.registry import plugin_class as attack_class
+from robustness.defenses import Defense, create_defense
+from robustness.defenses.registry import plugin_class as defense_class
+from secure_fl.config import Config, Params, resolved_settings
+from secure_fl.errors import ConfigError
+from secure_fl.peft_agg import AggregationRule, create_rule
+from secure_fl.peft_agg.registry import plugin_class as rule_class
+
+#: Stages whose name and settings server and client must share (compared at Join).
+FINGERPRINTED = ("secure", "privacy", "rule")
+#: Stages that may keep state across rounds (saved with each checkpoint).
+STATEFUL = ("secure", "defense", "rule")
+#: The ``JoinRequest.info`` key that carries a stage's fingerprint (``stage.privacy``, ...).
+INFO_PREFIX = "stage."
+
+# stage -> (config section, attribute with the name, attribute with the settings, settings table)
+_SOURCES: dict[str, tuple[str, str, str, str]] = {
+    "secure": ("secure", "mode", "params", "secure.params"),
+    "defense": ("robustness", "defense", "params", "robustness.params"),
+    "rule": ("peft", "rule", "rule_params", "peft.rule_params"),
+    "privacy": ("privacy", "mode", "params", "privacy.params"),
+    "attack": ("attack", "kind", "params", "attack.params"),
+}
+_CREATE: dict[str, Callable[..., Any]] = {
+    "secure": create_secure_aggregation,
+    "defense": create_defense,
+    "rule": create_rule,
+    "privacy": create_privacy_mechanism,
+    "attack": create_attack,
+}
+_CLASS: dict[str, Callable[[str], type]] = {
+    "secure": protocol_class,
+    "defense": defense_class,
+    "rule": rule_class,
+    "privacy": mechanism_class,
+    "attack": attack_class,
+}
+#: What a user changes to make a stage agree (used in the Join refusal).
+CONFIG_TABLES = {
+    "secure": "[secure] and [secure.params]",
+    "privacy": "[privacy] and [privacy.params]",
+    "rule": "[peft] rule and [peft.rule_params]",
+}
+
+
+def stage_choice(config: Config, kind: str) -> tuple[str, Params, str]:
+    """``(plug-in name, its settings, the settings table's key)`` of stage ``kind`` in ``config``."""
+    section, name_attr, params_attr, table = _SOURCES[kind]
+    values = getattr(config, section)
+    return str(getattr(values, name_attr)), Params(getattr(values, params_attr)), table
+
+
+def build_stage(config: Config, kind: str) -> Any:
+    """Instantiate stage ``kind`` (``secure``, ``defense``, ``rule``, ``privacy``, ``attack``) from ``config``."""
+    name, params, table = stage_choice(config, kind)
+    try:
+        return _CREATE[kind](name, **dict(params))
+    except (ValueError, TypeError) as exc:
+        mentioned = [key for key in params if key in str(exc)]
+        key = f"{table}.{mentioned[0]}" if mentioned else table
+        raise ConfigError(f"{key}: {kind} {name!r} refused its settings: {exc}", key=key) from exc
+
+
+def settings_of(config: Config, kind: str) -> dict[str, Any]:
+    """The effective settings of stage ``kind`` (its defaults, then the config's table)."""
+    name, params, _ = stage_choice(config, kind)
+    return resolved_settings(_CLASS[kind](name), params)
+
+
+def settings_fingerprint(name: str, settings: Mapping[str, Any]) -> str:
+    """A short SHA-256 of the canonical JSON ``{name, params}``: equal iff name and settings are equal."""
+    text = json.dumps({"name": name, "params": dict(settings)}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stages:
+    """The plug-ins of one run, built from the config (shared by server and client halves).
+
+    ``settings`` holds every stage's effective settings (defaults filled in), as configured.
+    """
+
+    secure: SecureAggregation
+    defense: Defense
+    rule: AggregationRule
+    privacy: PrivacyMechanism
+    attack: Attack
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Stages:
+        """Instantiate every stage with its configured settings; refuse combinations that break a promise."""
+        stages = cls(
+            secure=build_stage(config, "secure"),
+            defense=build_stage(config, "defense"),
+            rule=build_stage(config, "rule"),
+            privacy=build_stage(config, "privacy"),
+            attack=build_stage(config, "attack"),
+            settings={kind: settings_of(config, kind) for kind in _SOURCES},
+        )
+        if stages.rule.needs_individual_updates and not stages.secure.reveals_individual_updates:
+            raise ConfigError(
+                f"peft.rule={config.peft.rule!r} needs every client's adapter, but secure.mode="
+                f"{config.secure.mode!r} only reveals sums; use secure.mode='plain' or a linear rule",
+                key="peft.rule",
+            )
+        return stages
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Every stage's name, plug-in class and settings, for ``run.json`` and the audit report."""
+        return {kind: describe_stage(getattr(self, kind), self.settings.get(kind)) for kind in _SOURCES}
+
+    def names(self) -> dict[str, str]:
+        """Stage names as sent to clients in every task."""
+        return {
+            "secure": self.secure.name,
+            "defense": self.defense.name,
+            "rule": self.rule.name,
+            "privacy": self.privacy.name,
+        }
+
+    def fingerprint(self) -> dict[str, str]:
+        """Per stage in `FINGERPRINTED`: a hash of its name and effective settings."""
+        out = {}
+        for kind in FINGERPRINTED:
+            stage = getattr(self, kind)
+            settings = self.settings.get(kind)
+            if settings is None:
+                settings = resolved_settings(type(stage), {})
+            out[kind] = settings_fingerprint(str(stage.name), settings)
+        return out
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The state every stateful stage keeps across rounds (``{}`` for a stateless one)."""
+        return {kind: dict(getattr(self, kind).state_dict()) for kind in STATEFUL}
+
+    def load_state_dict(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put back what `state_dict` returned (for example from a checkpoint)."""
+        unknown = set(states) - set(STATEFUL)
+        if unknown:
+            raise ValueError(f"no stateful stage named {sorted(unknown)}; stages with state: {', '.join(STATEFUL)}")
+        for kind, state in states.items():
+            getattr(self, kind).load_state_dict(dict(state))
+
+
+_OWN_PACKAGES = frozenset({"secure_fl", "privacy", "robustness", "protocols"})
+
+
+def describe_stage(stage: object, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Name, plug-in class, whether it ships with secure-fl, paper and JSON-safe parameters.
+
+    Parameters are the stage's effective ``settings`` when given (what the config set, defaults
+    filled in), merged with its ``describe()`` when it has one; without ``settings``, its
+    ``describe()`` or else its public scalar attributes, so a user plug-in shows up in the report
+    with its settings without extra code.
+    """
+    cls = type(stage)
+    describe = getattr(stage, "describe", None)
+    raw: dict[str, Any]
+    if callable(describe):
+        raw = dict(describe())
+        if settings is not None:
+            raw = {**raw, **{k: v for k, v in settings.items() if k not in raw}}
+    elif settings is not None:
+        raw = dict(settings)
+    else:  # public settings only: numbers, strings, flags (never arrays or other state)
+        raw = {k: v for k, v in vars(stage).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+    return {
+        "name": str(getattr(stage, "name", cls.__name__)),
+        "plugin": f"{cls.__module__}.{cls.__qualname__}",
+        "builtin": cls.__module__.split(".")[0] in _OWN_PACKAGES,
+        "paper": str(getattr(cls, "paper", "") or ""),
+        "params": json.loads(json.dumps(raw, default=str)),
+    }
