@@ -190,7 +190,7 @@ def test_chunk_assembler_holds_only_what_arrived() -> None:
 def test_joins_are_capped_and_silent_parties_make_room(grpc_server) -> None:
     """Probe: 20,000 distinct ids join (issue: all admitted, silent ones hold their place forever)."""
     config = smoke_config(
-        "run.num_clients=2", "run.clients_per_round=2", "run.rounds=2", "run.join_timeout=30", "run.round_timeout=30",
+        "run.num_clients=2", "run.clients_per_round=1", "run.rounds=1", "run.join_timeout=30", "run.round_timeout=30",
         "transport.liveness_timeout=1.0",
     )
     running = grpc_server(config)
@@ -199,18 +199,22 @@ def test_joins_are_capped_and_silent_parties_make_room(grpc_server) -> None:
     second.join()
     full = _refused(third.join)
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in full.details()
-    round_number, state = first.pull_until_train()
-    time.sleep(1.5)
-    # p0 and p1 are silent, but both owe an update of the open round: neither is evicted
-    assert _refused(third.join).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert first.push(round_number, {k: np.zeros_like(v) for k, v in state.items()}, weight=10).accepted
-    time.sleep(1.5)
-    third.join()  # p0 delivered and went silent: it makes room
-    gone = _refused(lambda: list(first.stub.PullTask(
-        pb.PullTaskRequest(envelope=serde.envelope(first.run_id, 0, first.client_id)), timeout=5
+    coordinator = running.server.coordinator
+    deadline = time.monotonic() + 10
+    while coordinator._round is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (member,) = coordinator._round.cohort  # owes the open round: never evicted while it is open
+    bystander = second if member == "p0" else first
+    time.sleep(1.5)  # both are now silent for longer than the liveness timeout
+    third.join()  # the run is full, but the silent party that owes nothing makes room
+    assert sorted(coordinator.active_clients()) == sorted([member, "p2"])
+    gone = _refused(lambda: list(bystander.stub.PullTask(
+        pb.PullTaskRequest(envelope=serde.envelope(bystander.run_id, 0, bystander.client_id)), timeout=5
     )))
     assert gone.code() == grpc.StatusCode.NOT_FOUND and "silent" in gone.details()
-    for party in (first, second, third):
+    fourth = Party(running.address, running, "p3")
+    assert _refused(fourth.join).code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the cohort member is kept
+    for party in (first, second, third, fourth):
         party.channel.close()
 
 

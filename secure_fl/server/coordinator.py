@@ -12,11 +12,9 @@ client's stream, so a slow upload does not block other clients.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -24,24 +22,18 @@ import numpy as np
 from protocols.errors import MalformedMessage, Refused, StaleMessage, UnknownClient
 from protocols.secagg import Answer, AnswerSpec, Phase, SecureAggregation
 from protocols.wire import serde
-from protocols.wire.limits import PROTOCOL_VERSION, check_client_id, check_metrics, shown
+from protocols.wire.limits import PROTOCOL_VERSION, shown
 from protocols.wire.v1 import federation_pb2 as pb
-from secure_fl.server.rounds import PhaseState, RoundState, check_blobs, pack_phase_tasks
+from secure_fl.server.admission import Admission, ClientRecord
+from secure_fl.server.rounds import (
+    CountingIterator, PhaseState, RoundState, check_blobs, pack_phase_tasks, phase_for_answer, phase_owed,
+)
 
 __all__ = ["PROTOCOL_VERSION", "ClientRecord", "Coordinator", "RoundState"]
 
 #: Default bound on an update's weight (its example count), whatever a client declares.
 DEFAULT_MAX_WEIGHT = 1e9
 
-
-@dataclass
-class ClientRecord:
-    """A joined client: what it declared at Join and when it was last heard from."""
-
-    client_id: str
-    num_examples: int
-    joined_at: float
-    last_seen: float = field(default_factory=time.monotonic)
 
 
 class Coordinator:
@@ -88,6 +80,10 @@ class Coordinator:
         self._client_specs: dict[str, dict[str, serde.TensorSpec]] = {}
         # Per stage (secure, privacy, rule): hash of name + settings a client must send at Join.
         self.stage_fingerprints = dict(stage_fingerprints or {})
+        self.admission = Admission(
+            run_id=run_id, model_fingerprint=model_fingerprint, model_info=self.model_info,
+            stage_fingerprints=self.stage_fingerprints, max_weight=self.max_weight, spec_for=spec_for,
+        )
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
         self._round: RoundState | None = None
@@ -105,25 +101,7 @@ class Coordinator:
         silent party that owes nothing is evicted to make room; if none is, the Join is refused
         with RESOURCE_EXHAUSTED.
         """
-        client_id = check_client_id(request.envelope.client_id, field="Join: envelope.client_id")
-        if request.envelope.run_id and request.envelope.run_id != self.run_id:
-            raise StaleMessage(f"client {client_id!r} asked to join run {shown(request.envelope.run_id)}; this server runs {self.run_id!r}")
-        if request.protocol_version != PROTOCOL_VERSION:
-            raise Refused(
-                f"client {client_id!r} speaks protocol version {request.protocol_version}; this server speaks {PROTOCOL_VERSION}"
-            )
-        if request.model_fingerprint != self.model_fingerprint:
-            raise Refused(f"client {client_id!r} {self._layout_mismatch(dict(request.info))}")
-        stage_problem = self._stage_mismatch(client_id, dict(request.info))
-        if stage_problem is not None:
-            raise Refused(stage_problem)
-        declared = int(request.num_examples)
-        if not 1 <= declared <= self.max_weight:
-            raise MalformedMessage(
-                f"client {client_id!r} declared {declared} training examples; a party needs between 1 and "
-                f"run.max_weight={self.max_weight:g}"
-            )
-        own_spec = self._own_spec(client_id, request)
+        client_id, declared, own_spec = self.admission.check(request)
         now = time.monotonic()
         with self._cond:
             if self._finished is not None:
@@ -152,54 +130,12 @@ class Coordinator:
             poll_interval_ms=self.poll_ms,
         )
 
-    def _own_spec(self, client_id: str, request: pb.JoinRequest) -> dict[str, serde.TensorSpec] | None:
-        """The joining client's upload specs from ``spec_for``; ``None`` without it. Refuses what it cannot fit."""
-        if self.spec_for is None:
-            return None
-        try:
-            return dict(self.spec_for(client_id, dict(request.info)))
-        except (ValueError, KeyError) as exc:
-            raise Refused(f"client {client_id!r}: its adapter does not fit this run: {shown(str(exc), 200)}") from None
-    def _stage_mismatch(self, client_id: str, info: Mapping[str, str]) -> str | None:
-        """Why a client's stage settings differ from the server's (``None`` if they agree).
-
-        A client that sends no fingerprint for a stage is refused when the server has one: it
-        cannot show that it runs the same protections (a client older than stage fingerprints).
-        """
-        for stage, ours in self.stage_fingerprints.items():
-            theirs = info.get(f"stage.{stage}")
-            if theirs is None:
-                return (
-                    f"client {client_id!r} sent no fingerprint of its {stage} settings (stage.{stage}); this server "
-                    "compares stage settings at Join: run a secure-fl client that sends them"
-                )
-            if theirs != ours:
-                tables = {"rule": "[peft] rule and [peft.rule_params]"}.get(stage, f"[{stage}] and [{stage}.params]")
-                return (
-                    f"client {client_id!r} runs {stage} with other settings than the server: "
-                    f"use the same {tables} on both sides"
-                )
-        return None
-
-    def _layout_mismatch(self, info: Mapping[str, str]) -> str:
-        """Why a client's model fingerprint differs, as precisely as the Join tells (never the fingerprint)."""
-        theirs, ours = info.get("num_labels"), self.model_info.get("num_labels")
-        if theirs is not None and ours is not None and theirs != ours and theirs.isdigit() and len(theirs) <= 9:
-            return (
-                f"has a classifier for {theirs} labels but this run has {ours}: give the client data with "
-                "the same labels, or set the same data.label_names on both sides"
-            )
-        return (
-            "has a different model or adapter layout than the server (model fingerprints differ): "
-            "use the same [model] and [peft] settings (and seed) on both sides"
-        )
-
     def _evict_one_silent(self, now: float) -> bool:
         """Forget the longest-silent party that owes nothing in the open round; False if none is silent."""
-        owing = set()
+        owing: set[str] = set()
         current = self._round
-        if current is not None and not current.closed:
-            owing = {c for c in current.cohort if c not in current.received and c not in current.left}
+        if current is not None and not current.closed:  # any phase of the open round may still need them
+            owing = set(current.cohort) - current.left
         silent = [
             r for r in self._clients.values() if now - r.last_seen > self.liveness_timeout and r.client_id not in owing
         ]
@@ -221,7 +157,7 @@ class Coordinator:
                     envelope=serde.envelope(self.run_id, 0, client_id), kind=pb.TaskHeader.FINISHED, message=self._finished
                 )
                 payload = b""
-            elif current is not None and (phase := self._phase_for(current, client_id)) is not None:
+            elif current is not None and (phase := phase_owed(current, client_id)) is not None:
                 phase.sent.add(client_id)
                 manifest, own_payload, blobs = phase.tasks[client_id]
                 header = pb.TaskHeader(
@@ -255,23 +191,13 @@ class Coordinator:
             with self._cond:
                 phase.bytes_down += sent
 
-    @staticmethod
-    def _phase_for(current: RoundState, client_id: str) -> PhaseState | None:
-        """The open phase if ``client_id`` still owes it an answer."""
-        phase = current.phase
-        if current.closed or phase is None or phase.closed:
-            return None
-        if client_id not in phase.phase.participants or client_id in phase.received or client_id in current.left:
-            return None
-        return phase
-
     def push_update(self, messages: Iterable[pb.UpdateChunk]) -> pb.PushReply:
         """Receive one client's answer to the open phase; validate it fully before it joins the round.
 
         The answer to the training phase is the client's (encoded) update; a v0.1 client that sends
         no phase name is taken to answer the training phase.
         """
-        counted = _CountingIterator(messages)
+        counted = CountingIterator(messages)
         try:
             first = next(counted)
         except StopIteration:
@@ -285,25 +211,13 @@ class Coordinator:
             declared = self._clients[client_id].num_examples if client_id in self._clients else 0
             own_spec = self._client_specs.get(client_id)
             current = self._check_round_open(header.envelope.round, client_id)
-            phase = self._check_phase_open(current, header.envelope.phase, client_id)
+            phase = phase_for_answer(current, header.envelope.phase, client_id)
         trains = phase.phase.trains
         if header.encoding != self.stages["secure"]:
             raise Refused(f"{who} sent a {shown(header.encoding)} payload; this run uses secure mode {self.stages['secure']!r}")
-        weight = float(header.weight)
-        metrics: dict[str, float] = {}
-        if trains and self.weights_in_clear:
-            if not (math.isfinite(weight) and weight > 0):
-                raise MalformedMessage(f"{who}: update weight must be a finite number > 0, got {header.weight}")
-            if weight > declared or weight > self.max_weight:
-                raise MalformedMessage(
-                    f"{who}: update weight {weight:g} exceeds the {declared} training examples it declared at Join"
-                    + (f" or run.max_weight={self.max_weight:g}" if weight > self.max_weight else "")
-                )
-            metrics = check_metrics(dict(header.metrics), who=who)
-        else:
-            if weight != 0 or header.metrics:
-                hidden = "this secure mode hides every client's update" if trains else f"phase {phase.phase.name!r} does not train"
-                raise MalformedMessage(f"{who}: {hidden}, so the answer must carry no weight and no metrics in the clear")
+        weight, metrics = self.admission.check_upload(
+            header, trains=trains, declared=declared, weights_in_clear=self.weights_in_clear, who=who, phase=phase.phase.name
+        )
         blobs = check_blobs(header.blobs, phase.phase.answer.blobs, who=who, phase=phase.phase.name)
         # a rule with per-client shapes gives each client its own upload spec for the training phase
         expected = dict(own_spec) if trains and own_spec is not None else dict(phase.phase.answer.tensors)
@@ -318,7 +232,7 @@ class Coordinator:
                 raise MalformedMessage(f"{who}: tensor {name!r} contains NaN or infinite values")
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
-            if self._check_phase_open(current, header.envelope.phase, client_id) is not phase:
+            if phase_for_answer(current, header.envelope.phase, client_id) is not phase:
                 raise StaleMessage(f"{who}: phase {phase.phase.name!r} closed while the answer was arriving")
             phase.received[client_id] = Answer(client_id, tensors, blobs, weight if trains else 0.0)
             phase.client_metrics[client_id] = metrics
@@ -484,29 +398,6 @@ class Coordinator:
             record.last_seen = time.monotonic()
         return client_id
 
-    @staticmethod
-    def _check_phase_open(current: RoundState, name: str, client_id: str) -> PhaseState:
-        """The open phase an answer is for; a message for a phase that is not open is refused."""
-        phase = current.phase
-        who = f"client {client_id!r}"
-        wanted = name or (phase.phase.name if phase is not None and phase.phase.trains else "")
-        if phase is None or phase.closed or phase.phase.name != wanted:
-            if name and current.closed_phase(name):
-                raise StaleMessage(f"answer from {who} is for phase {shown(name)} of round {current.number}, which is closed")
-            open_name = phase.phase.name if phase is not None and not phase.closed else "none"
-            raise StaleMessage(
-                f"answer from {who} is for phase {shown(name or '(training)')} of round {current.number}, "
-                f"which is not open (open phase: {open_name})"
-            )
-        if client_id not in phase.phase.participants:
-            raise Refused(f"{who} is not a participant of phase {phase.phase.name!r} of round {current.number}")
-        if client_id in phase.received:
-            raise Refused(
-                f"{who} already answered phase {phase.phase.name!r} of round {current.number}",
-                code=grpc.StatusCode.ALREADY_EXISTS,
-            )
-        return phase
-
     def _check_round_open(self, number: int, client_id: str) -> RoundState:
         current = self._round
         if current is not None and current.interrupted:
@@ -524,19 +415,3 @@ class Coordinator:
         if current.closed:
             raise StaleMessage(f"update from client {client_id!r} is for round {number}, which is closed")
         return current
-
-
-class _CountingIterator:
-    """Counts the serialized bytes of the messages it passes through."""
-
-    def __init__(self, messages: Iterable[pb.UpdateChunk]) -> None:
-        self._it = iter(messages)
-        self.bytes = 0
-
-    def __iter__(self) -> _CountingIterator:
-        return self
-
-    def __next__(self) -> pb.UpdateChunk:
-        message = next(self._it)
-        self.bytes += message.ByteSize()
-        return message

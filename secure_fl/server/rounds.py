@@ -1,17 +1,21 @@
-"""What the coordinator holds about the open round and its phases (plain data, no locking).
+"""What the coordinator holds about the open round and its phases, and the checks that read it.
 
 A `RoundState` lives from the moment the engine opens a round until it ends it; within it one
-`PhaseState` at a time is open. The coordinator guards both with its condition variable.
+`PhaseState` at a time is open. Nothing here locks: the coordinator guards both with its
+condition variable and calls `phase_owed` (which task a poll gets) and `phase_for_answer` (which
+phase an upload answers, or why it is refused) under it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols.errors import MalformedMessage
+import grpc
+
+from protocols.errors import MalformedMessage, Refused, StaleMessage
 from protocols.secagg import Answer, BlobSpec, Contribution, Phase
 from protocols.wire import serde
 from protocols.wire.limits import shown
@@ -134,3 +138,52 @@ def check_blobs(blobs: Mapping[str, bytes], specs: tuple[BlobSpec, ...], *, who:
             )
         out[name] = bytes(value)
     return out
+
+
+class CountingIterator:
+    """Counts the serialized bytes of the messages it passes through."""
+
+    def __init__(self, messages: Iterable[pb.UpdateChunk]) -> None:
+        self._it = iter(messages)
+        self.bytes = 0
+
+    def __iter__(self) -> CountingIterator:
+        return self
+
+    def __next__(self) -> pb.UpdateChunk:
+        message = next(self._it)
+        self.bytes += message.ByteSize()
+        return message
+
+
+def phase_owed(current: RoundState, client_id: str) -> PhaseState | None:
+    """The open phase if ``client_id`` still owes it an answer."""
+    phase = current.phase
+    if current.closed or phase is None or phase.closed:
+        return None
+    if client_id not in phase.phase.participants or client_id in phase.received or client_id in current.left:
+        return None
+    return phase
+
+
+def phase_for_answer(current: RoundState, name: str, client_id: str) -> PhaseState:
+    """The open phase an answer is for; a message for a phase that is not open is refused."""
+    phase = current.phase
+    who = f"client {client_id!r}"
+    wanted = name or (phase.phase.name if phase is not None and phase.phase.trains else "")
+    if phase is None or phase.closed or phase.phase.name != wanted:
+        if name and current.closed_phase(name):
+            raise StaleMessage(f"answer from {who} is for phase {shown(name)} of round {current.number}, which is closed")
+        open_name = phase.phase.name if phase is not None and not phase.closed else "none"
+        raise StaleMessage(
+            f"answer from {who} is for phase {shown(name or '(training)')} of round {current.number}, "
+            f"which is not open (open phase: {open_name})"
+        )
+    if client_id not in phase.phase.participants:
+        raise Refused(f"{who} is not a participant of phase {phase.phase.name!r} of round {current.number}")
+    if client_id in phase.received:
+        raise Refused(
+            f"{who} already answered phase {phase.phase.name!r} of round {current.number}",
+            code=grpc.StatusCode.ALREADY_EXISTS,
+        )
+    return phase
