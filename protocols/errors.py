@@ -54,3 +54,13 @@ class StageTransitionError(ProtocolError):
     """A message or task arrived for a phase the protocol is not in (or never has)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class WrapAround(ProtocolAbort):
+    """A modular sum left the range honest inputs can reach: the sum wrapped or a client lied.
+
+    Raised by `protocols.secagg.quantize.check_no_wrap` (and so by `dequantize_sum`) instead of
+    returning a silently wrong aggregate; the round's sum cannot be used.
+    """
+
+    code = grpc.StatusCode.ABORTED
