@@ -54,3 +54,11 @@ class StageTransitionError(ProtocolError):
     """A message or task arrived for a phase the protocol is not in (or never has)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InvalidShare(ProtocolError):
+    """A secret share, encrypted share or public key fails a check: it does not authenticate
+    (tampered bytes, another run, round, bucket, sender or receiver), or the shares handed to
+    reconstruction are inconsistent (duplicate x-coordinates, mixed thresholds, too few shares)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
