@@ -64,3 +64,9 @@ class WrapAround(ProtocolAbort):
     """
 
     code = grpc.StatusCode.ABORTED
+class InvalidShare(ProtocolError):
+    """A secret share, encrypted share or public key fails a check: it does not authenticate
+    (tampered bytes, another run, round, bucket, sender or receiver), or the shares handed to
+    reconstruction are inconsistent (duplicate x-coordinates, mixed thresholds, too few shares)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
