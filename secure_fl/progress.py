@@ -49,7 +49,7 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
 
 def bar_wanted(stream: Any = None) -> bool:
     """Whether to draw a progress bar: in a notebook, or when ``stream`` (default stderr) is a TTY."""
-    if tqdm is not std.tqdm:  # tqdm.auto picked the notebook widget
+    if any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__):  # tqdm.auto picked the notebook widget
         return True
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)

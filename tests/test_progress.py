@@ -59,3 +59,19 @@ def test_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     observer.on_update("a", 1)
     observer.on_round_end(_record())
     assert "round 1/2" in terminal.getvalue()
+
+
+def test_piped_simulate_prints_no_bar(tmp_path) -> None:
+    """End to end, with the tqdm class the CLI really gets (tqdm.auto is not tqdm.std outside notebooks)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(
+        [str(bin_dir / "secure-fl"), "simulate", "--preset", "smoke", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "client/s" not in done.stderr and "\r" not in done.stderr, done.stderr[-500:]
+    assert "round 2/2 | clients 4/4" in done.stdout
