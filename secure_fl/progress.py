@@ -11,7 +11,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm import std
 from tqdm.auto import tqdm
 
 
