@@ -217,3 +217,32 @@ def _close(coordinator):
     with coordinator._cond:  # injected: end the phase now instead of waiting for its deadline
         coordinator._round.phase.deadline = 0.0
     return coordinator.wait_phase()
+
+
+def test_a_client_left_out_of_the_next_round_forgets_its_secrets(tmp_path: Path) -> None:
+    _load_example()
+    config = smoke_config(
+        "secure.mode=pairwise-demo", "run.rounds=2", "run.num_clients=4", "run.clients_per_round=3", "run.min_updates=2",
+    )
+    server = FederatedServer(config, tmp_path / "run", transport="in-process")
+    clients = [make_client(config, i, InProcessTransport(server.coordinator)) for i in range(4)]
+    for client in clients:
+        client.join()
+    rounds = BackgroundRun(server)
+    sessions_of_round_one = {}
+    coordinator = server.coordinator
+    while rounds.is_alive():
+        current = coordinator._round
+        if current is not None and current.number == 2 and current.phase is not None:
+            break
+        for client in clients:
+            client.step()
+            if client._round_session is not None and client._round_session[0] == 1:
+                sessions_of_round_one[client.client_id] = client._round_session[1]
+    cohort = coordinator._round.cohort
+    (outsider,) = [c for c in clients if c.client_id not in cohort]
+    assert outsider.client_id in sessions_of_round_one  # it took part in round 1 and held a key
+    assert outsider.step() == "wait"
+    assert outsider._round_session is None and sessions_of_round_one[outsider.client_id].secret is None
+    coordinator.finish("test over")
+    rounds.join(30)

@@ -177,6 +177,8 @@ class FederatedClient:
             self.finished, self.finish_message = True, header.message
             return "finished"
         if header.kind not in (pb.TaskHeader.TRAIN, pb.TaskHeader.PHASE):
+            if self._round_session is not None and header.envelope.round > self._round_session[0]:
+                self._close_session()  # a later round began without this client: forget the old secrets
             self.retry_after = max(header.retry_after_ms, 1) / 1000
             return "wait"
         self._check_stages(dict(header.stages))
