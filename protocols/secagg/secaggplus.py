@@ -237,7 +237,7 @@ class SecAggPlusClient(ClientRound):
             for peer in self.held
         }
         self_mask = mask_words(self._derive(self.seed, INFO_SELF_MASK), count, bits=bits)
-        masked = add_masks(values, bits=bits, me=self.me, pairwise=pairwise, self_mask=self_mask)
+        masked = add_masks(values, bits=bits, me=self.me, pairwise=pairwise, self_mask=self_mask)  # type: ignore[type-var]
         return PhaseData(tensors={st.MASKED: np.frombuffer(pack_words(masked, bits), dtype=np.uint8)})
 
     def _unmask(self, data: PhaseData) -> PhaseData:

@@ -225,18 +225,22 @@ class SecAggPlusServer(ServerRound):
     def _unmask_bucket(self, bucket: _Bucket, result: PhaseResult) -> BucketSum:
         assert bucket.plan is not None
         bits, survivors = bucket.plan.bits, sorted(bucket.masked)
-        ctx = {"run_id": self.context.run_id, "round": self.context.round, "bucket": bucket.index}
+
+        def prg(secret: bytes, purpose: bytes) -> np.ndarray:
+            key = derive_key(secret, purpose=purpose, run_id=self.context.run_id, round=self.context.round, bucket=bucket.index)
+            return mask_words(key, self.words, bits=bits)
+
         total = modular_sum((bucket.masked[u] for u in survivors), bits=bits)
         for u in survivors:
             seed = self._reconstruct(bucket, u, result, st.SEED_SHARE, "self-mask seed")
-            self_mask = mask_words(derive_key(seed, purpose=INFO_SELF_MASK, **ctx), self.words, bits=bits)
+            self_mask = prg(seed, INFO_SELF_MASK)
             total = add_masks(total, bits=bits, self_mask=self_mask, sign=-1)
         for d in bucket.dropped:
             key = load_private_key(self._reconstruct(bucket, d, result, st.KEY_SHARE, "mask key"))
             for v in (v for v in bucket.graph[d] if v in bucket.masked):
                 secret = agree(key, bucket.mask_public[v])
-                mask = mask_words(derive_key(secret, purpose=INFO_PAIRWISE_MASK, **ctx), self.words, bits=bits)
-                total = add_masks(total, bits=bits, me=v, pairwise={d: mask}, sign=-1)
+                mask = prg(secret, INFO_PAIRWISE_MASK)
+                total = add_masks(total, bits=bits, me=v, pairwise={d: mask}, sign=-1)  # type: ignore[type-var]  # str ids order
         weight = int(total[-1])
         if not len(survivors) <= weight <= len(survivors) * bucket.plan.max_weight:
             raise WrapAround(
