@@ -9,12 +9,14 @@ from __future__ import annotations
 from protocols._registry import Registry
 from protocols.secagg.base import SecureAggregation
 from protocols.secagg.plain import PlainAggregation
+from protocols.secagg.secaggplus import SecAggPlus
 
 _PROTOCOLS: Registry[SecureAggregation] = Registry(
     "secure-aggregation mode",
     "secure.mode",
     {
         "plain": PlainAggregation,
+        "secagg+": SecAggPlus,
     },
 )
 

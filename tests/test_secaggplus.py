@@ -1,0 +1,273 @@
+"""SecAgg+ (``secure.mode = "secagg+"``): exact sums of the survivors with drops in every phase,
+aborts with a reason when too few remain, the never-reveal-both rule, tampered shares, and a
+simulation that matches plain mode.
+
+Most tests drive the two halves directly (`_drive`, no transport, no training): fast, and the
+quantised inputs are known, so the unmasked sum is checked exactly. A few run the real engine with
+clients dropping out through `DroppingTransport` (as in `tests/test_phases.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocols.errors import InvalidShare, ProtocolAbort, ProtocolError, Refused, StageTransitionError
+from protocols.secagg import Answer, ClientContext, PhaseData, PhaseResult, RoundContext
+from protocols.secagg import secaggplus_stages as st
+from protocols.secagg.quantize import dequantize_sum
+from protocols.secagg.registry import create_secure_aggregation
+from protocols.secagg.secaggplus import SecAggPlus
+from protocols.wire.serde import TensorSpec
+from secure_fl.errors import ConfigError
+from secure_fl.server.engine import FederatedServer
+from secure_fl.simulation import simulate
+from secure_fl.stages import Stages
+from secure_fl.transport.inprocess import InProcessTransport
+from tests.conftest import smoke_config
+from tests.test_grpc_round import make_client
+from tests.test_phases import DroppingTransport, _step_all
+
+SHAPES = {"a": (3, 4), "b": (5,)}
+SPEC = {k: TensorSpec(k, "float32", s) for k, s in SHAPES.items()}
+
+
+def _updates(n: int, seed: int = 0) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    rng = np.random.default_rng(seed)
+    ids = [f"c{i}" for i in range(n)]
+    updates = {c: {k: rng.normal(scale=0.5, size=s).astype(np.float32) for k, s in SHAPES.items()} for c in ids}
+    weights = {c: float(rng.integers(1, 50)) for c in ids}
+    return updates, weights
+
+
+def _drive(protocol: SecAggPlus, updates: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[str, float], *,
+           drops: Mapping[str, set[str]] | None = None, tamper: tuple[str, str] | None = None):
+    """Run one round of both halves in memory; return (bucket sums, quantised inputs, client errors, buckets).
+
+    ``drops[phase]`` are clients that do not answer that phase; ``tamper = (receiver, sender)``
+    flips one byte of the encrypted share the server routes from sender to receiver.
+    """
+    drops = drops or {}
+    cohort = tuple(sorted(updates))
+    context = RoundContext("run-x", 3, cohort, protocol.assign_buckets(cohort, np.random.default_rng(0)), SPEC, 30.0)
+    server = protocol.server_round(context)
+    clients = {c: protocol.client_round(ClientContext("run-x", 3, c, SPEC)) for c in cohort}
+    quantised, errors = {}, {}
+    phase = server.first_phase()
+    while phase is not None:
+        answers = {}
+        for c in phase.participants:
+            if c in drops.get(phase.name, set()):
+                continue
+            data = phase.payloads.get(c, PhaseData())
+            if tamper and phase.trains and c == tamper[0]:
+                blob = bytearray(data.blobs[st.SHARE + tamper[1]])
+                blob[-5] ^= 0x01
+                data = PhaseData(blobs={**data.blobs, st.SHARE + tamper[1]: bytes(blob)})
+            try:
+                if phase.trains:
+                    quantised[c] = clients[c].quantise(updates[c])
+                    out = clients[c].mask(quantised[c], weight=weights[c], data=data)
+                else:
+                    out = clients[c].on_phase(phase.name, data)
+            except ProtocolError as exc:  # the client refuses: to the server it simply did not answer
+                errors[c] = exc
+                continue
+            answers[c] = Answer(c, out.tensors, out.blobs)
+        phase = server.next_phase(PhaseResult(phase, answers))
+    return server.result(), quantised, errors, context.buckets
+
+
+def _check_exact(protocol: SecAggPlus, sums, quantised, weights, buckets) -> None:
+    """Every bucket total equals the decoded plain sum of its members' weighted quantised inputs."""
+    for bucket in sums:
+        members = bucket.members
+        size = next(len(b) for b in buckets if members[0] in b)  # the plan is fixed when the round opens
+        ws = {c: max(1, min(protocol.max_weight, round(weights[c]))) for c in members}
+        words = sum(ws[c] * np.concatenate([quantised[c][k].astype(np.int64) for k in sorted(SHAPES)]) for c in members)
+        expected = dequantize_sum(words, protocol.plan(size), len(members), sum(ws.values()))
+        got = np.concatenate([np.ravel(bucket.total[k]) for k in sorted(SHAPES)])
+        np.testing.assert_array_equal(got, expected)
+        assert bucket.weight == sum(ws.values())
+
+
+def _members(sums) -> list[str]:
+    return [c for b in sums for c in b.members]
+
+
+def _run(protocol: SecAggPlus, n: int, **kw):
+    updates, weights = _updates(n)
+    sums, quantised, errors, buckets = _drive(protocol, updates, weights, **kw)
+    return sums, quantised, errors, weights, updates, buckets
+
+
+def test_no_drops_sums_exactly() -> None:
+    protocol = SecAggPlus()
+    sums, quantised, errors, weights, updates, buckets = _run(protocol, 5)
+    assert errors == {} and len(sums) == 1 and sums[0].members == tuple(f"c{i}" for i in range(5))
+    _check_exact(protocol, sums, quantised, weights, buckets)
+    mean = sums[0].mean()["a"]  # and it is the weighted mean up to quantisation
+    expected = sum(weights[c] * updates[c]["a"] for c in updates) / sum(weights.values())
+    np.testing.assert_allclose(mean, expected, atol=protocol.plan(5).step)
+
+
+def test_sparse_graph_and_buckets() -> None:
+    protocol = SecAggPlus(neighbours=4, bucket_size=8)
+    sums, quantised, errors, weights, _, buckets = _run(protocol, 14)
+    assert errors == {} and len(sums) == 2 and sorted(_members(sums)) == sorted(f"c{i}" for i in range(14))
+    assert {len(b.members) for b in sums} == {7}
+    _check_exact(protocol, sums, quantised, weights, buckets)
+
+
+@pytest.mark.parametrize("phase", st.PHASES)
+def test_a_drop_in_each_phase_is_recovered_exactly(phase: str) -> None:
+    protocol = SecAggPlus()
+    sums, quantised, errors, weights, _, buckets = _run(protocol, 5, drops={phase: {"c2"}})
+    members = sums[0].members
+    assert ("c2" in members) == (phase == st.UNMASK)  # after masked-input the update is in the sum
+    assert len(members) == (5 if phase == st.UNMASK else 4)
+    _check_exact(protocol, sums, quantised, weights, buckets)
+
+
+def test_drops_in_several_phases_are_recovered_exactly() -> None:
+    protocol = SecAggPlus(threshold=0.34)
+    drops = {st.ADVERTISE_KEYS: {"c0"}, st.SHARE_KEYS: {"c1"}, st.MASKED_INPUT: {"c2"}, st.UNMASK: {"c3"}}
+    sums, quantised, errors, weights, _, buckets = _run(protocol, 8, drops=drops)
+    assert sums[0].members == ("c3", "c4", "c5", "c6", "c7")
+    _check_exact(protocol, sums, quantised, weights, buckets)
+
+
+@pytest.mark.parametrize(("drops", "match"), [
+    ({st.ADVERTISE_KEYS: {"c0", "c1"}}, r"only 2 client\(s\) advertised keys"),
+    ({st.MASKED_INPUT: {"c0", "c1"}}, r"after masked-input: only 1 of c\d's neighbours remain .* t = 2"),
+    ({st.UNMASK: {"c0", "c1"}}, r"after unmask: 1 share\(s\) of c\d's self-mask seed arrived, t = 2 needed"),
+])
+def test_too_few_survivors_abort_with_a_reason(drops, match: str) -> None:
+    with pytest.raises(ProtocolAbort, match=match):
+        _run(SecAggPlus(), 4, drops=drops)
+
+
+def _client_at_unmask(protocol: SecAggPlus):
+    """Run a 4-client round up to its unmask phase and return (client c0, its unmask payload)."""
+    cohort = ("c0", "c1", "c2", "c3")
+    updates, weights = _updates(4)
+    context = RoundContext("run-x", 1, cohort, ((cohort),), SPEC, 30.0)
+    server = protocol.server_round(context)
+    clients = {c: protocol.client_round(ClientContext("run-x", 1, c, SPEC)) for c in cohort}
+    phase = server.first_phase()
+    while phase.name != st.UNMASK:
+        answers = {}
+        for c in phase.participants:
+            data = phase.payloads.get(c, PhaseData())
+            if phase.trains:
+                out = clients[c].mask(clients[c].quantise(updates[c]), weight=weights[c], data=data)
+            else:
+                out = clients[c].on_phase(phase.name, data)
+            answers[c] = Answer(c, out.tensors, out.blobs)
+        phase = server.next_phase(PhaseResult(phase, answers))
+    return clients["c0"], phase.payloads["c0"]
+
+
+def test_client_never_reveals_both_shares_of_one_peer() -> None:
+    client, payload = _client_at_unmask(SecAggPlus())
+    assert st.decode_ids(payload.blobs[st.SURVIVED]) == ["c1", "c2", "c3"]
+    with pytest.raises(Refused, match=r"both the seed and the mask key of \['c1'\]"):
+        client.on_phase(st.UNMASK, PhaseData(blobs={st.SURVIVED: b"c1\nc2", st.DROPPED: b"c1"}))
+
+
+def test_client_refuses_strangers_and_phases_out_of_order() -> None:
+    client, payload = _client_at_unmask(SecAggPlus())
+    with pytest.raises(Refused, match=r"\['c9'\] are not neighbours"):
+        client.on_phase(st.UNMASK, PhaseData(blobs={st.SURVIVED: b"c1", st.DROPPED: b"c9"}))
+    with pytest.raises(StageTransitionError, match="round is over"):
+        client.on_phase(st.UNMASK, payload)  # a refusal ends the client's round: no second request
+    client, payload = _client_at_unmask(SecAggPlus())
+    answer = client.on_phase(st.UNMASK, payload)
+    assert sorted(answer.blobs) == ["b/c1", "b/c2", "b/c3"]
+    with pytest.raises(StageTransitionError, match="got phase 'unmask'"):
+        client.on_phase(st.UNMASK, payload)  # one unmask per round: no second chance to ask for s_v
+    fresh = SecAggPlus().client_round(ClientContext("run-x", 1, "c0", SPEC))
+    with pytest.raises(StageTransitionError, match="expected 'advertise-keys'"):
+        fresh.on_phase(st.UNMASK, payload)
+
+
+def test_a_tampered_share_is_refused_and_the_round_goes_on() -> None:
+    protocol = SecAggPlus()
+    sums, quantised, errors, weights, _, buckets = _run(protocol, 5, tamper=("c1", "c3"))
+    assert isinstance(errors["c1"], InvalidShare) and "from 'c3' to 'c1'" in str(errors["c1"])
+    assert "does not authenticate" in str(errors["c1"])
+    assert sums[0].members == ("c0", "c2", "c3", "c4")  # c1 refused to mask: it counts as a drop
+    _check_exact(protocol, sums, {c: q for c, q in quantised.items() if c != "c1"}, weights, buckets)
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"neighbours": 3}, "neighbours must be even"),
+    ({"threshold": 0.0}, r"threshold must lie in \(0, 1\]"),
+    ({"threshold": 1.5}, r"threshold must lie in \(0, 1\]"),
+    ({"neighbours": 2, "threshold": 0.3}, "t = 1 < 2"),
+    ({"bucket_size": 2}, "bucket_size must be 0"),
+    ({"bucket_size": 64}, "need 33 bits"),
+    ({"max_weight": -1}, "max_weight must be a non-negative"),
+])
+def test_impossible_settings_are_refused(settings, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SecAggPlus(**settings)
+
+
+def test_settings_come_from_the_config() -> None:
+    protocol = create_secure_aggregation("secagg+", neighbours=4, threshold=0.75)
+    assert (protocol.neighbours, protocol.threshold) == (4, 0.75)
+    described = protocol.describe()
+    assert described["server_sees_individual_updates"] is False and "encrypted shares" in described["key_custody"]
+    with pytest.raises(ConfigError, match="neighbours must be even"):
+        Stages.from_config(smoke_config("secure.mode='secagg+'", "secure.params.neighbours=3"))
+
+
+def test_simulation_matches_plain(tmp_path: Path) -> None:
+    plain = simulate(smoke_config(), tmp_path / "plain", progress=False)
+    masked = simulate(smoke_config("secure.mode='secagg+'"), tmp_path / "masked", progress=False)
+    assert abs(masked.final_accuracy - plain.final_accuracy) <= 0.01
+    for name, value in plain.global_state.items():  # 2 rounds: quantisation error, then training on it
+        np.testing.assert_allclose(masked.global_state[name], value, atol=2e-2)
+    record = masked.metrics[0]
+    assert [p["phase"] for p in record["phases"]] == list(st.PHASES)
+    assert all(p["answered"] == 4 and p["dropped"] == [] for p in record["phases"])
+    floats = sum(v.size for v in plain.global_state.values()) * 4 * 4  # float32 update of 4 clients
+    upload = {p["phase"]: p["bytes_up"] for p in record["phases"]}[st.MASKED_INPUT]
+    assert upload <= 1.0 * floats, (upload, floats)
+
+
+def _in_process(tmp_path: Path, drops: dict[int, tuple[int, str]]):
+    config = smoke_config(
+        "secure.mode='secagg+'", "run.rounds=1", "run.num_clients=4", "run.clients_per_round=4", "run.min_updates=2",
+    )
+    server = FederatedServer(config, tmp_path / "run", transport="in-process")
+    clients = [
+        make_client(config, i, DroppingTransport(InProcessTransport(server.coordinator), drops.get(i))) for i in range(4)
+    ]
+    for client in clients:
+        client.join()
+    return server, clients
+
+
+@pytest.mark.parametrize("phase", st.PHASES)
+def test_engine_recovers_a_drop_in_each_phase(tmp_path: Path, phase: str) -> None:
+    server, clients = _in_process(tmp_path, {2: (1, phase)})
+    record = _step_all(server, clients).result().metrics[0]
+    assert record["status"] == "ok", record.get("reason")
+    assert {p["phase"]: p["dropped"] for p in record["phases"]}[phase] == ["client-2"]
+    assert record["clients"] == (4 if phase == st.UNMASK else 3)
+
+
+def test_engine_aborts_when_too_few_survive(tmp_path: Path) -> None:
+    server, clients = _in_process(tmp_path, {1: (1, st.MASKED_INPUT), 2: (1, st.MASKED_INPUT)})
+    before = {k: v.copy() for k, v in server.global_state.items()}
+    result = _step_all(server, clients).result()
+    record = result.metrics[0]
+    assert record["status"] == "aborted" and "after masked-input" in record["reason"] and "t = 2" in record["reason"]
+    assert result.ledger == []
+    for name, value in before.items():
+        np.testing.assert_array_equal(result.global_state[name], value)
