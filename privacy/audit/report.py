@@ -253,7 +253,10 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         server_protection = f"nothing: secure.mode = {mode} reveals individual updates"
     else:
         bucket = params.get("bucket_size")
-        server_sees = f"only sums over buckets of {bucket if bucket else 'several'} clients"
+        if bucket == "cohort":
+            server_sees = "only the sum over the whole cohort"
+        else:
+            server_sees = f"only sums over buckets of {bucket if bucket else 'several'} clients"
         server_protection = f"secure.mode = {mode}" + (f"; keys held by {params['key_custody']}" if params.get("key_custody") else "")
     rows = [
         {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},

@@ -5,7 +5,7 @@ spirit of ``cryptography.hazmat``: every function here is easy to misuse (reusin
 two masks, encrypting a share without binding its route, revealing a self-mask seed *and* a mask
 key for the same client, choosing t too low) and nothing here stops you. Use the recipes in
 `protocols.secagg`, which fix safe parameters, version every message and enforce the protocol's
-order. (The SecAgg+ recipe that will use this layer is not built yet.)
+order (`[secure] mode = "secagg+"`, `protocols/secagg/secaggplus.py`).
 
 What is here:
 

@@ -71,6 +71,7 @@ class SecAggPlus(SecureAggregation):
     """
 
     name = "secagg+"
+    paper = "https://eprint.iacr.org/2020/704"
     reveals_individual_updates = False
 
     def __init__(
