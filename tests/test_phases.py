@@ -7,7 +7,6 @@ import importlib.util
 import json
 import sys
 import threading
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,10 @@ from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
 from secure_fl.server.engine import BackgroundRun, FederatedServer
 from secure_fl.simulation import simulate
-from secure_fl.transport.base import ClientTransport
 from secure_fl.transport.grpc_client import GrpcTransport
 from secure_fl.transport.inprocess import InProcessTransport
 from tests.conftest import smoke_config
+from tests.harness import Dropped, DroppingTransport, in_process_parties, step_all
 from tests.test_grpc_round import make_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,38 +36,6 @@ def _load_example() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["example_custom_secure_mode"] = module
     spec.loader.exec_module(module)
-
-
-class Dropped(Exception):
-    """Raised in a client that was made to vanish."""
-
-
-class DroppingTransport(ClientTransport):
-    """Injected fault: the client leaves when it receives the task of ``(round, phase)``."""
-
-    def __init__(self, inner: ClientTransport, drop_at: tuple[int, str] | None) -> None:
-        self.inner = inner
-        self.drop_at = drop_at
-
-    def join(self, request: pb.JoinRequest) -> pb.JoinReply:
-        return self.inner.join(request)
-
-    def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
-        chunks = list(self.inner.pull_task(request))
-        header = chunks[0].header
-        if self.drop_at == (header.envelope.round, header.phase):
-            self.inner.leave(pb.LeaveRequest(envelope=request.envelope, reason="dropped (injected)"))
-            raise Dropped(f"dropped in {self.drop_at}")
-        return iter(chunks)
-
-    def push_update(self, messages: Iterable[pb.UpdateChunk]) -> pb.PushReply:
-        return self.inner.push_update(messages)
-
-    def leave(self, request: pb.LeaveRequest) -> pb.LeaveReply:
-        return self.inner.leave(request)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _run_quietly(client) -> None:
@@ -96,33 +63,13 @@ def _in_process(tmp_path: Path, drops: dict[int, tuple[int, str]], rounds: int =
         "secure.mode=pairwise-demo", f"run.rounds={rounds}", "run.num_clients=4", "run.clients_per_round=4",
         "run.min_updates=2",
     )
-    server = FederatedServer(config, tmp_path / "run", transport="in-process")
-    clients = [
-        make_client(config, i, DroppingTransport(InProcessTransport(server.coordinator), drops.get(i))) for i in range(4)
-    ]
-    for client in clients:
-        client.join()
-    return server, clients
-
-
-def _step_all(server: FederatedServer, clients: list) -> BackgroundRun:
-    rounds = BackgroundRun(server)
-    alive = list(clients)
-    while rounds.is_alive() and alive:
-        for client in list(alive):
-            try:
-                if client.step() == "finished":
-                    alive.remove(client)
-            except Dropped:
-                alive.remove(client)
-    rounds.join(60)
-    return rounds
+    return in_process_parties(config, tmp_path / "run", drops)
 
 
 def test_drop_in_the_first_phase_is_recovered(tmp_path: Path) -> None:
     _load_example()
     server, clients = _in_process(tmp_path, {2: (1, "advertise")})
-    result = _step_all(server, clients).result()
+    result = step_all(server, clients).result()
     record = result.metrics[0]
     assert record["status"] == "ok" and record["clients"] == 3 and record["dropped"] == ["client-2"]
     phases = {p["phase"]: p for p in record["phases"]}
@@ -134,7 +81,7 @@ def test_drop_after_keys_were_agreed_aborts_the_round(tmp_path: Path) -> None:
     _load_example()
     server, clients = _in_process(tmp_path, {1: (1, "masked-input")})
     before = {k: v.copy() for k, v in server.global_state.items()}
-    result = _step_all(server, clients).result()
+    result = step_all(server, clients).result()
     record = result.metrics[0]
     assert record["status"] == "aborted" and "client-1" in record["reason"] and "cannot be removed" in record["reason"]
     phases = {p["phase"]: p for p in record["phases"]}

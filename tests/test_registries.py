@@ -27,6 +27,7 @@ from secure_fl.config import Config
 from secure_fl.errors import ConfigError
 from secure_fl.peft_agg.fedit import FedIT
 from secure_fl.tensors import Layout
+from tests.harness import drive
 
 FAST = settings(max_examples=30, deadline=None, database=None)
 
@@ -146,7 +147,7 @@ def test_protocol_contract(name: str) -> None:
 def _multi_phase_contract(protocol: SecureAggregation, layout: Layout) -> None:
     """A multi-phase protocol: run its two halves in memory over four clients (integer weights);
     the bucket totals sum to the weighted sum of the updates within quantisation error."""
-    from protocols.secagg import Answer, ClientContext, PhaseData, PhaseResult, RoundContext
+    from protocols.secagg import ClientContext, RoundContext
 
     rng = np.random.default_rng(2)
     cohort = tuple(f"c{i}" for i in range(4))
@@ -155,17 +156,7 @@ def _multi_phase_contract(protocol: SecureAggregation, layout: Layout) -> None:
     context = RoundContext("run", 1, cohort, protocol.assign_buckets(cohort, rng), layout.specs(), 30.0)
     server = protocol.server_round(context)
     clients = {c: protocol.client_round(ClientContext("run", 1, c, layout.specs())) for c in cohort}
-    phase = server.first_phase()
-    while phase is not None:
-        answers = {}
-        for c in phase.participants:
-            data = phase.payloads.get(c, PhaseData())
-            if phase.trains:
-                out = clients[c].mask(clients[c].quantise(updates[c]), weight=weights[c], data=data)
-            else:
-                out = clients[c].on_phase(phase.name, data)
-            answers[c] = Answer(c, out.tensors, out.blobs)
-        phase = server.next_phase(PhaseResult(phase, answers))
+    assert drive(server, clients, updates, weights) is None
     buckets = server.result()
     assert sorted(m for b in buckets for m in b.members) == list(cohort)
     assert sum(b.weight for b in buckets) == pytest.approx(sum(weights.values()))

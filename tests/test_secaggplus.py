@@ -4,7 +4,7 @@ simulation that matches plain mode.
 
 Most tests drive the two halves directly (`_drive`, no transport, no training): fast, and the
 quantised inputs are known, so the unmasked sum is checked exactly. A few run the real engine with
-clients dropping out through `DroppingTransport` (as in `tests/test_phases.py`).
+clients dropping out through `DroppingTransport` (`tests/harness.py`).
 """
 
 from __future__ import annotations
@@ -16,20 +16,17 @@ import numpy as np
 import pytest
 
 from protocols.errors import InvalidShare, ProtocolAbort, ProtocolError, Refused, StageTransitionError
-from protocols.secagg import Answer, ClientContext, PhaseData, PhaseResult, RoundContext
+from protocols.secagg import ClientContext, PhaseData, RoundContext
 from protocols.secagg import secaggplus_stages as st
 from protocols.secagg.quantize import dequantize_sum
 from protocols.secagg.registry import create_secure_aggregation
 from protocols.secagg.secaggplus import SecAggPlus
 from protocols.wire.serde import TensorSpec
 from secure_fl.errors import ConfigError
-from secure_fl.server.engine import FederatedServer
 from secure_fl.simulation import simulate
 from secure_fl.stages import Stages
-from secure_fl.transport.inprocess import InProcessTransport
 from tests.conftest import smoke_config
-from tests.test_grpc_round import make_client
-from tests.test_phases import DroppingTransport, _step_all
+from tests.harness import drive, in_process_parties, step_all
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 SPEC = {k: TensorSpec(k, "float32", s) for k, s in SHAPES.items()}
@@ -55,29 +52,17 @@ def _drive(protocol: SecAggPlus, updates: Mapping[str, Mapping[str, np.ndarray]]
     context = RoundContext("run-x", 3, cohort, protocol.assign_buckets(cohort, np.random.default_rng(0)), SPEC, 30.0)
     server = protocol.server_round(context)
     clients = {c: protocol.client_round(ClientContext("run-x", 3, c, SPEC)) for c in cohort}
-    quantised, errors = {}, {}
-    phase = server.first_phase()
-    while phase is not None:
-        answers = {}
-        for c in phase.participants:
-            if c in drops.get(phase.name, set()):
-                continue
-            data = phase.payloads.get(c, PhaseData())
-            if tamper and phase.trains and c == tamper[0]:
-                blob = bytearray(data.blobs[st.SHARE + tamper[1]])
-                blob[-5] ^= 0x01
-                data = PhaseData(blobs={**data.blobs, st.SHARE + tamper[1]: bytes(blob)})
-            try:
-                if phase.trains:
-                    quantised[c] = clients[c].quantise(updates[c])
-                    out = clients[c].mask(quantised[c], weight=weights[c], data=data)
-                else:
-                    out = clients[c].on_phase(phase.name, data)
-            except ProtocolError as exc:  # the client refuses: to the server it simply did not answer
-                errors[c] = exc
-                continue
-            answers[c] = Answer(c, out.tensors, out.blobs)
-        phase = server.next_phase(PhaseResult(phase, answers))
+    quantised: dict[str, dict[str, np.ndarray]] = {}
+    errors: dict[str, ProtocolError] = {}
+
+    def flip_one_byte(phase, client: str, data: PhaseData) -> PhaseData:
+        if not (tamper and phase.trains and client == tamper[0]):
+            return data
+        blob = bytearray(data.blobs[st.SHARE + tamper[1]])
+        blob[-5] ^= 0x01
+        return PhaseData(blobs={**data.blobs, st.SHARE + tamper[1]: bytes(blob)})
+
+    drive(server, clients, updates, weights, drops=drops, alter=flip_one_byte, quantised=quantised, errors=errors)
     return server.result(), quantised, errors, context.buckets
 
 
@@ -157,17 +142,8 @@ def _client_at_unmask(protocol: SecAggPlus):
     context = RoundContext("run-x", 1, cohort, ((cohort),), SPEC, 30.0)
     server = protocol.server_round(context)
     clients = {c: protocol.client_round(ClientContext("run-x", 1, c, SPEC)) for c in cohort}
-    phase = server.first_phase()
-    while phase.name != st.UNMASK:
-        answers = {}
-        for c in phase.participants:
-            data = phase.payloads.get(c, PhaseData())
-            if phase.trains:
-                out = clients[c].mask(clients[c].quantise(updates[c]), weight=weights[c], data=data)
-            else:
-                out = clients[c].on_phase(phase.name, data)
-            answers[c] = Answer(c, out.tensors, out.blobs)
-        phase = server.next_phase(PhaseResult(phase, answers))
+    phase = drive(server, clients, updates, weights, stop_at=st.UNMASK)
+    assert phase is not None
     return clients["c0"], phase.payloads["c0"]
 
 
@@ -244,19 +220,13 @@ def _in_process(tmp_path: Path, drops: dict[int, tuple[int, str]]):
     config = smoke_config(
         "secure.mode='secagg+'", "run.rounds=1", "run.num_clients=4", "run.clients_per_round=4", "run.min_updates=2",
     )
-    server = FederatedServer(config, tmp_path / "run", transport="in-process")
-    clients = [
-        make_client(config, i, DroppingTransport(InProcessTransport(server.coordinator), drops.get(i))) for i in range(4)
-    ]
-    for client in clients:
-        client.join()
-    return server, clients
+    return in_process_parties(config, tmp_path / "run", drops)
 
 
 @pytest.mark.parametrize("phase", st.PHASES)
 def test_engine_recovers_a_drop_in_each_phase(tmp_path: Path, phase: str) -> None:
     server, clients = _in_process(tmp_path, {2: (1, phase)})
-    record = _step_all(server, clients).result().metrics[0]
+    record = step_all(server, clients).result().metrics[0]
     assert record["status"] == "ok", record.get("reason")
     assert {p["phase"]: p["dropped"] for p in record["phases"]}[phase] == ["client-2"]
     assert record["clients"] == (4 if phase == st.UNMASK else 3)
@@ -265,7 +235,7 @@ def test_engine_recovers_a_drop_in_each_phase(tmp_path: Path, phase: str) -> Non
 def test_engine_aborts_when_too_few_survive(tmp_path: Path) -> None:
     server, clients = _in_process(tmp_path, {1: (1, st.MASKED_INPUT), 2: (1, st.MASKED_INPUT)})
     before = {k: v.copy() for k, v in server.global_state.items()}
-    result = _step_all(server, clients).result()
+    result = step_all(server, clients).result()
     record = result.metrics[0]
     assert record["status"] == "aborted" and "after masked-input" in record["reason"] and "t = 2" in record["reason"]
     assert result.ledger == []
