@@ -25,6 +25,7 @@ from robustness.attacks.registry import plugin_class as attack_class
 from robustness.defenses import Defense, create_defense
 from robustness.defenses.registry import plugin_class as defense_class
 from secure_fl.config import Config, Params, resolved_settings
+from secure_fl.config.params import is_builtin_plugin
 from secure_fl.errors import ConfigError
 from secure_fl.peft_agg import AggregationRule, create_rule
 from secure_fl.peft_agg.registry import plugin_class as rule_class
@@ -166,7 +167,6 @@ class Stages:
             getattr(self, kind).load_state_dict(dict(state))
 
 
-_OWN_PACKAGES = frozenset({"secure_fl", "privacy", "robustness", "protocols"})
 
 
 def describe_stage(stage: object, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def describe_stage(stage: object, settings: Mapping[str, Any] | None = None) -> 
     return {
         "name": str(getattr(stage, "name", cls.__name__)),
         "plugin": f"{cls.__module__}.{cls.__qualname__}",
-        "builtin": cls.__module__.split(".")[0] in _OWN_PACKAGES,
+        "builtin": is_builtin_plugin(cls),
         "paper": str(getattr(cls, "paper", "") or ""),
         "params": json.loads(json.dumps(raw, default=str)),
     }

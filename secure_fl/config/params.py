@@ -220,3 +220,12 @@ def _docstring_params(doc: str) -> dict[str, str]:
         elif current:
             out[current] = (out[current] + " " + line.strip()).strip()
     return out
+
+
+#: The packages that ship with secure-fl: a plug-in class defined in one of them is built in.
+BUILTIN_PACKAGES = frozenset({"secure_fl", "privacy", "robustness", "protocols"})
+
+
+def is_builtin_plugin(cls: type) -> bool:
+    """Whether ``cls`` ships with secure-fl (rather than being registered by a user)."""
+    return cls.__module__.split(".")[0] in BUILTIN_PACKAGES

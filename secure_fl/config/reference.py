@@ -10,7 +10,7 @@ from typing import Any
 
 import tomli_w
 
-from secure_fl.config.params import _plain, plugin_settings
+from secure_fl.config.params import _plain, is_builtin_plugin, plugin_settings
 from secure_fl.config.core import Config
 from secure_fl.config.sections import _SECTIONS
 
@@ -39,8 +39,6 @@ def config_reference() -> str:
     return "\n".join(lines + _plugin_reference())
 
 
-_OWN_PACKAGES = frozenset({"secure_fl", "privacy", "robustness", "protocols"})
-
 #: (heading, table that holds the settings, registry module) of every configurable stage.
 _PLUGIN_KINDS = (
     ("secure-aggregation modes", "secure.params", "protocols.secagg.registry"),
@@ -66,7 +64,7 @@ def _plugin_reference() -> list[str]:
         registry = importlib.import_module(module_name)
         lines += [f"### {heading} (`[{table}]`)", ""]
         for name in registry.available():
-            if registry.plugin_class(name).__module__.split(".")[0] not in _OWN_PACKAGES:
+            if not is_builtin_plugin(registry.plugin_class(name)):
                 continue  # built-ins only: the reference must not depend on what a process registered
             settings = plugin_settings(registry.plugin_class(name))
             if not settings:

@@ -59,7 +59,6 @@ class Coordinator:
         stage_fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
-        self.model_fingerprint = model_fingerprint
         #: The upload spec of `open_round`'s one-phase rounds (the engine's phases carry their own).
         self.payload_spec = dict(payload_spec or {})
         self.stages = dict(stages)
@@ -68,21 +67,16 @@ class Coordinator:
         self.poll_ms = max(1, int(poll_interval * 1000))
         self.on_update = on_update
         self.max_clients = max_clients
-        self.max_weight = float(max_weight)
         self.liveness_timeout = float(liveness_timeout)
-        self.model_info = dict(model_info or {})
         #: False under a secure mode that hides updates: uploads then carry no weight and no
         #: metrics in the clear (the protocol carries the weight inside the masked payload).
         self.weights_in_clear = weights_in_clear
-        #: ``spec_for(client_id, join_info)``: a client's own upload specs, evaluated at Join
-        #: (rules with per-client shapes); ``None``: every upload must match the phase's spec.
-        self.spec_for = spec_for
+        #: A client's own upload specs (rules with per-client shapes), from ``spec_for`` at Join.
         self._client_specs: dict[str, dict[str, serde.TensorSpec]] = {}
-        # Per stage (secure, privacy, rule): hash of name + settings a client must send at Join.
-        self.stage_fingerprints = dict(stage_fingerprints or {})
+        #: What a joining client must match: model and stage fingerprints, weight bound, own specs.
         self.admission = Admission(
-            run_id=run_id, model_fingerprint=model_fingerprint, model_info=self.model_info,
-            stage_fingerprints=self.stage_fingerprints, max_weight=self.max_weight, spec_for=spec_for,
+            run_id=run_id, model_fingerprint=model_fingerprint, model_info=dict(model_info or {}),
+            stage_fingerprints=dict(stage_fingerprints or {}), max_weight=float(max_weight), spec_for=spec_for,
         )
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
@@ -90,6 +84,16 @@ class Coordinator:
         self._closed_rounds: set[int] = set()
         self._finished: str | None = None
         self._evicted: set[str] = set()
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The fingerprint of the server's model and adapter layout that a joining client must match."""
+        return self.admission.model_fingerprint
+
+    @property
+    def model_info(self) -> Mapping[str, str]:
+        """Layout facts of the server's model (e.g. ``num_labels``), used to say why a Join is refused."""
+        return self.admission.model_info
 
     # ------------------------------------------------------------------ handlers (any thread)
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:

@@ -234,6 +234,7 @@ class FederatedServer:
             raise RunInterrupted(f"round {number} was interrupted ({state.interrupted}); nothing of it was released")
         contributors = sorted({member for bucket in buckets for member in bucket.members})
         dropped = sorted(set(cohort) - set(contributors))
+        uploads, client_metrics = state.received, state.client_metrics
         record: dict[str, Any] = {
             "round": number,
             "status": "ok",
@@ -245,14 +246,12 @@ class FederatedServer:
             "unresponsive": unresponsive,
             "accuracy": None,
             "loss": None,
-            "train_loss": _weighted_mean(
-                [(m.get("train_loss"), state.received[c].weight) for c, m in state.client_metrics.items()]
-            ),
+            "train_loss": _weighted_mean([(m.get("train_loss"), uploads[c].weight) for c, m in client_metrics.items()]),
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
             "phases": [phase.summary() for phase in state.phases],
             "stages": self.stages.names(),
-            **_federated_evaluation(state.client_metrics),
+            **_federated_evaluation(client_metrics),
         }
         outcome: AggregationOutcome | None = None
         if abort is not None:
