@@ -258,6 +258,9 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         else:
             server_sees = f"only sums over buckets of {bucket if bucket else 'several'} clients"
         server_protection = f"secure.mode = {mode}" + (f"; keys held by {params['key_custody']}" if params.get("key_custody") else "")
+        sizes = [p for p in params.get("bucket_parameters") or [] if isinstance(p, Mapping)]
+        if sizes:
+            server_protection += "; " + ", ".join(f"k = {p.get('k')}, t = {p.get('t')} for buckets of {p.get('n')}" for p in sizes)
     rows = [
         {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},
         {"party": "server", "sees": CLEAR_METADATA, "protected_by": "nothing: sent in the clear in this secure mode"}
@@ -265,6 +268,13 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         {"party": "other clients", "sees": "the global adapter of every round they take part in", "protected_by": dp_text},
         {"party": "anyone given the final adapter", "sees": "the released global adapter", "protected_by": dp_text},
     ]
+    if not reveals and params.get("collusion"):
+        tolerance = "; ".join(str(params[k]) for k in ("k_t_rule", "tolerates", "targets") if params.get(k))
+        rows.insert(1, {"party": "server colluding with clients", "sees": str(params["collusion"]),
+                        "protected_by": tolerance or f"secure.mode = {mode}"})
+    if params.get("adversary_model"):
+        rows.append({"party": "a server that deviates from the protocol", "sees": "see 'protected by'",
+                     "protected_by": str(params["adversary_model"])})
     if run.get("transport") == "grpc":
         rows.append({
             "party": "network observer",
@@ -285,6 +295,10 @@ def _warnings(
                          "epsilon is unbounded and the released adapter may reveal clients' training data"))
     if reveals:
         out.append(_warn("server-sees-updates", "high", f"secure.mode = {mode}: the server sees every client's individual update"))
+    secure_params = _secure_mode(stages)[1]
+    if not reveals and str(secure_params.get("adversary_model", "")).startswith("honest-but-curious"):
+        out.append(_warn("honest-but-curious", "medium", f"secure.mode = {mode} protects against a server that follows "
+                         f"the protocol only: {secure_params['adversary_model']}"))
     if run.get("transport") == "grpc":
         out.append(_warn("no-tls", "medium", "the gRPC transport is unencrypted: anyone on the network path sees what the server sees"))
     if dict(stages.get("defense", {})).get("name") == "none":

@@ -161,6 +161,13 @@ class SecureAggregation(ABC):
             return tuple((c,) for c in cohort)
         return (tuple(cohort),)
 
+    def check_cohort(self, size: int) -> None:
+        """Refuse, when the server starts, a planned cohort of ``size`` this protocol cannot protect.
+
+        Raises `ValueError` with the reason (the server turns it into a configuration error).
+        Default: every size is fine.
+        """
+
     def server_round(self, context: RoundContext) -> ServerRound:
         """The server half of one round (default: the one-shot protocol as a one-phase round)."""
         return _OneShotServerRound(self, context)

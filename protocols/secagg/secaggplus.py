@@ -21,6 +21,7 @@ Settings (``[secure.params]``) are validated at construction; see `SecAggPlus`.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -38,6 +39,9 @@ from protocols.secagg.base import ClientRound, SecureAggregation, ServerRound
 from protocols.secagg.packing import pack_words
 from protocols.secagg.phases import ClientContext, PhaseData, RoundContext
 from protocols.secagg.quantize import QuantizationPlan, quantize
+from protocols.secagg.secaggplus_params import (
+    DEFAULT_CORRECTNESS_BITS, DEFAULT_SECURITY_BITS, GraphParameters, check_parameters,
+)
 
 __all__ = ["SecAggPlus", "SecAggPlusClient"]
 
@@ -50,12 +54,23 @@ class SecAggPlus(SecureAggregation):
     bucket_size : int
         Most clients per bucket; the cohort is split at random into ``ceil(n / bucket_size)``
         buckets of near-equal size. 0 (default) keeps the whole cohort in one bucket. At least 3.
-    neighbours : int
+        Usually set as ``[secure] bucket_size``.
+    neighbours : int or None
         k, the degree of the random Harary graph H(n, k) along which masks and shares are
-        exchanged; must be even. 0 (default), or ``k >= n - 1``, links every pair (classic SecAgg).
-    threshold : float
+        exchanged; must be even. None (default): chosen per bucket by the parameter analysis
+        (`protocols.secagg.secaggplus_params`); 0, or ``k >= n - 1``, links every pair (classic SecAgg).
+    threshold : float or None
         Shares needed to reconstruct a secret, as a fraction of the client's neighbourhood m: t is
-        the smallest integer above ``threshold * m`` (capped at m). ``0 < threshold <= 1`` and t >= 2.
+        the smallest integer above ``threshold * m`` (capped at m). None (default): the smallest t
+        that meets the security target, with a majority of the neighbourhood.
+    corrupt_fraction : float
+        gamma: the fraction of a bucket's clients that may collude with the server, in [0, 1).
+    dropout_fraction : float
+        delta: the fraction of a bucket's clients that may drop out over a round, in [0, 1).
+    security_bits : int
+        sigma: the chosen (k, t) leak a client's input with probability at most 2^-sigma.
+    correctness_bits : int
+        eta: with at most the tolerated dropouts a round aborts with probability at most 2^-eta.
     clip_range : float
         Coordinates are clipped to ``[-clip_range, clip_range]`` before quantisation.
     precision : float
@@ -66,8 +81,10 @@ class SecAggPlus(SecureAggregation):
     Raises
     ------
     ValueError
-        Naming the setting, for values out of range or combinations that cannot work (t < 2,
-        or a bucket whose sum needs more than 32-bit words).
+        Naming the setting, for values out of range or combinations that cannot work (t < 2, an
+        explicit (k, t) that misses the security or correctness target for ``bucket_size``, or a
+        bucket whose sum needs more than 32-bit words). `check_cohort` runs the same checks for the
+        buckets a cohort of a given size splits into, when the server starts.
     """
 
     name = "secagg+"
@@ -75,31 +92,90 @@ class SecAggPlus(SecureAggregation):
     reveals_individual_updates = False
 
     def __init__(
-        self, *, bucket_size: int = 0, neighbours: int = 0, threshold: float = 0.5, clip_range: float = 8.0,
-        precision: float = 2.0**-12, max_weight: int = 1024,
+        self, *, bucket_size: int = 0, neighbours: int | None = None, threshold: float | None = None,
+        corrupt_fraction: float = 0.05, dropout_fraction: float = 0.1, security_bits: int = DEFAULT_SECURITY_BITS,
+        correctness_bits: int = DEFAULT_CORRECTNESS_BITS, clip_range: float = 8.0, precision: float = 2.0**-12,
+        max_weight: int = 1024,
     ) -> None:
         for key, value in (("bucket_size", bucket_size), ("neighbours", neighbours), ("max_weight", max_weight)):
+            if value is None and key == "neighbours":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"secagg+ setting {key} must be a non-negative integer, got {value!r}")
         if 0 < bucket_size < st.MIN_BUCKET:
             raise ValueError(f"secagg+ setting bucket_size must be 0 (whole cohort) or >= {st.MIN_BUCKET}, got {bucket_size}")
-        if neighbours % 2:
+        if neighbours is not None and neighbours % 2:
             raise ValueError(f"secagg+ setting neighbours must be even (Harary graph H(n, k)), got {neighbours}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1
+        ):
             raise ValueError(f"secagg+ setting threshold must lie in (0, 1], got {threshold!r}")
         if max_weight < 1:
             raise ValueError(f"secagg+ setting max_weight must be >= 1, got {max_weight}")
-        if neighbours and st.share_threshold(neighbours, threshold) < 2:
+        if neighbours and threshold is not None and st.share_threshold(neighbours, threshold) < 2:
             raise ValueError(
                 f"secagg+ settings threshold={threshold} and neighbours={neighbours} give t = "
                 f"{st.share_threshold(neighbours, threshold)} < 2: each share would be the secret itself"
             )
-        self.bucket_size, self.neighbours, self.threshold = bucket_size, neighbours, float(threshold)
+        self.bucket_size, self.neighbours = bucket_size, neighbours
+        self.threshold = None if threshold is None else float(threshold)
+        self.corrupt_fraction, self.dropout_fraction = corrupt_fraction, dropout_fraction
+        self.security_bits, self.correctness_bits = security_bits, correctness_bits
         self.clip_range, self.precision, self.max_weight = float(clip_range), float(precision), max_weight
+        self._parameters: dict[int, GraphParameters] = {}
+        self._planned: tuple[int, ...] = (bucket_size,) if bucket_size else ()
         try:
             self.plan(bucket_size or st.MIN_BUCKET)
         except ValueError as exc:
             raise ValueError(f"secagg+ settings clip_range, precision, max_weight, bucket_size: {exc}") from None
+        if bucket_size:
+            self.parameters(bucket_size)  # also checks the fractions and the security targets
+
+    def parameters(self, n: int) -> GraphParameters:
+        """The (k, t) of a bucket of ``n`` clients: the analysis's choice, or the explicit settings checked.
+
+        Raises
+        ------
+        ValueError
+            Naming the condition (security, correctness, t < 2) that no (k, t), or the explicit one, meets.
+        """
+        if n not in self._parameters:
+            self._parameters[n] = check_parameters(
+                n, k=self.neighbours, threshold=self.threshold, corrupt_fraction=self.corrupt_fraction,
+                dropout_fraction=self.dropout_fraction, security_bits=self.security_bits,
+                correctness_bits=self.correctness_bits,
+            )
+        return self._parameters[n]
+
+    def share_threshold(self, parameters: GraphParameters, neighbourhood: int) -> int:
+        """t for a client that shares among ``neighbourhood`` neighbours in a bucket with ``parameters``.
+
+        With an explicit ``threshold`` fraction it follows the client's actual neighbourhood
+        (`secaggplus_stages.share_threshold`); otherwise it is the analysis's t, never lowered.
+        """
+        if self.threshold is not None:
+            return st.share_threshold(neighbourhood, self.threshold)
+        return parameters.t
+
+    def check_cohort(self, size: int) -> None:
+        """Refuse, before any round, a cohort of ``size`` whose buckets no safe (k, t) protects."""
+        count = 1 if not self.bucket_size or size <= self.bucket_size else math.ceil(size / self.bucket_size)
+        sizes = sorted({size // count, -(-size // count)})
+        for n in sizes:
+            if n < st.MIN_BUCKET:
+                raise ValueError(
+                    f"secagg+: a cohort of {size} split into buckets of at most {self.bucket_size or size} gives "
+                    f"buckets of {n} clients; a bucket needs at least {st.MIN_BUCKET}"
+                )
+            try:
+                self.plan(n)
+            except ValueError:
+                raise ValueError(
+                    f"secagg+: a bucket of {n} clients needs more than 32-bit words with clip_range={self.clip_range}, "
+                    f"precision={self.precision}, max_weight={self.max_weight}; set bucket_size <= {self.largest_bucket()}"
+                ) from None
+            self.parameters(n)
+        self._planned = tuple(sizes)
 
     def plan(self, bucket: int) -> QuantizationPlan:
         """The quantisation plan of a bucket of ``bucket`` clients (raises ValueError past 32 bits)."""
@@ -127,14 +203,35 @@ class SecAggPlus(SecureAggregation):
         return SecAggPlusClient(self, context)
 
     def describe(self) -> dict[str, object]:
-        """Bucket size, neighbourhood, threshold rule and key custody, for the threat model."""
-        return {
+        """What the server and colluders can learn, for the threat model (docs/threat-model.md)."""
+        if self.neighbours is None and self.threshold is None:
+            rule = ("k and t chosen per bucket from n, corrupt_fraction and dropout_fraction by the conditions of "
+                    "Bell et al. 2020 (smallest even k, then the smallest majority t, meeting both targets)")
+        else:
+            rule = (f"explicit: neighbours={self.neighbours if self.neighbours is not None else 'chosen'}, "
+                    f"threshold={self.threshold if self.threshold is not None else 'chosen'}, checked against both targets")
+        facts: dict[str, object] = {
             **super().describe(),
             "bucket_size": self.bucket_size or "cohort",
-            "neighbours": self.neighbours or "all members of the bucket",
-            "threshold": f"t = floor({self.threshold} * m) + 1 of a client's m neighbours (at most m)",
+            "neighbours": ("chosen per bucket" if self.neighbours is None
+                           else self.neighbours or "all members of the bucket"),
+            "threshold": (f"t = floor({self.threshold} * m) + 1 of a client's m neighbours (at most m)"
+                          if self.threshold is not None else "chosen per bucket (a majority of the neighbours)"),
+            "k_t_rule": rule,
+            "tolerates": (f"up to {self.corrupt_fraction:g} of a bucket colluding with the server and "
+                          f"{self.dropout_fraction:g} dropping out"),
+            "targets": f"security 2^-{self.security_bits}, correctness 2^-{self.correctness_bits}",
+            "server_learns": "one weighted sum per bucket (and which clients it contains)",
+            "collusion": ("a client's input if t or more of its neighbours collude with the server; sums over parts "
+                          "of a bucket if dropped and colluding clients split the honest survivors' neighbour graph"),
+            "adversary_model": ("honest-but-curious server: no consistency-check phase and no authenticated keys, "
+                                "so a server that lies about dropouts or substitutes keys is not stopped"),
+            "on_abort": "nothing is released; the secrets revealed so far are discarded with the round",
             "key_custody": "clients; the server routes encrypted shares",
         }
+        if self._planned:  # the planned bucket sizes, once `check_cohort` has seen the cohort size
+            facts["bucket_parameters"] = [self.parameters(n).describe() for n in self._planned]
+        return facts
 
 
 class SecAggPlusClient(ClientRound):
@@ -149,6 +246,7 @@ class SecAggPlusClient(ClientRound):
         self.seed = secrets.token_bytes(32)
         self.bucket = 0
         self.plan: QuantizationPlan | None = None
+        self.parameters: GraphParameters | None = None
         self.enc_public: dict[str, X25519PublicKey] = {}
         self.mask_public: dict[str, X25519PublicKey] = {}
         self.held: dict[str, Share] = {}  # the shares of (b_v, s_v) that neighbours sent me
@@ -174,6 +272,10 @@ class SecAggPlusClient(ClientRound):
             if size < st.MIN_BUCKET:
                 raise Refused(f"secagg+ client {self.me}: refusing a bucket of {size} clients (at least {st.MIN_BUCKET})")
             self.plan = self.protocol.plan(size)
+            try:
+                self.parameters = self.protocol.parameters(size)
+            except ValueError as exc:
+                raise Refused(f"secagg+ client {self.me}: refusing a bucket of {size}: {exc}") from None
             return PhaseData(blobs={
                 st.ENCRYPTION_KEY: public_key_to_bytes(self.enc_key.public_key()),
                 st.MASK_KEY: public_key_to_bytes(self.mask_key.public_key()),
@@ -195,9 +297,12 @@ class SecAggPlusClient(ClientRound):
         peers = sorted(self.enc_public)
         if peers != sorted(self.mask_public):
             raise MalformedMessage(f"secagg+ client {self.me}: every neighbour needs both public keys")
-        t = st.share_threshold(len(peers), self.protocol.threshold)
-        if t < 2:
-            raise Refused(f"secagg+ client {self.me}: {len(peers)} neighbour(s) give t = {t} < 2; refusing to share")
+        assert self.parameters is not None
+        if len(peers) > self.parameters.k:
+            raise Refused(f"secagg+ client {self.me}: sent {len(peers)} neighbours, but k = {self.parameters.k}")
+        t = self.protocol.share_threshold(self.parameters, len(peers))
+        if not 2 <= t <= len(peers):
+            raise Refused(f"secagg+ client {self.me}: {len(peers)} neighbour(s) with t = {t}; refusing to share")
         shares = ShamirScheme(t, len(peers)).split([self.seed, private_key_bytes(self.mask_key)])
         blobs = {}
         for peer, share in zip(peers, shares):

@@ -25,6 +25,7 @@ from protocols.secagg.packing import packed_size, unpack_words
 from protocols.secagg.phases import AnswerSpec, BlobSpec, Phase, PhaseData, PhaseResult, RoundContext
 from protocols.secagg.quantize import QuantizationPlan, dequantize_sum
 from protocols.secagg.secaggplus import SecAggPlus
+from protocols.secagg.secaggplus_params import GraphParameters
 from protocols.wire.serde import TensorSpec
 
 __all__ = ["SecAggPlusServer"]
@@ -37,6 +38,7 @@ class _Bucket:
     index: int
     members: tuple[str, ...]
     plan: QuantizationPlan | None = None
+    parameters: GraphParameters | None = None
     mask_public: dict[str, X25519PublicKey] = field(default_factory=dict)
     enc_public: dict[str, bytes] = field(default_factory=dict)
     raw_mask_public: dict[str, bytes] = field(default_factory=dict)
@@ -78,6 +80,10 @@ class SecAggPlusServer(ServerRound):
                     f"max_weight={self.protocol.max_weight}; set [secure.params] bucket_size <= "
                     f"{self.protocol.largest_bucket()}"
                 ) from None
+            try:
+                bucket.parameters = self.protocol.parameters(size)
+            except ValueError as exc:
+                raise ProtocolAbort(f"secagg+ {bucket.where()}: {exc}") from None
             for c in bucket.members:
                 payloads[c] = PhaseData(blobs={st.BUCKET: str(bucket.index).encode(), st.SIZE: str(size).encode()})
         spec = AnswerSpec(blobs=(BlobSpec(st.ENCRYPTION_KEY, st.PUBLIC_KEY_BYTES), BlobSpec(st.MASK_KEY, st.PUBLIC_KEY_BYTES)))
@@ -116,11 +122,15 @@ class SecAggPlusServer(ServerRound):
                     f"secagg+ {bucket.where()}: only {len(alive)} client(s) advertised keys ({', '.join(alive) or 'none'}); "
                     f"a bucket needs at least {st.MIN_BUCKET}"
                 )
-            bucket.graph = st.neighbour_graph(alive, self.protocol.neighbours)
+            assert bucket.parameters is not None
+            bucket.graph = st.neighbour_graph(alive, bucket.parameters.graph_degree)
             for u, peers in bucket.graph.items():
-                bucket.threshold[u] = st.share_threshold(len(peers), self.protocol.threshold)
-                if bucket.threshold[u] < 2:
-                    raise ProtocolAbort(f"secagg+ {bucket.where()}: {u} has {len(peers)} neighbour(s), t < 2")
+                bucket.threshold[u] = self.protocol.share_threshold(bucket.parameters, len(peers))
+                if not 2 <= bucket.threshold[u] <= len(peers):
+                    raise ProtocolAbort(
+                        f"secagg+ {bucket.where()} after advertise-keys: {u} has {len(peers)} neighbour(s) but "
+                        f"t = {bucket.threshold[u]} (k = {bucket.parameters.k}); too many clients dropped"
+                    )
                 most = max(most, len(peers))
                 blobs = {f"{st.ENCRYPTION_KEY}/{v}": bucket.enc_public[v] for v in peers}
                 blobs.update({f"{st.MASK_KEY}/{v}": bucket.raw_mask_public[v] for v in peers})

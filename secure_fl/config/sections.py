@@ -177,13 +177,32 @@ class SecureConfig:
     """``[secure]``: the secure-aggregation protocol."""
 
     mode: str = field(default="plain", metadata={"help": "secure-aggregation mode"})
+    bucket_size: int = field(default=0, metadata={
+        "help": "most clients per bucket: the cohort is split at random into buckets whose sums the server "
+                "learns (0: one bucket, the whole cohort); modes that split the cohort only (secagg+)"
+    })
     params: Params = _params_field("secure.params")
 
     def __post_init__(self) -> None:
+        import inspect
+
         from protocols.secagg.registry import available, plugin_class
 
         _choice("secure.mode", self.mode, available())
-        _check_plugin_params(self, "params", "secure.params", plugin_class(self.mode), f"secure mode {self.mode!r}")
+        _non_negative_int("secure.bucket_size", self.bucket_size)
+        cls = plugin_class(self.mode)
+        in_params = Params(self.params).get("bucket_size")
+        if self.bucket_size:
+            if "bucket_size" not in inspect.signature(cls).parameters:
+                _fail("secure.bucket_size", f"secure mode {self.mode!r} does not split the cohort into buckets; "
+                      "use secure.mode='secagg+' (or leave bucket_size at 0)")
+            if in_params is not None and in_params != self.bucket_size:
+                _fail("secure.bucket_size", f"is {self.bucket_size} but secure.params.bucket_size is {in_params}; "
+                      "set one of them")
+            object.__setattr__(self, "params", Params({**Params(self.params).to_dict(), "bucket_size": self.bucket_size}))
+        _check_plugin_params(self, "params", "secure.params", cls, f"secure mode {self.mode!r}")
+        if not self.bucket_size and isinstance(self.params.get("bucket_size"), int):
+            object.__setattr__(self, "bucket_size", self.params["bucket_size"])
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,11 @@ class FederatedServer:
                 "directory: two runs never share one privacy ledger"
             )
         self.stages = Stages.from_config(config)
+        try:
+            self.stages.secure.check_cohort(min(config.run.clients_per_round, config.run.num_clients))
+        except ValueError as exc:
+            raise ConfigError(f"[secure] with run.clients_per_round={config.run.clients_per_round}: {exc}",
+                              key="secure.params") from None
         #: Draws each round's cohort; saved with every checkpoint so a resumed run draws the same cohorts.
         self.rng = np.random.default_rng(config.run.seed)
         self.run_dir.write_config(config)
