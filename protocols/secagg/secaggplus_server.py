@@ -77,7 +77,7 @@ class SecAggPlusServer(ServerRound):
                 raise ProtocolAbort(
                     f"secagg+ {bucket.where()}: the sum of {size} clients needs more than 32-bit words with "
                     f"clip_range={self.protocol.clip_range}, precision={self.protocol.precision}, "
-                    f"max_weight={self.protocol.max_weight}; set [secure.params] bucket_size <= "
+                    f"max_weight={self.protocol.max_weight}; set [secure] bucket_size <= "
                     f"{self.protocol.largest_bucket()}"
                 ) from None
             try:
