@@ -215,8 +215,8 @@ def _infeasible(n: int, corrupt: int, dropouts: int, gamma: float, delta: float,
     return (
         f"no SecAgg+ (k, t) protects a bucket of {n} clients against {corrupt} corrupt "
         f"(corrupt_fraction={gamma}) and {dropouts} dropped (dropout_fraction={delta}): even the complete "
-        f"graph (k = {k}) needs {corrupt} < t <= {k - dropouts} with a majority t > {k // 2}; lower "
-        f"corrupt_fraction or dropout_fraction, or use larger buckets (targets 2^-{sb} security, 2^-{cb} correctness)"
+        f"graph (k = {k}) needs {corrupt} < t <= {k - dropouts} with a majority t > {k // 2}; lower the "
+        f"[secure.params] corrupt_fraction or dropout_fraction, or use larger buckets (targets 2^-{sb} security, 2^-{cb} correctness)"
     )
 
 

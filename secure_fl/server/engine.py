@@ -65,18 +65,19 @@ class FederatedServer:
         self.config = config
         self.run_id = run_id or new_run_id()
         self.observer: RoundObserver = observer or SilentObserver()
-        self.run_dir = RunDirectory(out_dir)
-        if self.run_dir.holds_run():
-            raise RunError(
-                f"{self.run_dir.path} already holds a run (metrics.jsonl / ledger.jsonl); choose a new output "
-                "directory: two runs never share one privacy ledger"
-            )
+        # Stages first: a configuration no round could run under is refused before anything is written.
         self.stages = Stages.from_config(config)
         try:
             self.stages.secure.check_cohort(min(config.run.clients_per_round, config.run.num_clients))
         except ValueError as exc:
             raise ConfigError(f"[secure] with run.clients_per_round={config.run.clients_per_round}: {exc}",
                               key="secure.params") from None
+        self.run_dir = RunDirectory(out_dir)
+        if self.run_dir.holds_run():
+            raise RunError(
+                f"{self.run_dir.path} already holds a run (metrics.jsonl / ledger.jsonl); choose a new output "
+                "directory: two runs never share one privacy ledger"
+            )
         #: Draws each round's cohort; saved with every checkpoint so a resumed run draws the same cohorts.
         self.rng = np.random.default_rng(config.run.seed)
         self.run_dir.write_config(config)
