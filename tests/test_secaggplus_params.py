@@ -122,7 +122,14 @@ def test_the_server_refuses_a_cohort_no_safe_parameters_protect(tmp_path: Path) 
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
     relaxed = smoke_config("secure.mode='secagg+'", "secure.params.dropout_fraction=0.0", "run.num_clients=3",
                            "run.clients_per_round=3", "run.min_updates=3", "run.rounds=1")
-    assert simulate(relaxed, tmp_path / "relaxed", progress=False).metrics[0]["status"] == "ok"
+    result = simulate(relaxed, tmp_path / "relaxed", progress=False)
+    assert result.metrics[0]["status"] == "ok"
+    rows = {row["party"]: row for row in reversed(result.report["threat_model"])}  # first row per party
+    assert "k = 2, t = 2 for buckets of 3" in rows["server"]["protected_by"]  # the report reads describe()
+    collusion = rows["server colluding with clients"]
+    assert "t or more of its neighbours" in collusion["sees"] and "0.05 of a bucket colluding" in collusion["protected_by"]
+    assert "honest-but-curious" in rows["a server that deviates from the protocol"]["protected_by"]
+    assert "honest-but-curious" in {w["code"] for w in result.report["warnings"]}
 
 
 def test_client_refuses_a_neighbourhood_that_breaks_the_parameters() -> None:
