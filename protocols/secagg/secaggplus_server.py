@@ -63,9 +63,14 @@ class SecAggPlusServer(ServerRound):
         self.buckets = [_Bucket(i, tuple(members)) for i, members in enumerate(context.buckets)]
         self.bucket_of = {c: b for b in self.buckets for c in b.members}
         self.sums: list[BucketSum] | None = None
+        self.began = False
+        self.open: Phase | None = None  # the declared phase whose result `next_phase` takes next
 
     # ------------------------------------------------------------------ phases
     def first_phase(self) -> Phase:
+        if self.began:
+            raise StageTransitionError(f"secagg+ round {self.context.round}: the round already began")
+        self.began = True
         payloads = {}
         for bucket in self.buckets:
             size = len(bucket.members)
@@ -87,16 +92,29 @@ class SecAggPlusServer(ServerRound):
             for c in bucket.members:
                 payloads[c] = PhaseData(blobs={st.BUCKET: str(bucket.index).encode(), st.SIZE: str(size).encode()})
         spec = AnswerSpec(blobs=(BlobSpec(st.ENCRYPTION_KEY, st.PUBLIC_KEY_BYTES), BlobSpec(st.MASK_KEY, st.PUBLIC_KEY_BYTES)))
-        return Phase(st.ADVERTISE_KEYS, self.context.cohort, spec, payloads=payloads)
+        self.open = Phase(st.ADVERTISE_KEYS, self.context.cohort, spec, payloads=payloads)
+        return self.open
 
     def next_phase(self, result: PhaseResult) -> Phase | None:
+        """Take the result of the phase declared last (and only that one); after an abort, none."""
         handlers = {
             st.ADVERTISE_KEYS: self._after_advertise, st.SHARE_KEYS: self._after_share_keys,
             st.MASKED_INPUT: self._after_masked_input, st.UNMASK: self._after_unmask,
         }
-        if result.phase.name not in handlers:
-            raise StageTransitionError(f"secagg+ has no phase {result.phase.name!r}")
-        return handlers[result.phase.name](result)
+        declared = self.open
+        if declared is None or result.phase.name != declared.name:
+            raise StageTransitionError(
+                f"secagg+ round {self.context.round}: got the result of phase {result.phase.name!r}, but the open "
+                f"phase is {repr(declared.name) if declared is not None else 'none'}"
+            )
+        if result.phase is not declared:
+            raise StageTransitionError(
+                f"secagg+ round {self.context.round}: got a result of phase {result.phase.name!r} that this round "
+                "did not declare (another round's, or a copy)"
+            )
+        self.open = None  # a handler that aborts leaves no phase open
+        self.open = handlers[result.phase.name](result)
+        return self.open
 
     def _after_advertise(self, result: PhaseResult) -> Phase:
         payloads: dict[str, PhaseData] = {}
@@ -155,8 +173,10 @@ class SecAggPlusServer(ServerRound):
             for u in bucket.shared:
                 blobs = {st.SHARE + v: bucket.ciphertexts[(v, u)] for v in bucket.graph[u] if v in bucket.shared}
                 payloads[u] = PhaseData(blobs=blobs)
-        largest = max(packed_size(self.words, b.plan.bits) for b in self.buckets if b.plan is not None)
-        spec = AnswerSpec(tensors={st.MASKED: TensorSpec(st.MASKED, "uint8", (largest,), variable=True)})
+        sizes = {packed_size(self.words, b.plan.bits) for b in self.buckets if b.plan is not None}
+        # one word size: the coordinator refuses any other length; several: it bounds it, and a
+        # length that is not the client's bucket's counts as a drop (`_after_masked_input`)
+        spec = AnswerSpec(tensors={st.MASKED: TensorSpec(st.MASKED, "uint8", (max(sizes),), variable=len(sizes) > 1)})
         return Phase(st.MASKED_INPUT, tuple(sorted(payloads)), spec, payloads=payloads, trains=True)
 
     def _after_masked_input(self, result: PhaseResult) -> Phase:
@@ -171,6 +191,11 @@ class SecAggPlusServer(ServerRound):
                 raw = np.ascontiguousarray(answer.tensors[st.MASKED], dtype=np.uint8).tobytes()
                 bucket.masked[u] = unpack_words(raw, bucket.plan.bits, self.words)
             survivors = set(bucket.masked)
+            if not survivors:
+                raise ProtocolAbort(
+                    f"secagg+ {bucket.where()} after masked-input: no masked input arrived "
+                    f"(gone: {', '.join(sorted(bucket.members)) or 'none'})"
+                )
             bucket.dropped = tuple(
                 sorted(d for d in bucket.shared if d not in survivors and survivors & set(bucket.graph[d]))
             )

@@ -227,13 +227,14 @@ class Coordinator:
         expected = dict(own_spec) if trains and own_spec is not None else dict(phase.phase.answer.tensors)
         # The manifest is checked against the expected answer before a byte of it is read, and
         # memory grows only with the data that actually arrives.
+        where = f"{who} in phase {phase.phase.name!r}"
         _, payload = serde.read_update_stream(
-            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=who, expected=expected
+            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=where, expected=expected
         )
-        tensors = serde.unpack_tensors(header.manifest, payload, expected=expected, who=who, verify_checksum=False)
+        tensors = serde.unpack_tensors(header.manifest, payload, expected=expected, who=where, verify_checksum=False)
         for name, value in tensors.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise MalformedMessage(f"{who}: tensor {name!r} contains NaN or infinite values")
+                raise MalformedMessage(f"{where}: tensor {name!r} contains NaN or infinite values")
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
             if phase_for_answer(current, header.envelope.phase, client_id) is not phase:
