@@ -118,7 +118,7 @@ def test_a_drop_in_each_phase_is_recovered_exactly(phase: str) -> None:
 
 
 def test_drops_in_several_phases_are_recovered_exactly() -> None:
-    protocol = SecAggPlus(threshold=0.34)
+    protocol = SecAggPlus(neighbours=0, threshold=0.34)  # complete graph: 4 of 8 drop
     drops = {st.ADVERTISE_KEYS: {"c0"}, st.SHARE_KEYS: {"c1"}, st.MASKED_INPUT: {"c2"}, st.UNMASK: {"c3"}}
     sums, quantised, errors, weights, _, buckets = _run(protocol, 8, drops=drops)
     assert sums[0].members == ("c3", "c4", "c5", "c6", "c7")
