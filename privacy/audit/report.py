@@ -273,8 +273,9 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         rows.insert(1, {"party": "server colluding with clients", "sees": str(params["collusion"]),
                         "protected_by": tolerance or f"secure.mode = {mode}"})
     if params.get("adversary_model"):
-        rows.append({"party": "a server that deviates from the protocol", "sees": "see 'protected by'",
-                     "protected_by": str(params["adversary_model"])})
+        rows.append({"party": "a server that deviates from the protocol",
+                     "sees": str(params.get("deviating_server") or "not stated by the protocol"),
+                     "protected_by": "nothing: " + str(params["adversary_model"])})
     if run.get("transport") == "grpc":
         rows.append({
             "party": "network observer",
