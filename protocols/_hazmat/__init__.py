@@ -13,24 +13,45 @@ What is here:
   bound to the run, round and bucket; public keys serialised with a version byte.
 * `aead`: AES-256-GCM for shares routed through the server, associated data binding run, round,
   bucket, sender and receiver; a failed check raises `InvalidShare`.
-* `prg`: the mask PRG, a ChaCha20 keystream read as little-endian words of b bits.
+* `prg`: the mask PRG, a ChaCha20 keystream read as little-endian words of b bits (`keystream_cipher`
+  enters it at any 64-byte block, to fill reusable buffers or split one mask over threads).
 * `shamir`: t-of-k Shamir sharing of 32-byte secrets over GF(2**256 + 297), shares serialised
   with a version byte.
-* `masking`: self masks and antisymmetric pairwise masks modulo 2**b.
+* `masking`: self masks and antisymmetric pairwise masks modulo 2**b; `accumulate_masks` is the
+  fast path that adds many keystreams into one vector in place.
 
 All randomness comes from `secrets`; nothing on this path takes a seed.
 """
 
 from __future__ import annotations
 
-from protocols._hazmat.aead import CIPHERTEXT_VERSION, ShareRoute, decrypt_share, encrypt_share
+from protocols._hazmat.aead import (
+    CIPHERTEXT_VERSION,
+    ShareRoute,
+    decrypt_share,
+    encrypt_share,
+)
 from protocols._hazmat.keys import (
-    INFO_PAIRWISE_MASK, INFO_SELF_MASK, INFO_SHARE_ENCRYPTION, PUBLIC_KEY_VERSION, agree, derive_key,
-    generate_private_key, instance_salt, load_private_key, private_key_bytes, public_key_from_bytes,
+    INFO_PAIRWISE_MASK,
+    INFO_SELF_MASK,
+    INFO_SHARE_ENCRYPTION,
+    PUBLIC_KEY_VERSION,
+    agree,
+    derive_key,
+    generate_private_key,
+    instance_salt,
+    load_private_key,
+    private_key_bytes,
+    public_key_from_bytes,
     public_key_to_bytes,
 )
-from protocols._hazmat.masking import add_masks, modular_sum, pairwise_sign
-from protocols._hazmat.prg import mask_words, word_dtype
+from protocols._hazmat.masking import (
+    accumulate_masks,
+    add_masks,
+    modular_sum,
+    pairwise_sign,
+)
+from protocols._hazmat.prg import keystream_cipher, mask_words, word_dtype
 from protocols._hazmat.shamir import PRIME, SHARE_VERSION, ShamirScheme, Share, combine
 
 __all__ = [
@@ -44,6 +65,7 @@ __all__ = [
     "ShamirScheme",
     "Share",
     "ShareRoute",
+    "accumulate_masks",
     "add_masks",
     "agree",
     "combine",
@@ -52,6 +74,7 @@ __all__ = [
     "encrypt_share",
     "generate_private_key",
     "instance_salt",
+    "keystream_cipher",
     "load_private_key",
     "mask_words",
     "modular_sum",

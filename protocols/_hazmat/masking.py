@@ -4,19 +4,25 @@ Convention (the oracle of algorithms.md section 4): for a pair u != v the client
 id *adds* the pairwise mask m_uv and the other one subtracts it, so the pair's masks cancel in
 the sum. Ids only need a total order (ints, or strings compared as strings).
 
-All arithmetic runs in uint64, whose wrap-around is arithmetic modulo 2**64; since 2**b divides
-2**64, reducing modulo 2**b once at the end gives the exact result for every b <= 64.
+`add_masks` and `modular_sum` run in uint64, whose wrap-around is arithmetic modulo 2**64; since
+2**b divides 2**64, reducing modulo 2**b once at the end gives the exact result for every b <= 64.
+`accumulate_masks`, the fast path, adds keystreams straight into a vector of `word_dtype` words
+(arithmetic modulo 2**8, 2**16, 2**32 or 2**64, each a multiple of 2**b) chunk by chunk, and
+reduces once at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from protocols._hazmat.prg import check_bits, word_dtype
+from protocols._hazmat.prg import BLOCK_BYTES, check_bits, keystream_cipher, word_dtype
 
 Words = npt.NDArray[np.unsignedinteger]
 
@@ -121,6 +127,97 @@ def modular_sum(rows: Iterable[npt.ArrayLike], *, bits: int) -> Words:
     if acc is None:
         raise ValueError("modular_sum needs at least one row")
     return _reduce(acc, bits)
+
+
+#: Words per keystream chunk in `accumulate_masks`: 64 Ki words (256 KiB of uint32), so the chunk
+#: of the sum and the keystream buffer stay in a core's cache while every mask is added to them.
+CHUNK_WORDS = 1 << 16
+#: Below this many mask words in all (vector length x masks), `accumulate_masks` uses one thread.
+THREAD_MIN_WORDS = 1 << 18
+
+
+def accumulate_masks(acc: Words, keys: Sequence[tuple[bytes, int]], *, bits: int, threads: int = 1) -> Words:
+    """Add ``sign * mask_words(key, acc.size, bits=bits)`` for every ``(key, sign)`` to ``acc``, in place.
+
+    The fast path of masking and unmasking: each mask's ChaCha20 keystream is written into one
+    reusable buffer of `CHUNK_WORDS` words (``update_into``, no allocation per mask) and added to
+    (or subtracted from) the matching chunk of ``acc`` with numpy, in the arithmetic of ``acc``'s
+    dtype (modulo 2**8, 2**16, 2**32 or 2**64, a multiple of 2**bits); every chunk of ``acc`` takes
+    all masks while it is in cache. Keystream words are in range by construction, so nothing is
+    checked per mask. With ``threads > 1`` the vector is cut into contiguous ranges, one per
+    thread, each entering every keystream at its own offset (`keystream_cipher`); the keystream
+    and numpy calls release the GIL, so the threads run in parallel.
+
+    Parameters
+    ----------
+    acc : numpy.ndarray
+        Flat, C-contiguous, writeable, of dtype `word_dtype` of ``bits`` (values may be any words:
+        the result is reduced modulo 2**bits at the end).
+    keys : sequence of (bytes, int)
+        32-byte PRG keys (from `derive_key`), each with its sign, +1 (add) or -1 (subtract).
+    bits : int
+        The modulus exponent b, ``1 <= b <= 64``.
+    threads : int
+        Threads to split the work over (>= 1); small vectors use one.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``acc`` itself, every word reduced below ``2**bits``.
+
+    Raises
+    ------
+    ValueError
+        If ``acc`` has the wrong dtype or layout, a sign is not +-1 or ``threads`` < 1.
+    """
+    dtype = word_dtype(bits)
+    if not isinstance(acc, np.ndarray) or acc.ndim != 1 or acc.dtype != dtype:
+        raise ValueError(f"acc must be a flat numpy array of dtype {dtype} for {bits}-bit words")
+    if not (acc.flags.c_contiguous and acc.flags.writeable):
+        raise ValueError("acc must be C-contiguous and writeable")
+    if any(sign not in (1, -1) for _, sign in keys):
+        raise ValueError("every mask's sign must be +1 or -1")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    count = acc.size
+    if keys and count:
+        # Thread ranges start on keystream block boundaries (64 bytes: 64 // width words).
+        unit = BLOCK_BYTES // dtype.itemsize
+        units = -(-count // unit)
+        parts = max(1, min(threads, units)) if count * len(keys) >= THREAD_MIN_WORDS else 1
+        bounds = [min(count, (units * i // parts) * unit) for i in range(parts + 1)]
+        ranges = list(itertools.pairwise(bounds))
+        if parts == 1:
+            _accumulate_range(acc, keys, *ranges[0])
+        else:
+            with ThreadPoolExecutor(max_workers=parts) as pool:
+                for done in [pool.submit(_accumulate_range, acc, keys, lo, hi) for lo, hi in ranges]:
+                    done.result()
+    if bits < 8 * dtype.itemsize:
+        acc &= dtype.type((1 << bits) - 1)
+    return acc
+
+
+def _accumulate_range(acc: Words, keys: Sequence[tuple[bytes, int]], lo: int, hi: int) -> None:
+    """`accumulate_masks` on ``acc[lo:hi]``; ``lo`` is a keystream block boundary."""
+    width = acc.dtype.itemsize
+    assert (lo * width) % BLOCK_BYTES == 0
+    ciphers = [(keystream_cipher(key, offset=lo * width), sign > 0) for key, sign in keys]
+    buffer = np.empty(min(CHUNK_WORDS, hi - lo), dtype=acc.dtype)
+    raw = buffer.data.cast("B")
+    zeros = memoryview(bytes(buffer.nbytes))
+    swap = sys.byteorder != "little" and width > 1
+    for start in range(lo, hi, CHUNK_WORDS):
+        n = min(CHUNK_WORDS, hi - start)
+        target, words, nbytes = acc[start : start + n], buffer[:n], n * width
+        for cipher, add in ciphers:
+            cipher.update_into(zeros[:nbytes], raw[:nbytes])
+            if swap:  # pragma: no cover - big-endian hosts only: the keystream is read little-endian
+                words.byteswap(inplace=True)
+            if add:
+                np.add(target, words, out=target)
+            else:
+                np.subtract(target, words, out=target)
 
 
 def _reduce(acc: npt.NDArray[np.uint64], bits: int) -> Words:

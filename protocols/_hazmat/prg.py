@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
 from protocols._hazmat.keys import KEY_BYTES
 
 #: ChaCha20's 16-byte nonce as `cryptography` takes it: 4-byte little-endian counter, 12-byte nonce.
 _NONCE = bytes(16)
+#: Bytes of one ChaCha20 block: a keystream can be entered at any multiple of it (`keystream_cipher`).
+BLOCK_BYTES = 64
 #: ChaCha20 with a 32-bit block counter gives at most 2**32 blocks of 64 bytes per key.
-MAX_KEYSTREAM_BYTES = 2**32 * 64
+MAX_KEYSTREAM_BYTES = 2**32 * BLOCK_BYTES
 MAX_BITS = 64
 
 _DTYPES: tuple[tuple[int, type[np.unsignedinteger]], ...] = (
@@ -57,6 +59,36 @@ def keystream(key: bytes, nbytes: int) -> bytearray:
         # Encrypting zeros in place yields the keystream without a second buffer.
         encryptor.update_into(out, out)
     return out
+
+
+def keystream_cipher(key: bytes, *, offset: int = 0) -> CipherContext:
+    """Return an encryptor whose output on zero bytes is `keystream` of ``key`` from byte ``offset`` on.
+
+    The same ChaCha20 keystream as `keystream` (full 256-bit key, all-zero 12-byte nonce), entered
+    at block ``offset // 64``: `cryptography` takes the block counter as the first 4 bytes
+    (little-endian) of its 16-byte nonce, which `keystream` leaves at 0. Feed it zeros with
+    ``update_into`` to fill a reusable buffer chunk by chunk, or start several at different offsets
+    to expand one mask on several threads (the keystream call releases the GIL).
+
+    Parameters
+    ----------
+    key : bytes
+        A 32-byte PRG key from `derive_key`.
+    offset : int
+        Where to enter the keystream, in bytes: a multiple of `BLOCK_BYTES` below `MAX_KEYSTREAM_BYTES`.
+
+    Raises
+    ------
+    ValueError
+        If the key is not 32 bytes or ``offset`` is not a block boundary inside the keystream.
+    """
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise ValueError(f"PRG key must be {KEY_BYTES} bytes (a full 256-bit key)")
+    if (isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < MAX_KEYSTREAM_BYTES
+            or offset % BLOCK_BYTES):
+        raise ValueError(f"keystream offset must be a multiple of {BLOCK_BYTES} in [0, {MAX_KEYSTREAM_BYTES}), got {offset!r}")
+    nonce = (offset // BLOCK_BYTES).to_bytes(4, "little") + _NONCE[4:]
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
 
 def mask_words(key: bytes, count: int, *, bits: int) -> npt.NDArray[np.unsignedinteger]:
