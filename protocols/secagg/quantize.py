@@ -232,7 +232,7 @@ def quantize(
     >>> quantize([0.5, -1.0, 2.0], plan, None).tolist()
     [2228224, 1835008, 2621440]
     """
-    values = np.asarray(x, dtype=np.float64)
+    values = np.array(x, dtype=np.float64)  # a private copy: every step below works in place
     if values.ndim != 1:
         raise ValueError(f"quantize takes a flat array, got shape {values.shape}")
     if np.isnan(values).any():
@@ -240,19 +240,23 @@ def quantize(
     w = _check_int("weight", weight, minimum=1)
     if w > plan.max_weight:
         raise ValueError(f"weight={w} exceeds the plan's max_weight={plan.max_weight}")
-    c = float(plan.clip_range)
-    scaled = (np.clip(values, -c, c) + c) * (plan.levels / (2.0 * c))
-    np.clip(scaled, 0.0, float(plan.levels), out=scaled)  # float rounding must not leave [0, Q]
+    c, levels = float(plan.clip_range), float(plan.levels)
+    np.clip(values, -c, c, out=values)
+    values += c
+    values *= plan.levels / (2.0 * c)
+    np.clip(values, 0.0, levels, out=values)  # float rounding must not leave [0, Q]
     if rng is None:
-        rounded = np.floor(scaled + 0.5)
+        values += 0.5
+        rounded = np.floor(values, out=values)
     else:
-        floor = np.floor(scaled)
-        rounded = floor + (rng.random(values.shape[0]) < (scaled - floor))
-    np.minimum(rounded, float(plan.levels), out=rounded)
-    words = rounded.astype(np.uint64)
+        rounded = np.floor(values)
+        values -= rounded  # the fractional part
+        rounded += rng.random(values.shape[0]) < values
+    np.minimum(rounded, levels, out=rounded)
+    words = rounded.astype(np.uint32)  # w * Q < 2^b <= 2^32: the product below cannot wrap
     if w != 1:
-        words *= np.uint64(w)
-    return words.astype(np.uint32)
+        words *= np.uint32(w)
+    return words
 
 
 def modular_sum(words: ArrayLike, bits: int) -> NDArray[np.uint32]:
