@@ -29,9 +29,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from protocols._hazmat import (
-    INFO_PAIRWISE_MASK, INFO_SELF_MASK, INFO_SHARE_ENCRYPTION, ShamirScheme, Share, ShareRoute, add_masks, agree,
-    decrypt_share, derive_key, encrypt_share, generate_private_key, mask_words, private_key_bytes,
-    public_key_from_bytes, public_key_to_bytes,
+    INFO_SHARE_ENCRYPTION, ShamirScheme, Share, ShareRoute, agree, decrypt_share, derive_key, encrypt_share,
+    generate_private_key, private_key_bytes, public_key_from_bytes, public_key_to_bytes, word_dtype,
 )
 from protocols.errors import MalformedMessage, Refused, StageTransitionError
 from protocols.secagg import secaggplus_stages as st
@@ -39,6 +38,7 @@ from protocols.secagg.base import ClientRound, SecureAggregation, ServerRound
 from protocols.secagg.packing import pack_words
 from protocols.secagg.phases import ClientContext, PhaseData, RoundContext
 from protocols.secagg.quantize import QuantizationPlan, quantize
+from protocols.secagg.secaggplus_masks import mask_input
 from protocols.secagg.secaggplus_params import (
     DEFAULT_CORRECTNESS_BITS, DEFAULT_SECURITY_BITS, GraphParameters, check_parameters,
 )
@@ -333,17 +333,25 @@ class SecAggPlusClient(ClientRound):
         layout = st.update_layout(self.context.update_spec)
         if sorted(quantised) != [name for name, _, _ in layout]:
             raise MalformedMessage(f"secagg+ client {self.me}: update tensors {sorted(quantised)} differ from the spec")
-        bits, modulus = self.plan.bits, np.int64(self.plan.modulus)
+        bits = self.plan.bits
         w = max(1, min(self.protocol.max_weight, int(round(weight))))
-        flat = np.concatenate([np.ravel(quantised[name]).astype(np.int64) for name, _, _ in layout] + [np.ones(1, np.int64)])
-        values = (flat * w) % modulus  # a noise share may have left [0, Q]: reduce into the ring
-        count = values.size
-        pairwise = {
-            peer: mask_words(self._derive(agree(self.mask_key, self.mask_public[peer]), INFO_PAIRWISE_MASK), count, bits=bits)
-            for peer in self.held
-        }
-        self_mask = mask_words(self._derive(self.seed, INFO_SELF_MASK), count, bits=bits)
-        masked = add_masks(values, bits=bits, me=self.me, pairwise=pairwise, self_mask=self_mask)  # type: ignore[type-var]
+        dtype = word_dtype(bits)
+        values = np.empty(sum(size for _, _, size in layout) + 1, dtype=dtype)
+        offset = 0
+        for name, _, size in layout:  # a noise share may have left [0, Q]: the cast wraps it into the ring
+            part = np.ravel(quantised[name])
+            if part.size != size:
+                raise MalformedMessage(f"secagg+ client {self.me}: tensor {name!r} has {part.size} values, the spec {size}")
+            np.copyto(values[offset : offset + size], part if part.dtype.kind in "iu" else part.astype(np.int64),
+                      casting="unsafe")
+            offset += size
+        values[-1] = 1
+        values *= dtype.type(w % (1 << 8 * dtype.itemsize))  # modulo 2**width, a multiple of 2**bits
+        masked = mask_input(
+            values, bits=bits, me=self.me, self_seed=self.seed, mask_private_key=self.mask_key,
+            neighbour_mask_publics={peer: self.mask_public[peer] for peer in self.held},
+            run_id=self.context.run_id, round=self.context.round, bucket=self.bucket,
+        )
         return PhaseData(tensors={st.MASKED: np.frombuffer(pack_words(masked, bits), dtype=np.uint8)})
 
     def _unmask(self, data: PhaseData) -> PhaseData:

@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from protocols._hazmat import (
-    INFO_PAIRWISE_MASK, INFO_SELF_MASK, Share, add_masks, agree, combine, derive_key, load_private_key, mask_words,
-    modular_sum, public_key_from_bytes,
-)
-from protocols.errors import ProtocolAbort, ProtocolError, StageTransitionError, WrapAround
+from protocols._hazmat import Share, combine, load_private_key, public_key_from_bytes
+from protocols.errors import MalformedMessage, ProtocolAbort, ProtocolError, StageTransitionError, WrapAround
 from protocols.secagg import secaggplus_stages as st
 from protocols.secagg.base import BucketSum, ServerRound
-from protocols.secagg.packing import packed_size, unpack_words
+from protocols.secagg.packing import PackedSum, check_packed, packed_size
 from protocols.secagg.phases import AnswerSpec, BlobSpec, Phase, PhaseData, PhaseResult, RoundContext
 from protocols.secagg.quantize import QuantizationPlan, dequantize_sum
 from protocols.secagg.secaggplus import SecAggPlus
+from protocols.secagg.secaggplus_masks import MASK_THREADS, DroppedClient, unmask_sum
 from protocols.secagg.secaggplus_params import GraphParameters
 from protocols.wire.serde import TensorSpec
 
@@ -46,7 +44,8 @@ class _Bucket:
     threshold: dict[str, int] = field(default_factory=dict)
     shared: tuple[str, ...] = ()  # survivors of share-keys
     ciphertexts: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (sender, receiver) -> ciphertext
-    masked: dict[str, np.ndarray] = field(default_factory=dict)  # survivors of masked-input -> words
+    masked: set[str] = field(default_factory=set)  # survivors of masked-input (their upload was well formed)
+    masked_sum: np.ndarray | None = None  # the sum of their masked words mod 2^b
     dropped: tuple[str, ...] = ()  # dropped in masked-input after sharing, with surviving neighbours
 
     def where(self) -> str:
@@ -184,12 +183,20 @@ class SecAggPlusServer(ServerRound):
         for bucket in self.buckets:
             assert bucket.plan is not None
             expected = packed_size(self.words, bucket.plan.bits)
+            uploads = {}
             for u in bucket.shared:
                 answer = result.answers.get(u)
                 if answer is None or answer.tensors[st.MASKED].shape != (expected,):
                     continue  # dropped, or a malformed upload: its pairwise masks are removed like a drop's
-                raw = np.ascontiguousarray(answer.tensors[st.MASKED], dtype=np.uint8).tobytes()
-                bucket.masked[u] = unpack_words(raw, bucket.plan.bits, self.words)
+                try:
+                    raw = np.ascontiguousarray(answer.tensors[st.MASKED], dtype=np.uint8)
+                    uploads[u] = check_packed(raw, bucket.plan.bits, self.words)
+                except MalformedMessage:
+                    continue  # non-zero padding bits: refused, counted like a drop
+            summed = PackedSum(bucket.plan.bits, self.words)  # one running sum, no unpacked array per client
+            summed.add_many(list(uploads.values()), threads=MASK_THREADS)
+            bucket.masked = set(uploads)
+            bucket.masked_sum = summed.total()
             survivors = set(bucket.masked)
             if not survivors:
                 raise ProtocolAbort(
@@ -258,24 +265,20 @@ class SecAggPlusServer(ServerRound):
             raise ProtocolAbort(f"secagg+ {bucket.where()}: cannot reconstruct {u}'s {what}: {exc}") from None
 
     def _unmask_bucket(self, bucket: _Bucket, result: PhaseResult) -> BucketSum:
-        assert bucket.plan is not None
+        assert bucket.plan is not None and bucket.masked_sum is not None
         bits, survivors = bucket.plan.bits, sorted(bucket.masked)
-
-        def prg(secret: bytes, purpose: bytes) -> np.ndarray:
-            key = derive_key(secret, purpose=purpose, run_id=self.context.run_id, round=self.context.round, bucket=bucket.index)
-            return mask_words(key, self.words, bits=bits)
-
-        total = modular_sum((bucket.masked[u] for u in survivors), bits=bits)
-        for u in survivors:
-            seed = self._reconstruct(bucket, u, result, st.SEED_SHARE, "self-mask seed")
-            self_mask = prg(seed, INFO_SELF_MASK)
-            total = add_masks(total, bits=bits, self_mask=self_mask, sign=-1)
-        for d in bucket.dropped:
-            key = load_private_key(self._reconstruct(bucket, d, result, st.KEY_SHARE, "mask key"))
-            for v in (v for v in bucket.graph[d] if v in bucket.masked):
-                secret = agree(key, bucket.mask_public[v])
-                mask = prg(secret, INFO_PAIRWISE_MASK)
-                total = add_masks(total, bits=bits, me=v, pairwise={d: mask}, sign=-1)  # type: ignore[type-var]  # str ids order
+        seeds = {u: self._reconstruct(bucket, u, result, st.SEED_SHARE, "self-mask seed") for u in survivors}
+        dropped = {
+            d: DroppedClient(
+                load_private_key(self._reconstruct(bucket, d, result, st.KEY_SHARE, "mask key")),
+                {v: bucket.mask_public[v] for v in bucket.graph[d] if v in bucket.masked},
+            )
+            for d in bucket.dropped
+        }
+        total = unmask_sum(
+            bucket.masked_sum, bits=bits, survivor_seeds=seeds, dropped=dropped, run_id=self.context.run_id,
+            round=self.context.round, bucket=bucket.index,
+        )
         weight = int(total[-1])
         if not len(survivors) <= weight <= len(survivors) * bucket.plan.max_weight:
             raise WrapAround(
