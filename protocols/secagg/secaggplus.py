@@ -226,6 +226,8 @@ class SecAggPlus(SecureAggregation):
                           "of a bucket if dropped and colluding clients split the honest survivors' neighbour graph"),
             "adversary_model": ("honest-but-curious server: no consistency-check phase and no authenticated keys, "
                                 "so a server that lies about dropouts or substitutes keys is not stopped"),
+            "deviating_server": ("a client's input, by telling some of its neighbours that it dropped and others that "
+                                 "it survived (with 1 or 2 colluding neighbours), or every input, by substituting public keys"),
             "on_abort": "nothing is released; the secrets revealed so far are discarded with the round",
             "key_custody": "clients; the server routes encrypted shares",
         }
