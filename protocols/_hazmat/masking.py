@@ -132,8 +132,12 @@ def modular_sum(rows: Iterable[npt.ArrayLike], *, bits: int) -> Words:
 #: Words per keystream chunk in `accumulate_masks`: 64 Ki words (256 KiB of uint32), so the chunk
 #: of the sum and the keystream buffer stay in a core's cache while every mask is added to them.
 CHUNK_WORDS = 1 << 16
-#: Below this many mask words in all (vector length x masks), `accumulate_masks` uses one thread.
-THREAD_MIN_WORDS = 1 << 18
+#: Below this many mask words in all (vector length x masks, 2**25: about 128 MB of keystream for
+#: 32-bit words), `accumulate_masks` uses one thread. A client's job (its self mask and k pairwise
+#: masks) stays below it: on the busy 2-core machines of docs/performance.md a second thread saved
+#: nothing there and sometimes cost a few ms; the server's (a self mask per survivor and the
+#: dropped clients' pairwise masks) is far above it, and a second thread cut it by up to a third.
+THREAD_MIN_WORDS = 1 << 25
 
 
 def accumulate_masks(acc: Words, keys: Sequence[tuple[bytes, int]], *, bits: int, threads: int = 1) -> Words:
@@ -158,7 +162,7 @@ def accumulate_masks(acc: Words, keys: Sequence[tuple[bytes, int]], *, bits: int
     bits : int
         The modulus exponent b, ``1 <= b <= 64``.
     threads : int
-        Threads to split the work over (>= 1); small vectors use one.
+        Threads to split the work over (>= 1); jobs below `THREAD_MIN_WORDS` words use one.
 
     Returns
     -------

@@ -51,9 +51,10 @@ __all__ = ["MASK_THREADS", "DroppedClient", "mask_input", "sum_words", "unmask_s
 
 Words = npt.NDArray[np.unsignedinteger]
 
-#: Threads that expand masks in one call: the usable cores, at most 2 (more did not help on the
-#: 2-core machines measured in docs/performance.md; the caller can pass ``threads=``).
-MASK_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+#: Threads that expand masks in one call (and that the server sums uploads on): the usable cores,
+#: at most 4. Only 2 were measured, on 2-core machines (docs/performance.md); small jobs, such as
+#: one client's masks, use one thread anyway (`protocols._hazmat.masking.THREAD_MIN_WORDS`).
+MASK_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 class DroppedClient(NamedTuple):
