@@ -6,7 +6,7 @@ The server runs in this process (the round engine in a thread behind a real `Grp
 ``open_phase`` is wrapped, and just before ``share-keys`` opens one client process of bucket 0 gets
 SIGKILL, and just before ``masked-input`` opens one of bucket 1. Each victim has answered every
 earlier phase and cannot answer this one; the server learns of it only when the phase's deadline
-(``run.round_timeout``) passes. One drop per bucket of 4 is what the default (k, t) tolerates.
+passes (``[secure.params] phase_timeout`` for share-keys, ``run.round_timeout`` for masked-input). One drop per bucket of 4 is what the default (k, t) tolerates.
 
 Checked: the round completes; ``metrics.jsonl`` and the ledger say who dropped in which phase; each
 bucket's unmasked sum is the weighted sum of exactly its survivors' updates, and the released
@@ -46,6 +46,8 @@ BUCKET_SIZE = 4
 #: Every phase's deadline, and what each killed client costs (the server waits it out once per
 #: kill). The masked-input phase trains: 7 clients on 2 cores answered within 2 s of it opening.
 PHASE_TIMEOUT = 12.0
+#: The deadline of the phases that do not train (small messages: answered in milliseconds).
+KEY_PHASE_TIMEOUT = 5.0
 #: Bound on the federation: 8 client processes start (about 10 s of CPU each, mostly importing
 #: torch and transformers), join, run one round and exit. Generous: the cores may be shared.
 RUN_TIMEOUT = 240.0
@@ -63,6 +65,7 @@ OVERRIDES = (
     "run.require_full_cohort=true",
     "secure.mode='secagg+'",
     f"secure.bucket_size={BUCKET_SIZE}",
+    f"secure.params.phase_timeout={KEY_PHASE_TIMEOUT}",
     "data.partition='dirichlet'",  # unequal example counts, so the masked weights matter
     "data.alpha=1.0",
     "transport.poll_interval=0.2",

@@ -71,6 +71,10 @@ class SecAggPlus(SecureAggregation):
         sigma: the chosen (k, t) leak a client's input with probability at most 2^-sigma.
     correctness_bits : int
         eta: with at most the tolerated dropouts a round aborts with probability at most 2^-eta.
+    phase_timeout : float or None
+        Seconds the phases that do not train (advertise-keys, share-keys, unmask) stay open; their
+        messages are small, so a short deadline makes a client that died cheap to notice. None
+        (default): the round's deadline, ``run.round_timeout``.
     clip_range : float
         Coordinates are clipped to ``[-clip_range, clip_range]`` before quantisation.
     precision : float
@@ -94,7 +98,7 @@ class SecAggPlus(SecureAggregation):
     def __init__(
         self, *, bucket_size: int = 0, neighbours: int | None = None, threshold: float | None = None,
         corrupt_fraction: float = 0.05, dropout_fraction: float = 0.1, security_bits: int = DEFAULT_SECURITY_BITS,
-        correctness_bits: int = DEFAULT_CORRECTNESS_BITS, clip_range: float = 8.0, precision: float = 2.0**-12,
+        correctness_bits: int = DEFAULT_CORRECTNESS_BITS, phase_timeout: float | None = None, clip_range: float = 8.0, precision: float = 2.0**-12,
         max_weight: int = 1024,
     ) -> None:
         for key, value in (("bucket_size", bucket_size), ("neighbours", neighbours), ("max_weight", max_weight)):
@@ -110,6 +114,10 @@ class SecAggPlus(SecureAggregation):
             isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1
         ):
             raise ValueError(f"secagg+ setting threshold must lie in (0, 1], got {threshold!r}")
+        if phase_timeout is not None and (
+            isinstance(phase_timeout, bool) or not isinstance(phase_timeout, (int, float)) or not phase_timeout > 0
+        ):
+            raise ValueError(f"secagg+ setting phase_timeout must be a positive number of seconds, got {phase_timeout!r}")
         if max_weight < 1:
             raise ValueError(f"secagg+ setting max_weight must be >= 1, got {max_weight}")
         if neighbours and threshold is not None and st.share_threshold(neighbours, threshold) < 2:
@@ -121,6 +129,7 @@ class SecAggPlus(SecureAggregation):
         self.threshold = None if threshold is None else float(threshold)
         self.corrupt_fraction, self.dropout_fraction = corrupt_fraction, dropout_fraction
         self.security_bits, self.correctness_bits = security_bits, correctness_bits
+        self.phase_timeout = None if phase_timeout is None else float(phase_timeout)
         self.clip_range, self.precision, self.max_weight = float(clip_range), float(precision), max_weight
         self._parameters: dict[int, GraphParameters] = {}
         self._planned: tuple[int, ...] = (bucket_size,) if bucket_size else ()

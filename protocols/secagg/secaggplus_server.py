@@ -91,7 +91,7 @@ class SecAggPlusServer(ServerRound):
             for c in bucket.members:
                 payloads[c] = PhaseData(blobs={st.BUCKET: str(bucket.index).encode(), st.SIZE: str(size).encode()})
         spec = AnswerSpec(blobs=(BlobSpec(st.ENCRYPTION_KEY, st.PUBLIC_KEY_BYTES), BlobSpec(st.MASK_KEY, st.PUBLIC_KEY_BYTES)))
-        self.open = Phase(st.ADVERTISE_KEYS, self.context.cohort, spec, payloads=payloads)
+        self.open = Phase(st.ADVERTISE_KEYS, self.context.cohort, spec, payloads=payloads, timeout=self.protocol.phase_timeout)
         return self.open
 
     def next_phase(self, result: PhaseResult) -> Phase | None:
@@ -153,7 +153,7 @@ class SecAggPlusServer(ServerRound):
                 blobs.update({f"{st.MASK_KEY}/{v}": bucket.raw_mask_public[v] for v in peers})
                 payloads[u] = PhaseData(blobs=blobs)
         spec = AnswerSpec(blobs=(BlobSpec(st.SHARE, st.CIPHERTEXT_BYTES, max_count=most),))
-        return Phase(st.SHARE_KEYS, tuple(sorted(payloads)), spec, payloads=payloads)
+        return Phase(st.SHARE_KEYS, tuple(sorted(payloads)), spec, payloads=payloads, timeout=self.protocol.phase_timeout)
 
     def _after_share_keys(self, result: PhaseResult) -> Phase:
         payloads: dict[str, PhaseData] = {}
@@ -222,7 +222,7 @@ class SecAggPlusServer(ServerRound):
             BlobSpec(st.SEED_SHARE, st.ONE_SHARE_BYTES, max_count=most),
             BlobSpec(st.KEY_SHARE, st.ONE_SHARE_BYTES, max_count=most),
         ))
-        return Phase(st.UNMASK, tuple(sorted(payloads)), spec, payloads=payloads)
+        return Phase(st.UNMASK, tuple(sorted(payloads)), spec, payloads=payloads, timeout=self.protocol.phase_timeout)
 
     def _after_unmask(self, result: PhaseResult) -> None:
         self.sums = [self._unmask_bucket(bucket, result) for bucket in self.buckets]
