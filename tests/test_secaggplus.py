@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocols.errors import InvalidShare, ProtocolAbort, ProtocolError, Refused, StageTransitionError
+from protocols.errors import InvalidShare, MalformedMessage, ProtocolAbort, ProtocolError, Refused, StageTransitionError
 from protocols.secagg import ClientContext, PhaseData, RoundContext
 from protocols.secagg import secaggplus_stages as st
 from protocols.secagg.quantize import dequantize_sum
@@ -241,3 +241,23 @@ def test_engine_aborts_when_too_few_survive(tmp_path: Path) -> None:
     assert result.ledger == []
     for name, value in before.items():
         np.testing.assert_array_equal(result.global_state[name], value)
+
+
+def test_a_truncated_share_is_refused_naming_receiver_and_sender() -> None:
+    """A ciphertext cut short never reaches AES-GCM: the refusal still says whose share it was."""
+    protocol = SecAggPlus()
+    updates, weights = _updates(5)
+    cohort = tuple(sorted(updates))
+    server = protocol.server_round(RoundContext("run-x", 3, cohort, (cohort,), SPEC, 30.0))
+    clients = {c: protocol.client_round(ClientContext("run-x", 3, c, SPEC)) for c in cohort}
+
+    def truncate(phase, client: str, data: PhaseData) -> PhaseData:
+        if not (phase.trains and client == "c1"):
+            return data
+        return PhaseData(blobs={**data.blobs, st.SHARE + "c3": data.blobs[st.SHARE + "c3"][:20]})
+
+    errors: dict[str, ProtocolError] = {}
+    drive(server, clients, updates, weights, alter=truncate, errors=errors)
+    assert isinstance(errors["c1"], MalformedMessage)
+    assert str(errors["c1"]).startswith("secagg+ client c1: share from 'c3': ")
+    assert server.result()[0].members == ("c0", "c2", "c3", "c4")  # c1 counts as a drop; the round goes on

@@ -337,7 +337,10 @@ class SecAggPlusClient(ClientRound):
             if sender not in self.enc_public:
                 raise Refused(f"secagg+ client {self.me}: share blob {name!r} is not from a neighbour")
             key = self._derive(agree(self.enc_key, self.enc_public[sender]), INFO_SHARE_ENCRYPTION)
-            share = Share.from_bytes(decrypt_share(key, blob, route=self._route(sender, self.me)))
+            try:
+                share = Share.from_bytes(decrypt_share(key, blob, route=self._route(sender, self.me)))
+            except MalformedMessage as exc:
+                raise MalformedMessage(f"secagg+ client {self.me}: share from {sender!r}: {exc}") from None
             if len(share.values) != 2:
                 raise MalformedMessage(f"secagg+ client {self.me}: share from {sender!r} holds {len(share.values)} secrets")
             self.held[sender] = share
