@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, event, given, settings
+from hypothesis import strategies as hs
 
 from protocols.errors import InvalidShare, MalformedMessage, ProtocolAbort, ProtocolError, Refused, StageTransitionError
 from protocols.secagg import ClientContext, PhaseData, RoundContext
@@ -261,3 +263,58 @@ def test_a_truncated_share_is_refused_naming_receiver_and_sender() -> None:
     assert isinstance(errors["c1"], MalformedMessage)
     assert str(errors["c1"]).startswith("secagg+ client c1: share from 'c3': ")
     assert server.result()[0].members == ("c0", "c2", "c3", "c4")  # c1 counts as a drop; the round goes on
+
+
+def _should_survive(graph: Mapping[str, tuple[str, ...]], t: Mapping[str, int], answered: Mapping[str, set[str]]) -> bool:
+    """The spec, independently of the server half: does every secret the server needs keep t holders?"""
+    shared = answered[st.SHARE_KEYS] & set(graph)
+    masked = answered[st.MASKED_INPUT] & shared
+    unmasked = answered[st.UNMASK] & masked
+    if not masked or any(len(set(graph[u]) & shared) < t[u] for u in shared):
+        return False
+    dropped = {d for d in shared - masked if set(graph[d]) & masked}
+    needed = masked | dropped
+    return (all(len(set(graph[u]) & masked) >= t[u] for u in needed)
+            and all(len(set(graph[u]) & unmasked) >= t[u] for u in needed))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=hs.data())
+def test_random_graphs_and_drops_give_the_exact_survivor_sum_or_abort(data) -> None:
+    """Random n, k, t and a random phase (or none) in which each client drops: enough holders left ->
+    the unmasked sum is exactly the survivors' quantised sum; too few -> the round aborts, no sum."""
+    n = data.draw(hs.integers(3, 9), label="n")
+    k = data.draw(hs.sampled_from([0, *range(2, n - 1, 2)]), label="k")
+    threshold = data.draw(hs.sampled_from([0.34, 0.5, 0.67, 1.0]), label="threshold")
+    try:
+        protocol = SecAggPlus(neighbours=k, threshold=threshold, corrupt_fraction=0.0, dropout_fraction=0.0)
+        protocol.parameters(n)
+    except ValueError:
+        assume(False)  # t < 2: refused before any round, tested above
+    phase_or_none = hs.sampled_from([None] * 8 + list(st.PHASES))  # a third of the clients drop somewhere
+    when = data.draw(hs.lists(phase_or_none, min_size=n, max_size=n), label="drop phase")
+    updates, weights = _updates(n, seed=n)
+    cohort = tuple(sorted(updates))
+    drops = {phase: {c for c, w in zip(cohort, when) if w == phase} for phase in st.PHASES}
+    server = protocol.server_round(RoundContext("run-x", 2, cohort, (cohort,), SPEC, 30.0))
+    clients = {c: protocol.client_round(ClientContext("run-x", 2, c, SPEC)) for c in cohort}
+    quantised: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        drive(server, clients, updates, weights, drops=drops, quantised=quantised)
+        sums = server.result()
+    except ProtocolAbort:
+        sums = None
+    bucket = server.buckets[0]  # type: ignore[attr-defined]
+    advertised = set(cohort) - drops[st.ADVERTISE_KEYS]
+    answered = {phase: advertised - set().union(*(drops[p] for p in st.PHASES[: i + 1]))
+                for i, phase in enumerate(st.PHASES)}
+    expected = len(advertised) >= st.MIN_BUCKET and bool(bucket.graph) and _should_survive(
+        bucket.graph, bucket.threshold, answered)
+    event("aborted" if not expected else "exact sum")
+    if not expected:
+        assert sums is None
+        with pytest.raises(StageTransitionError):
+            server.result()  # nothing is released by an aborted round
+        return
+    assert sums is not None and sums[0].members == tuple(sorted(answered[st.MASKED_INPUT]))
+    _check_exact(protocol, sums, quantised, weights, (cohort,))
