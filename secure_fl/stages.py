@@ -80,7 +80,7 @@ def build_stage(config: Config, kind: str) -> Any:
     try:
         return _CREATE[kind](name, **dict(params))
     except (ValueError, TypeError) as exc:
-        mentioned = [key for key in params if key in str(exc)]
+        mentioned = sorted((key for key in params if key in str(exc)), key=len, reverse=True)  # clip_norm over clip
         key = f"{table}.{mentioned[0]}" if mentioned else table
         raise ConfigError(f"{key}: {kind} {name!r} refused its settings: {exc}", key=key) from exc
 
@@ -128,6 +128,8 @@ class Stages:
                 f"{config.secure.mode!r} only reveals sums; use secure.mode='plain' or a linear rule",
                 key="peft.rule",
             )
+        if getattr(stages.privacy, "server_noise", False):
+            _check_server_noise(config, stages)
         return stages
 
     def describe(self) -> dict[str, dict[str, Any]]:
@@ -167,6 +169,26 @@ class Stages:
             getattr(self, kind).load_state_dict(dict(state))
 
 
+
+
+def _check_server_noise(config: Config, stages: Stages) -> None:
+    """Refuse what breaks central DP: a sum-only secure mode, or a defense that drops or re-weights rows."""
+    mode = config.privacy.mode
+    if not stages.secure.reveals_individual_updates:
+        raise ConfigError(
+            f"privacy.mode={mode!r} has the server add the noise, so with secure.mode={config.secure.mode!r} "
+            "the server would still see the noise-free sum (and the protocol's weighted bucket sums cannot be "
+            f"re-weighted equally); secure.mode={config.secure.mode!r} needs a distributed mechanism, where "
+            f"clients add the noise; use secure.mode='plain' with privacy.mode={mode!r}",
+            key="privacy.mode",
+        )
+    if stages.defense.name != "none":
+        raise ConfigError(
+            f"robustness.defense={config.robustness.defense!r} drops or re-weights rows depending on the other "
+            f"clients, so privacy.mode={mode!r} could not bound one client's influence on the noised sum by "
+            "privacy.params.clip_norm; use robustness.defense='none'",
+            key="robustness.defense",
+        )
 
 
 def describe_stage(stage: object, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -51,10 +51,17 @@ class PrivacyMechanism(ABC):
 
     ``guarantee`` names what holds when the mechanism is used as configured (e.g.
     ``"client-level (epsilon, delta)-DP"``); ``"none"`` makes the audit report warn loudly.
+    ``server_noise`` says the server adds the noise to the aggregate (central DP: the server sees
+    the noise-free sum), which `secure_fl.stages.Stages.from_config` refuses under a secure mode
+    that only reveals sums and with a defense that drops rows. ``uniform_weights`` makes the server
+    pipeline give every revealed row weight 1 (so one client's influence on the sum is bounded by
+    the clip norm, whatever example count it declares).
     """
 
     name: ClassVar[str]
     guarantee: ClassVar[str] = "none"
+    server_noise: ClassVar[bool] = False
+    uniform_weights: ClassVar[bool] = False
 
     def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """v0.1 hook: transform a client's float update before it is encoded (default: unchanged).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from privacy._registry import Registry
 from privacy.mechanisms.base import PrivacyMechanism
+from privacy.mechanisms.central import CentralDP
 from privacy.mechanisms.none import NoPrivacy
 
 _MECHANISMS: Registry[PrivacyMechanism] = Registry(
@@ -11,6 +12,7 @@ _MECHANISMS: Registry[PrivacyMechanism] = Registry(
     "privacy.mode",
     {
         "none": NoPrivacy,
+        "central": CentralDP,
     },
 )
 

@@ -72,8 +72,11 @@ def _plugin_reference() -> list[str]:
                 continue
             lines += [f"- `{name}`:", "", "  | setting | type | default | meaning |", "  |---|---|---|---|"]
             for setting in settings.values():
-                default = "required" if setting.required else f"`{_toml_literal(_plain({'v': setting.default})['v'])}`"
-                lines.append(f"  | `{setting.name}` | `{setting.type_name}` | {default} | {setting.help} |")
+                default = "required" if setting.required else "unset" if setting.default is None else (
+                    f"`{_toml_literal(_plain({'v': setting.default})['v'])}`"
+                )
+                kind = setting.type_name.replace(" | ", " or ")  # a bare | would split the table cell
+                lines.append(f"  | `{setting.name}` | `{kind}` | {default} | {setting.help} |")
             lines.append("")
     return lines
 

@@ -1,0 +1,234 @@
+"""``central``: client-level DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018) with server noise.
+
+Every client clips its update (the delta it uploads) to L2 norm ``clip_norm`` = C on the client;
+the server adds Gaussian noise of standard deviation ``noise_multiplier * clip_norm`` = z * C to
+the **sum** of the clipped updates, then divides by the number of contributions. One release
+costs one Gaussian mechanism of noise multiplier z (sensitivity C under add/remove of a client).
+
+Where the noise goes: the server pipeline averages the rows the secure-aggregation stage revealed
+(one clipped update per client in ``plain`` mode) with the PEFT rule, then calls
+`CentralDP.server_transform` on that mean with ``num_contributions`` = n. The mean of n clipped
+updates is ``sum / n``, so adding noise of std ``z * C / n`` to each coordinate of the mean is
+exactly noise of std ``z * C`` on the sum. Two conditions make this exact, and the stages check
+both at start (`secure_fl.stages.Stages.from_config`):
+
+* **Uniform weights** (``uniform_weights = True``): the pipeline gives every row weight 1. With
+  example-count weights, one client's influence on the mean is ``w_k C / sum w``, unbounded for a
+  client that declares many examples, and the weights themselves are private data; DP-FedAvg's
+  fixed-denominator estimator would need every client's weight in advance. Equal weights keep the
+  sensitivity of the sum at C and the mean's denominator at n.
+* **Every revealed row reaches the mean**: a defense that drops or re-weights rows makes the
+  sum's sensitivity depend on the other clients, so only ``robustness.defense = "none"`` is
+  accepted; a secure mode that only reveals (weighted) bucket sums is refused, since the server
+  adds the noise and would see the noise-free sum anyway (SecAgg+ needs a distributed mechanism,
+  where clients add the noise).
+
+The PEFT rule must average the rows (``fedit`` does); a rule with state across rounds or another
+combination is not covered by the accounting.
+
+What it guarantees: client-level (epsilon, delta)-DP for anyone who sees the released adapters
+(other clients, whoever gets the final adapter). It does **not** protect against the server, which
+sees every clipped update and the noise-free sum before it adds the noise.
+
+Accounting: the engine draws fixed-size cohorts from a seeded generator, which is neither Poisson
+sampling nor secret, so no amplification by sampling is claimed: every release is a
+``GaussianEvent(noise_multiplier=z, sample_rate=1.0, steps=1)``.
+
+Randomness: the noise comes from the operating system's CSPRNG (``os.urandom``, Box-Muller on
+53-bit uniforms). ``insecure_seed`` replaces it with a seeded NumPy generator for reproducible
+tests only; it warns, and the report shows it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from privacy.accounting import GaussianEvent
+from privacy.mechanisms.base import MechanismContext, PrivacyMechanism
+
+#: Clipped updates are scaled by ``C / norm`` times this, so float32 rounding never lifts a norm above C.
+CLIP_MARGIN = 1.0 - 1e-6
+PAPER = "https://arxiv.org/abs/1710.06963"
+
+
+def tensor_clip_norms(clip_norm: float, num_tensors: int, *, per_tensor: bool) -> np.ndarray:
+    """The L2 bound of each tensor: ``C`` for the whole update, or ``C / sqrt(k)`` for each of k tensors.
+
+    With per-tensor bounds ``C_i = C / sqrt(k)`` the whole update's norm is at most
+    ``sqrt(sum_i C_i^2) = C``, so the accounted sensitivity stays C.
+
+    >>> tensor_clip_norms(2.0, 4, per_tensor=True).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    if per_tensor:
+        return np.full(num_tensors, clip_norm / math.sqrt(num_tensors))
+    return np.full(1, clip_norm)
+
+
+def clip_update(update: Mapping[str, np.ndarray], *, clip_norm: float, per_tensor: bool) -> dict[str, np.ndarray]:
+    """Scale ``update`` so its L2 norm is at most ``clip_norm`` (flat) or each tensor's at most ``C / sqrt(k)``.
+
+    An update already within its bound is returned unchanged (as float32); a clipped one is scaled
+    by ``bound / norm * CLIP_MARGIN``. Vectorised: one flat float64 vector, segment norms with
+    ``np.add.reduceat``. A non-finite update is refused (its norm cannot be bounded).
+
+    >>> out = clip_update({"a": np.array([3.0, 4.0])}, clip_norm=1.0, per_tensor=False)
+    >>> round(float(np.linalg.norm(out["a"])), 5)
+    1.0
+    """
+    names = list(update)
+    if not names:
+        return {}
+    arrays = [np.asarray(update[name]) for name in names]
+    sizes = np.array([a.size for a in arrays])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
+    if not np.isfinite(flat).all():
+        raise ValueError("the update is not finite, so it cannot be clipped")
+    squares = flat * flat
+    if per_tensor:
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        nonempty = sizes > 0
+        segment = np.zeros(len(names))
+        segment[nonempty] = np.add.reduceat(squares, starts[nonempty])
+        norms = np.sqrt(segment)
+    else:
+        norms = np.array([math.sqrt(float(squares.sum()))])
+    bounds = tensor_clip_norms(clip_norm, len(names), per_tensor=per_tensor)
+    over = norms > bounds
+    scales = np.ones_like(norms)
+    scales[over] = bounds[over] / norms[over] * CLIP_MARGIN
+    factors = np.repeat(scales, sizes) if per_tensor else scales[0]
+    clipped = (flat * factors).astype(np.float32)
+    pieces = np.split(clipped, np.cumsum(sizes)[:-1])
+    return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
+
+
+def secure_standard_normal(size: int) -> np.ndarray:
+    """``size`` independent N(0, 1) draws from the OS CSPRNG (Box-Muller on 53-bit uniforms in (0, 1))."""
+    pairs = (size + 1) // 2
+    bits = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64) >> np.uint64(11)
+    uniform = (bits.astype(np.float64) + 0.5) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(uniform[:pairs]))
+    angle = 2.0 * math.pi * uniform[pairs:]
+    return np.concatenate((radius * np.cos(angle), radius * np.sin(angle)))[:size]
+
+
+class CentralDP(PrivacyMechanism):
+    """Client-level DP-FedAvg: clip on the client, Gaussian noise z * C on the sum at the server.
+
+    Parameters
+    ----------
+    clip_norm:
+        C, the L2 bound on each client's update (> 0); the sensitivity of the sum.
+    noise_multiplier:
+        z (>= 0): the server adds N(0, (z * C)^2) to each coordinate of the sum; 0 means no guarantee.
+    clip:
+        "flat" (one norm over the whole update) or "per-tensor" (each of k tensors to C / sqrt(k)).
+    insecure_seed:
+        Testing only: draw the noise from a NumPy generator with this seed instead of the OS CSPRNG (warns).
+    """
+
+    name = "central"
+    guarantee = (
+        "client-level (epsilon, delta)-DP against anyone who sees the released adapter; "
+        "not against the server, which sees every clipped update and the noise-free sum"
+    )
+    paper = PAPER
+    server_noise: ClassVar[bool] = True
+    uniform_weights: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        clip_norm: float = 1.0,
+        noise_multiplier: float = 1.0,
+        clip: str = "flat",
+        insecure_seed: int | None = None,
+    ) -> None:
+        if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (0 < clip_norm < math.inf):
+            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
+        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
+            0 <= noise_multiplier < math.inf
+        ):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if clip not in ("flat", "per-tensor"):
+            raise ValueError(f"clip must be 'flat' or 'per-tensor', got {clip!r}")
+        if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
+            raise ValueError(f"insecure_seed must be an integer or unset, got {insecure_seed!r}")
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip_mode = clip  # not ``self.clip``: that is the client step of the base class
+        self.insecure_seed = insecure_seed
+        self._rng: np.random.Generator | None = None
+        if insecure_seed is not None:
+            warnings.warn(
+                "privacy.params.insecure_seed is set: the DP noise is reproducible by anyone who knows the seed, "
+                "so the run has no privacy guarantee; use it for tests in simulation only",
+                stacklevel=2,
+            )
+            self._rng = np.random.default_rng(insecure_seed)
+
+    @property
+    def noise_std(self) -> float:
+        """The standard deviation of the noise on each coordinate of the sum: ``z * C``."""
+        return self.noise_multiplier * self.clip_norm
+
+    def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Clip ``update`` to the configured bound (the v0.1 hook; `clip` calls the same function)."""
+        return clip_update(update, clip_norm=self.clip_norm, per_tensor=self.clip_mode == "per-tensor")
+
+    def clip(self, update: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, np.ndarray]:
+        """Client step 2: clip the float update to L2 norm <= C (flat) or C / sqrt(k) per tensor."""
+        return self.client_transform(update)
+
+    def standard_normal(self, size: int) -> np.ndarray:
+        """``size`` N(0, 1) draws: the OS CSPRNG, or the seeded generator when ``insecure_seed`` is set."""
+        if self._rng is not None:
+            return self._rng.standard_normal(size)
+        return secure_standard_normal(size)
+
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+        """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum)."""
+        if isinstance(num_contributions, bool) or not isinstance(num_contributions, int) or num_contributions < 1:
+            raise ValueError(f"central DP needs at least one contribution, got num_contributions={num_contributions!r}")
+        names = list(delta)
+        if not names or self.noise_multiplier == 0:
+            return {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
+        arrays = [np.asarray(delta[name]) for name in names]
+        sizes = np.array([a.size for a in arrays])
+        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
+        noised = (flat + self.standard_normal(flat.size) * (self.noise_std / num_contributions)).astype(np.float32)
+        pieces = np.split(noised, np.cumsum(sizes)[:-1])
+        return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
+
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
+        """One Gaussian release of noise multiplier z, with no amplification by sampling (``sample_rate=1``).
+
+        Cohorts are drawn with a fixed size from a seeded generator, which is neither Poisson nor
+        secret, so claiming ``q = cohort_size / population`` would overstate the guarantee.
+        """
+        return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings plus the facts the report needs: who adds the noise and what the server sees."""
+        return {
+            "mode": self.name,
+            "guarantee": self.guarantee if self.noise_multiplier > 0 else "none",
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "clip": self.clip_mode,
+            "noise_std_on_sum": self.noise_std,
+            "noise_added_by": "server",
+            "server_sees": "every clipped update and the noise-free sum (central DP: the server is trusted)",
+            "weights": "uniform (each client's clipped update counts once)",
+            "sampling_amplification": "none claimed (fixed-size cohorts from a seeded generator): sample_rate = 1",
+            "randomness": "os.urandom (CSPRNG)" if self.insecure_seed is None
+            else f"INSECURE: seeded NumPy generator (insecure_seed={self.insecure_seed}), testing only",
+            "insecure_seed": self.insecure_seed,
+        }
