@@ -8,14 +8,24 @@ means unbounded: the release had no differential-privacy guarantee.
 
 Replaying the events of a ledger (`PrivacyLedger.replay`) rebuilds every accountant, so
 the ledger alone is the source of truth; the epsilons in it are there for humans and reports.
+When an accountant reported a fallback bound (PRV -> RDP), ``epsilon_notes`` names it per accountant.
+
+The lines form a hash chain: each holds ``prev_sha256``, the SHA-256 of the previous line's text
+(`GENESIS` for the first), so an edited, deleted or reordered line breaks the chain and is refused
+naming the line. A ledger written before the chain (no ``prev_sha256``) cannot be checked and is
+refused. Truncation at the end (or an emptied ledger) does not break the chain: `PrivacyLedger.verify`
+catches it by cross-checking the released rounds of ``metrics.jsonl``, and checks every line's
+``delta``. The chain makes damage evident, not impossible: whoever can rewrite both files
+consistently (the server operator) is trusted, as the report says.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +34,27 @@ from privacy.errors import PrivacyError
 
 #: Keys every ledger line carries.
 REQUIRED_KEYS: tuple[str, ...] = ("round", "mechanism", "noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
+
+
+#: ``prev_sha256`` of the first line.
+GENESIS = "0" * 64
+#: The key holding the previous line's SHA-256.
+CHAIN_KEY = "prev_sha256"
+
+
+def line_hash(text: str) -> str:
+    """SHA-256 (hex) of one ledger line's text, without its newline."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def chain_lines(entries: Iterable[Mapping[str, Any]]) -> str:
+    """The text of a ledger holding ``entries``, each chained to the one before (for tools and tests)."""
+    out, previous = [], GENESIS
+    for entry in entries:
+        line = json.dumps({**dict(entry), CHAIN_KEY: previous}, allow_nan=False)
+        out.append(line + "\n")
+        previous = line_hash(line)
+    return "".join(out)
 
 
 class LedgerError(PrivacyError):
@@ -46,46 +77,110 @@ class PrivacyLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._last: dict[str, Any] | None = None  # the newest line, once read or written
+        self._last_hash = GENESIS  # SHA-256 of the newest line's text
         self._loaded = False
+        #: File line number of each entry of the last `entries` call (blank lines are skipped).
+        self.line_numbers: list[int] = []
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every line, parsed and checked; an empty list if the file does not exist yet."""
+        """Every line, parsed and checked (chain included); an empty list if the file does not exist yet."""
+        self.line_numbers = []
         if not self.path.exists():
-            self._last, self._loaded = None, True
+            self._last, self._last_hash, self._loaded = None, GENESIS, True
             return []
         out: list[dict[str, Any]] = []
+        previous_hash = GENESIS
         with self.path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
+            for number, raw in enumerate(handle, start=1):
+                text = raw.rstrip("\n")
+                if not text.strip():
                     continue
+                where = f"{self.path} line {number}"
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise LedgerError(
-                        f"{self.path} line {number} is not valid JSON ({exc.msg}); the ledger was edited or truncated, "
+                        f"{where} is not valid JSON ({exc.msg}); the ledger was edited or truncated, "
                         "so the spent budget cannot be trusted: restore it from a backup"
                     ) from None
-                self._check(entry, where=f"{self.path} line {number}", previous=out[-1] if out else None)
+                self._check(entry, where=where, previous=out[-1] if out else None)
+                self._check_chain(entry, where=where, expected=previous_hash, first=not out)
                 out.append(entry)
-        self._last, self._loaded = (out[-1] if out else None), True
+                self.line_numbers.append(number)
+                previous_hash = line_hash(text)
+        self._last, self._last_hash, self._loaded = (out[-1] if out else None), previous_hash, True
         return out
 
-    def append(self, entry: Mapping[str, Any]) -> None:
-        """Check ``entry`` against the ledger so far, append it as one line and fsync.
+    @staticmethod
+    def _check_chain(entry: Mapping[str, Any], *, where: str, expected: str, first: bool) -> None:
+        if CHAIN_KEY not in entry:
+            raise LedgerError(
+                f"{where} has no {CHAIN_KEY!r}: the ledger was written before secure-fl chained its lines "
+                "(or the key was removed), so deleted or edited lines cannot be detected and its spend "
+                "cannot be trusted; it is refused (rerun, or re-chain a copy you have verified by other means)"
+            )
+        if entry[CHAIN_KEY] != expected:
+            what = "the first line must chain to the genesis value" if first else "it does not match the line before"
+            raise LedgerError(
+                f"{where}: {CHAIN_KEY} breaks the hash chain ({what}); a line before it was edited, deleted "
+                "or reordered, so the spent budget cannot be trusted: restore the ledger from a backup"
+            )
+
+    def verify(self, *, metrics: Sequence[Mapping[str, Any]], delta: float) -> list[int]:
+        """Cross-check the ledger with the run's ``metrics.jsonl`` records and its ``delta``.
+
+        Raises `LedgerError` naming the line or round when a line's delta is not ``delta``, a
+        round released according to the metrics (status ``ok``) has no line, or a line's round
+        is recorded as not released (failed, aborted, interrupted). Returns the rounds of lines
+        with no metrics record at all, which is only accepted for the newest line(s) after the
+        last metrics record (the server stopped between writing the ledger and the metrics): their
+        spend counts, and the report flags them.
+        """
+        entries = self.entries()
+        numbers = self.line_numbers
+        status = {int(m["round"]): str(m.get("status", "ok")) for m in metrics if "round" in m}
+        lines = {int(e["round"]): n for e, n in zip(entries, numbers)}
+        last_metric = max(status, default=0)
+        unconfirmed: list[int] = []
+        for entry, number in zip(entries, numbers):
+            where, round_number = f"{self.path} line {number} (round {entry['round']})", int(entry["round"])
+            if not _same_delta(entry["delta"], delta):
+                raise LedgerError(f"{where}: delta {entry['delta']!r} is not the run's privacy.delta = {delta!r}")
+            if round_number not in status:
+                if round_number < last_metric:
+                    raise LedgerError(f"{where}: metrics.jsonl has no record of round {round_number}, "
+                                      "though it records later rounds; metrics.jsonl or the ledger was edited")
+                unconfirmed.append(round_number)
+            elif status[round_number] != "ok":
+                raise LedgerError(f"{where}: metrics.jsonl says round {round_number} {status[round_number]} "
+                                  "and released nothing, yet the ledger records a release; one of them was edited")
+        missing = sorted(r for r, s in status.items() if s == "ok" and r not in lines)
+        if missing:
+            raise LedgerError(
+                f"{self.path}: round(s) {', '.join(map(str, missing))} released according to metrics.jsonl "
+                "(status ok) have no ledger line; the ledger was truncated, emptied or edited, so the "
+                "spent budget cannot be trusted: restore it from a backup"
+            )
+        return unconfirmed
+
+    def append(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``entry`` against the ledger so far, chain it, append it as one line and fsync;
+        return the line as written.
 
         The file is read and checked once per ledger object; later appends compare with the line
         this object wrote last, so a run's appends stay O(1) instead of re-reading the file.
         """
         if not self._loaded:
             self.entries()
-        line_entry = dict(entry)
+        line_entry = {**dict(entry), CHAIN_KEY: self._last_hash}
         self._check(line_entry, where="new ledger line", previous=self._last)
-        line = json.dumps(line_entry, allow_nan=False) + "\n"
+        text = json.dumps(line_entry, allow_nan=False)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
+            handle.write(text + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        self._last = line_entry
+        self._last, self._last_hash = line_entry, line_hash(text)
+        return line_entry
 
     def events(self) -> list[GaussianEvent]:
         """The releases recorded so far, in order."""
@@ -122,6 +217,13 @@ class PrivacyLedger:
             )
 
 
+def _same_delta(value: Any, delta: float) -> bool:
+    try:
+        return math.isclose(float(value), float(delta), rel_tol=1e-12, abs_tol=0.0)
+    except (TypeError, ValueError):
+        return False
+
+
 def event_of(entry: Mapping[str, Any]) -> GaussianEvent:
     """The Gaussian event a ledger line records."""
     return GaussianEvent(float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"]))
@@ -151,6 +253,10 @@ class ReleaseAccounting:
         self.ledger = ledger
         self.accountants = dict(accountants)
         self.delta = float(delta)
+        for entry, number in zip(ledger.entries(), ledger.line_numbers):
+            if not _same_delta(entry["delta"], self.delta):
+                raise LedgerError(f"{ledger.path} line {number} (round {entry['round']}): delta {entry['delta']!r} "
+                                  f"is not privacy.delta = {self.delta!r}; one ledger states every epsilon at one delta")
         self.releases = ledger.replay(self.accountants.values())
 
     def epsilon(self) -> dict[str, float]:
@@ -174,6 +280,8 @@ class ReleaseAccounting:
         ``mechanism``); ``details`` adds who took part (cohort, contributors, dropouts...).
         """
         after = {name: accountant.composed_with(event) for name, accountant in self.accountants.items()}
+        spent = {name: accountant.get_privacy_spent(self.delta) for name, accountant in after.items()}
+        notes = {name: s.note for name, s in spent.items() if s.note}
         entry: dict[str, Any] = {
             "round": round,
             "mechanism": str(mechanism.get("mode", "unknown")),
@@ -183,10 +291,11 @@ class ReleaseAccounting:
             "steps": event.steps,
             "clip_norm": mechanism.get("clip_norm"),
             "delta": self.delta,
-            "epsilon": {name: epsilon_to_json(accountant.epsilon(self.delta)) for name, accountant in after.items()},
+            "epsilon": {name: epsilon_to_json(s.epsilon) for name, s in spent.items()},
+            **({"epsilon_notes": notes} if notes else {}),
             **dict(details or {}),
         }
-        self.ledger.append(entry)  # if this raises, the release does not happen and nothing is spent
+        entry = self.ledger.append(entry)  # if this raises, the release does not happen and nothing is spent
         self.accountants = after
         self.releases += 1
         return entry

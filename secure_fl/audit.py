@@ -34,7 +34,10 @@ def audit(run_dir: str | Path) -> AuditReport:
     """Build and write the privacy audit report of the run in ``run_dir``.
 
     Raises `RunError` naming the file when the directory is not a run
-    directory or one of its files is unreadable (a damaged ledger is never papered over).
+    directory or one of its files is unreadable (a damaged ledger is never papered over): that
+    includes a ledger whose hash chain is broken or missing, a line whose delta is not the run's,
+    and a round released according to ``metrics.jsonl`` without its ledger line (or the reverse);
+    the message names the line or round.
     """
     path = Path(run_dir)
     config_path = path / "config.toml"
@@ -51,8 +54,12 @@ def audit(run_dir: str | Path) -> AuditReport:
     except json.JSONDecodeError as exc:
         raise RunError(f"{path}: run.json or metrics.jsonl is not valid JSON ({exc})") from None
     try:
-        ledger = PrivacyLedger(rundir.ledger_path).entries()
-        report = build_report(run=run_info, config=config, metrics=metrics, ledger=ledger, run_dir=path)
+        books = PrivacyLedger(rundir.ledger_path)
+        ledger = books.entries()
+        delta = dict(config.get("privacy", {})).get("delta", ledger[0]["delta"] if ledger else 1e-5)
+        unconfirmed = books.verify(metrics=metrics, delta=float(delta))
+        report = build_report(run=run_info, config=config, metrics=metrics, ledger=ledger, run_dir=path,
+                              unconfirmed_rounds=unconfirmed)
         json_path, html_path = write_report(report, rundir.report_dir)
     except PrivacyError as exc:
         raise RunError(f"audit of {path}: {exc}") from None

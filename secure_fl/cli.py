@@ -19,6 +19,8 @@ from secure_fl.config import Config, load_config, presets
 from secure_fl.errors import ConfigError, SecureFLError
 
 EXIT_USAGE = 2
+#: ``privacy.audit.report.NO_RELEASE``, kept here so ``secure-fl --help`` imports no privacy code.
+_NO_RELEASE = "no release: nothing spent"
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, default_preset: str | None) -> None:
@@ -66,8 +68,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _epsilon_text(epsilon: dict[str, float], delta: float) -> str:
     """``epsilon at delta=D: rdp X, prv Y`` (``inf`` means no guarantee)."""
-    spent = ", ".join(f"{name} {value:.4g}" for name, value in epsilon.items()) or "nothing released"
-    return f"epsilon at delta={delta:g}: {spent}"
+    spent = ", ".join(f"{name} {value:.4g}" for name, value in epsilon.items())
+    return f"epsilon at delta={delta:g}: {spent}" if spent else _NO_RELEASE
 
 
 def _privacy_summary(epsilon: dict[str, float], delta: float, report: Path | None) -> str:
@@ -84,7 +86,9 @@ def _audit(args: argparse.Namespace) -> int:
 
     final = {name: epsilon_from_json(value) for name, value in report.data["epsilon"]["final"].items()}
     warnings = report.data["warnings"]
-    print(f"{_epsilon_text(final, report.data['mechanism']['delta'])}; {len(warnings)} warning(s)")
+    mechanism = report.data["mechanism"]
+    spent = _epsilon_text(final, mechanism["delta"]) if mechanism.get("releases") else _NO_RELEASE
+    print(f"{spent}; {len(warnings)} warning(s)")
     for warning in warnings:
         print(f"  [{warning['severity']}] {warning['message']}")
     print(f"wrote {report.json_path}\nwrote {report.html_path}")

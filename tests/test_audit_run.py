@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import secure_fl
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import PrivacyLedger, chain_lines
 from secure_fl.audit import audit as audit_run_dir
 from secure_fl.simulation import simulate
 from secure_fl.models import load_adapter
@@ -49,10 +49,10 @@ def test_the_ledger_line_is_written_before_the_release(tmp_path: Path, monkeypat
     """Injected fault: the ledger write of round 2 fails, so nothing of round 2 may leave the server."""
     real_append = PrivacyLedger.append
 
-    def append(self: PrivacyLedger, entry: Mapping[str, Any]) -> None:
+    def append(self: PrivacyLedger, entry: Mapping[str, Any]) -> dict[str, Any]:
         if entry["round"] == 2:
             raise OSError("injected: ledger disk full")
-        real_append(self, entry)
+        return real_append(self, entry)
 
     monkeypatch.setattr(PrivacyLedger, "append", append)
     with pytest.raises(OSError, match="injected"):
@@ -136,6 +136,14 @@ def test_cli_audit_rebuilds_the_report_and_refuses_damage(tmp_path: Path) -> Non
     done = _cli("audit", str(tmp_path))
     assert done.returncode == 1 and "ledger.jsonl line 2 is not valid JSON" in done.stderr, done.stderr
 
+    # tampering: the chain names the edited line; an emptied ledger no longer reads epsilon 0
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    (tmp_path / "ledger.jsonl").write_text(lines[0] + "\n")
+    assert _cli("audit", str(tmp_path)).returncode == 0
+    (tmp_path / "ledger.jsonl").write_text("")
+    done = _cli("audit", str(tmp_path))
+    assert done.returncode == 1 and "round(s) 1 released according to metrics.jsonl (status ok) have no ledger line" in done.stderr
+
     done = _cli("audit", str(tmp_path / "nowhere"))
     assert done.returncode == 1 and "is not a run directory: config.toml is missing" in done.stderr, done.stderr
     assert not (tmp_path / "nowhere").exists()
@@ -189,7 +197,7 @@ def _handcrafted_run(run_dir: Path, metrics: list[dict[str, Any]], ledger: list[
               "privacy": {"name": "none", "params": {"guarantee": "none"}}}
     (run_dir / "run.json").write_text(json.dumps({"run_id": "hand", "transport": "in-process", "stages": stages, **info}))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    (run_dir / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
+    (run_dir / "ledger.jsonl").write_text(chain_lines(ledger))
     return run_dir
 
 
@@ -223,3 +231,36 @@ def test_run_json_alone_marks_a_run_interrupted(tmp_path: Path) -> None:
     report = audit_run_dir(_handcrafted_run(tmp_path / "run", metrics, [release], interrupted=True)).data
     assert report["run"]["interrupted"] is True and report["run"]["rounds_interrupted"] == 0
     assert [w["severity"] for w in report["warnings"] if w["code"] == "run-interrupted"] == ["high"]
+
+
+def test_a_run_whose_every_round_failed_spent_nothing_and_published_no_losses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected fault: every aggregate is non-finite. Nothing is released, so the run says "no release:
+    nothing spent" (never epsilon 0 next to "unbounded"), and no client loss or evaluation metric is published."""
+    from secure_fl.server import engine
+
+    monkeypatch.setattr(engine, "_non_finite", lambda state: "injected")
+    result = secure_fl.simulate(smoke_config("run.rounds=2", "client.eval_fraction=0.5"), tmp_path, progress=False)
+    assert result.ledger == [] and [m["status"] for m in result.metrics] == ["failed", "failed"]
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["train_loss"] is None and not [k for k in record if k.startswith("fed_eval")], record
+    done = _cli("audit", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no release: nothing spent;") and "unbounded" not in done.stdout, done.stdout
+    report = json.loads((tmp_path / "report" / "privacy_report.json").read_text())
+    assert report["mechanism"]["releases"] == 0
+    assert "unbounded" not in json.dumps(report["warnings"]) and "no release: nothing spent" in json.dumps(report["warnings"])
+    page = (tmp_path / "report" / "privacy_report.html").read_text(encoding="utf-8")
+    summary = page.split('class="summary">', 1)[1].split("</p>", 1)[0]
+    assert "no release: nothing spent" in summary and "0.0000" not in summary
+
+
+def test_a_ledger_line_without_its_metrics_record_is_flagged_high(tmp_path: Path) -> None:
+    release = {"round": 1, "mechanism": "none", "guarantee": "none", "noise_multiplier": 0.0, "sample_rate": 1.0,
+               "steps": 1, "clip_norm": None, "delta": 1e-5, "epsilon": {"rdp": None}, "contributors": ["a"]}
+    report = audit_run_dir(_handcrafted_run(tmp_path / "run", [], [release])).data
+    warning = next(w for w in report["warnings"] if w["code"] == "ledger-without-metrics")
+    assert warning["severity"] == "high" and "round(s) 1" in warning["message"]
+    assert report["mechanism"]["releases"] == 1  # counted as spent

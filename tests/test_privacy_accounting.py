@@ -171,3 +171,174 @@ def test_a_failed_append_spends_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(OSError, match="disk full"):
         books.record(round=2, event=GaussianEvent(1.0, 0.5), mechanism={"mode": "m"})
     assert books.epsilon() == before and books.releases == 1
+
+
+# --- cross-checks against independent computations (issue 10, "also fix") ---------------------
+
+def _opacus_rdp(z: float, q: float, steps: int, orders: list[float]) -> float:
+    """opacus's analysis functions called directly, no secure-fl code in between."""
+    from opacus.accountants.analysis import rdp as analysis
+
+    rdp = analysis.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=orders)
+    return float(analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=DELTA)[0])
+
+
+def _dp_accounting_rdp(z: float, q: float, steps: int) -> float:
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    event = dp_accounting.GaussianDpEvent(z)
+    if q < 1:
+        event = dp_accounting.PoissonSampledDpEvent(q, event)
+    accountant = rdp_privacy_accountant.RdpAccountant()  # dp_accounting's default orders (to 1024)
+    accountant.compose(event, steps)
+    return float(accountant.get_epsilon(DELTA))
+
+
+def test_rdp_orders_reach_the_optimum_of_small_budgets() -> None:
+    """Orders stopping at 63 overstated z=50, q=1, one step as 0.1155; the optimum is near order 176."""
+    from privacy.accounting.rdp import DEFAULT_ORDERS
+
+    assert max(DEFAULT_ORDERS) >= 1024
+    small = _spent("rdp", GaussianEvent(50.0, 1.0))
+    assert small < 0.07 and small == pytest.approx(_opacus_rdp(50.0, 1.0, 1, [float(a) for a in range(2, 2049)]), rel=0.02)
+    for z, q, steps in ((50.0, 1.0, 1), (100.0, 1.0, 1), (1.0, 0.01, 1000), (1.0, 1.0, 1), (8.0, 0.1, 200)):
+        ours = _spent("rdp", GaussianEvent(z, q, steps))
+        # our orders are a superset of dp_accounting's defaults: never looser, and close
+        reference = _dp_accounting_rdp(z, q, steps)
+        assert ours <= reference * (1 + 1e-6) and ours == pytest.approx(reference, rel=0.1), (z, q, steps)
+
+
+def test_prv_falls_back_to_rdp_for_noisy_histories_it_cannot_bound() -> None:
+    """z=0.8, q=1, 1000 steps: opacus's PRV answered inf (PLD: about 950); 1e5 steps: MemoryError."""
+    for event in (GaussianEvent(0.8, 1.0, 1000), GaussianEvent(1.0, 1.0, 100_000)):
+        accountant = create_accountant("prv")
+        accountant.compose(event)
+        spent = accountant.get_privacy_spent(DELTA)
+        assert math.isfinite(spent.epsilon) and spent.epsilon == pytest.approx(_spent("rdp", event), rel=1e-9)
+        assert spent.note is not None and "RDP bound" in spent.note and "max_domain_points" in spent.note
+    assert _spent("prv", GaussianEvent(0.8, 1.0, 1000)) == pytest.approx(971.15, rel=1e-3)
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from dp_accounting.pld import pld_privacy_accountant
+
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(dp_accounting.GaussianDpEvent(0.8), 1000)
+    assert 900 < pld.get_epsilon(DELTA) <= _spent("prv", GaussianEvent(0.8, 1.0, 1000))  # valid: not below PLD
+
+
+@pytest.mark.parametrize("failure", ["inf", "memory"])
+def test_prv_inf_or_memory_error_is_never_reported_as_no_guarantee(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opacus.accountants import PRVAccountant as OpacusPRV
+
+    def broken(self: object, delta: float, **kwargs: object) -> float:
+        if failure == "memory":
+            raise MemoryError("injected")
+        return math.inf
+
+    monkeypatch.setattr(OpacusPRV, "get_epsilon", broken)
+    event = GaussianEvent(1.0, 0.5, 3)
+    books = _accounting(tmp_path / "ledger.jsonl")
+    entry = books.record(round=1, event=event, mechanism={"mode": "m", "guarantee": "client-level"})
+    assert entry["epsilon"]["prv"] == pytest.approx(_spent("rdp", event)) and entry["epsilon"]["prv"] is not None
+    assert "RDP bound" in entry["epsilon_notes"]["prv"] and "rdp" not in entry["epsilon_notes"]
+    # a noiseless release is still unbounded, without a note
+    assert create_accountant("prv").get_privacy_spent(DELTA).note is None
+
+
+def test_per_client_epsilon_counts_steps_not_ledger_lines() -> None:
+    """Two lines of 10 steps each at z=1, q=1: the client in both spent 20 steps (30.13), not 2 (7.08)."""
+    from privacy.audit import build_report
+
+    lines = [{"round": r, "mechanism": "m", "guarantee": "client-level", "noise_multiplier": 1.0, "sample_rate": 1.0,
+              "steps": 10, "clip_norm": 1.0, "delta": DELTA, "epsilon": {"rdp": None}, "contributors": ["a"]}
+             for r in (1, 2)]
+    report = build_report(run={"clients": ["a"]}, config={"privacy": {"delta": DELTA, "accountants": ["rdp"]}},
+                          metrics=[{"round": r, "status": "ok", "selected": ["a"]} for r in (1, 2)], ledger=lines)
+    client = report["clients"][0]["epsilon"]["rdp"]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+    assert client == pytest.approx(_opacus_rdp(1.0, 1.0, 20, orders), rel=1e-6)
+    assert client == pytest.approx(30.1266, rel=1e-4) and client == pytest.approx(_dp_accounting_rdp(1.0, 1.0, 20), rel=1e-6)
+
+
+# --- the hash-chained ledger and its cross-check with metrics.jsonl ---------------------------
+
+def _three_releases(path: Path) -> list[str]:
+    books = _accounting(path, "rdp")
+    for round_number in (1, 2, 3):
+        books.record(round=round_number, event=GaussianEvent(1.0, 0.5), mechanism={"mode": "m"})
+    return path.read_text().splitlines()
+
+
+def test_ledger_lines_are_hash_chained(tmp_path: Path) -> None:
+    import hashlib
+
+    from privacy.ledger import GENESIS
+
+    path = tmp_path / "ledger.jsonl"
+    lines = _three_releases(path)
+    previous = GENESIS
+    for line in lines:
+        assert json.loads(line)["prev_sha256"] == previous
+        previous = hashlib.sha256(line.encode()).hexdigest()
+    assert len(PrivacyLedger(path).entries()) == 3
+    # a reopened ledger keeps chaining
+    _accounting(path, "rdp").record(round=4, event=GaussianEvent(1.0, 0.5), mechanism={"mode": "m"})
+    assert json.loads(path.read_text().splitlines()[3])["prev_sha256"] == previous
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("edit", "line 2: prev_sha256 breaks the hash chain"),
+    ("delete-middle", "line 2: prev_sha256 breaks the hash chain"),
+    ("delete-first", "line 1: prev_sha256 breaks the hash chain .the first line"),
+    ("swap", "line 1: prev_sha256 breaks the hash chain"),
+    ("unchained", "line 1 has no 'prev_sha256'.*refused"),
+])
+def test_an_edited_or_unchained_ledger_is_refused_naming_the_line(tmp_path: Path, damage: str, message: str) -> None:
+    path = tmp_path / "ledger.jsonl"
+    lines = _three_releases(path)
+    if damage == "edit":  # lower the recorded spend of round 1
+        first = json.loads(lines[0])
+        lines[0] = json.dumps({**first, "noise_multiplier": 5.0})
+    elif damage == "delete-middle":
+        del lines[1]
+    elif damage == "delete-first":
+        del lines[0]
+    elif damage == "swap":
+        lines[0], lines[1] = lines[1], lines[0]
+    else:
+        lines = [json.dumps({k: v for k, v in json.loads(line).items() if k != "prev_sha256"}) for line in lines]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LedgerError, match=message):
+        PrivacyLedger(path).entries()
+    with pytest.raises(LedgerError, match=message):
+        _accounting(path, "rdp")  # a server never continues a damaged ledger
+
+
+def _ok(*rounds: int) -> list[dict[str, object]]:
+    return [{"round": r, "status": "ok"} for r in rounds]
+
+
+def test_ledger_verify_cross_checks_metrics_and_delta(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    lines = _three_releases(path)
+    ledger = PrivacyLedger(path)
+    assert ledger.verify(metrics=_ok(1, 2, 3), delta=DELTA) == []
+    with pytest.raises(LedgerError, match=r"line 1 \(round 1\): delta 1e-05 is not the run's privacy.delta = 1e-06"):
+        ledger.verify(metrics=_ok(1, 2, 3), delta=1e-6)
+    with pytest.raises(LedgerError, match="line 1 .round 1.: delta"):
+        ReleaseAccounting(PrivacyLedger(path), {"rdp": create_accountant("rdp")}, delta=1e-6)
+    failed = [{"round": 1, "status": "ok"}, {"round": 2, "status": "failed"}, {"round": 3, "status": "ok"}]
+    with pytest.raises(LedgerError, match=r"line 2 \(round 2\): metrics.jsonl says round 2 failed"):
+        ledger.verify(metrics=failed, delta=DELTA)
+    with pytest.raises(LedgerError, match=r"line 2 \(round 2\): metrics.jsonl has no record of round 2"):
+        ledger.verify(metrics=_ok(1, 3), delta=DELTA)
+    # the newest line without its metrics record: the server stopped between the two writes
+    assert ledger.verify(metrics=_ok(1, 2), delta=DELTA) == [3]
+    path.write_text("\n".join(lines[:2]) + "\n")  # the last line deleted: the chain cannot tell ...
+    with pytest.raises(LedgerError, match=r"round\(s\) 3 released according to metrics.jsonl .status ok. have no ledger line"):
+        ledger.verify(metrics=_ok(1, 2, 3), delta=DELTA)  # ... metrics.jsonl can
+    path.write_text("")  # emptied: no longer epsilon 0
+    with pytest.raises(LedgerError, match=r"round\(s\) 1, 2, 3 released"):
+        ledger.verify(metrics=_ok(1, 2, 3), delta=DELTA)

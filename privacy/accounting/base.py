@@ -8,6 +8,9 @@ no differential-privacy guarantee, and every accountant then reports an unbounde
 
 Accountants are small and stateful; the math lives in opacus's analysis functions, which each
 subclass wraps. ``state_dict``/``load_state_dict`` let a restarted server resume from its ledger.
+`Accountant.get_privacy_spent` returns a `PrivacySpent` whose ``note`` says when the accountant
+could not compute its own bound for a noisy history and reported another valid (looser) one
+instead (PRV falls back to RDP): a noisy release is never reported as "no guarantee".
 """
 
 from __future__ import annotations
@@ -49,6 +52,16 @@ class GaussianEvent:
         return self.noise_multiplier == 0
 
 
+@dataclass(frozen=True)
+class PrivacySpent:
+    """The spend at ``delta``: ``epsilon`` (``math.inf``: unbounded) and, when the accountant
+    reported another valid bound than its own (e.g. PRV falling back to RDP), a ``note`` saying so."""
+
+    epsilon: float
+    delta: float
+    note: str | None = None
+
+
 class Accountant(ABC):
     """Composes `GaussianEvent` releases and reports epsilon at a given delta.
 
@@ -74,13 +87,18 @@ class Accountant(ABC):
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta``; ``math.inf`` after any noiseless release."""
+        return self.get_privacy_spent(delta).epsilon
+
+    def get_privacy_spent(self, delta: float) -> PrivacySpent:
+        """The spend so far at ``delta``, with a note when a fallback bound was reported."""
         if not 0 < delta < 1:
             raise PrivacyError(f"accountant {self.name!r}: delta must be in (0, 1), got {delta!r}")
         if not self._history:
-            return 0.0
+            return PrivacySpent(0.0, delta)
         if any(e.noiseless for e in self._history):
-            return math.inf
-        return float(self._epsilon(_merged(self._history), delta))
+            return PrivacySpent(math.inf, delta)
+        eps, note = self._bound(_merged(self._history), delta)
+        return PrivacySpent(float(eps), delta, note)
 
     def composed_with(self, event: GaussianEvent) -> Self:
         """A copy with the same settings whose history also holds ``event``; ``self`` is unchanged."""
@@ -110,6 +128,14 @@ class Accountant(ABC):
         if state.get("accountant") != self.name:
             raise PrivacyError(f"accountant {self.name!r}: state belongs to accountant {state.get('accountant')!r}")
         self._history = [GaussianEvent(float(z), float(q), int(s)) for z, q, s in state["history"]]
+
+    def _bound(self, events: Sequence[GaussianEvent], delta: float) -> tuple[float, str | None]:
+        """Epsilon and an optional note for a non-empty noisy history; by default `_epsilon`, no note.
+
+        Override to fall back to another valid bound (and say which in the note) when the
+        accountant's own computation cannot give a finite answer for a noisy history.
+        """
+        return self._epsilon(events, delta), None
 
     @abstractmethod
     def _epsilon(self, events: Sequence[GaussianEvent], delta: float) -> float:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from privacy.audit.plots import clients_plot, line_plot
+from privacy.audit.report import NO_RELEASE
 
 __all__ = ["render_html"]
 
@@ -224,6 +225,8 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
     final = _mapping(_mapping(report.get("epsilon")).get("final"))
     delta = _mapping(report.get("mechanism")).get("delta")
     eps = ", ".join(f"{name} {_fmt_eps(final.get(name))}" for name in accountants if name in final)
+    if _mapping(report.get("mechanism")).get("releases") == 0:
+        eps = NO_RELEASE  # not "0.0000" next to a warning about unbounded releases
     parts = [
         f"Rounds completed: {rounds}",
         f"Clients: {n_clients}",

@@ -13,7 +13,9 @@ its sampling rate ``q``: the guarantee for any client against whoever does not k
 selected (amplification by sampling needs that secrecy). The per-client epsilon is the
 participation view, for an observer who knows who took part (the server does): it composes only
 the releases the client's update was part of, each with ``q = 1`` (no amplification), so a client
-that sat a round out spends nothing that round. With full participation the two coincide. The
+that sat a round out spends nothing that round; a line of ``steps`` releases counts ``steps``
+times. With full participation the two coincide. A run that released nothing reports epsilon 0
+for every accountant and says "no release: nothing spent" (never next to "unbounded"). The
 report's schema is ``secure-fl/privacy-report/v1``; `privacy.audit.html.render_html` turns it
 into a self-contained page.
 """
@@ -34,6 +36,8 @@ from privacy.errors import PrivacyError
 from privacy.ledger import epsilon_to_json
 
 SCHEMA = "secure-fl/privacy-report/v1"
+#: What the report, the page and the CLI say for a run that released nothing.
+NO_RELEASE = "no release: nothing spent"
 DISTRIBUTION = "secure-fl"
 
 
@@ -45,6 +49,7 @@ def build_report(
     ledger: Sequence[Mapping[str, Any]],
     run_dir: str | Path = "",
     version: str | None = None,
+    unconfirmed_rounds: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The audit report as a JSON-serialisable dict (see the module docstring for the inputs).
 
@@ -52,7 +57,8 @@ def build_report(
     distribution's (``privacy`` does not import ``secure_fl``, so it is read from package metadata).
     A round whose metrics record has ``"status": "interrupted"`` (cut short, e.g. by Ctrl-C; it has
     no ledger line) is never counted as released, and raises the ``run-interrupted`` warning, as
-    does ``"interrupted": true`` in ``run.json``.
+    does ``"interrupted": true`` in ``run.json``. ``unconfirmed_rounds`` are ledger rounds with no
+    metrics record (from `privacy.ledger.PrivacyLedger.verify`): counted as spent, flagged high.
     """
     stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in dict(run.get("stages", {})).items()}
     privacy_cfg = dict(config.get("privacy", {}))
@@ -73,9 +79,31 @@ def build_report(
             "and call secure_fl.audit(run_dir) to fill it in",
         ))
     known = [name for name in accountant_names if name not in unknown]
-    cache: dict[tuple[Any, ...], float | None] = {}
+    cache: dict[tuple[Any, ...], tuple[float | None, str | None]] = {}
+    fallbacks: dict[str, set[str]] = {}
+    for entry in ledger:
+        for name, note in dict(entry.get("epsilon_notes") or {}).items():
+            fallbacks.setdefault(str(name), set()).add(f"round {entry['round']}: {note}")
     for row in clients:
-        row["epsilon"] = _client_epsilon(row.pop("_releases"), ledger, known, delta, cache)
+        row["epsilon"], notes = _client_epsilon(row.pop("_releases"), ledger, known, delta, cache)
+        if notes:
+            row["epsilon_notes"] = notes
+            for name, note in notes.items():
+                fallbacks.setdefault(name, set()).add(f"per-client view of {row['client_id']}: {note}")
+    if fallbacks:
+        warnings.append(_warn(
+            "accountant-fallback", "medium",
+            "an accountant could not compute its own bound for a noisy history and reported another valid, "
+            "looser bound instead: " + "; ".join(f"{name} ({len(v)} time(s), e.g. {min(v)})"
+                                                 for name, v in sorted(fallbacks.items())),
+        ))
+    if unconfirmed_rounds:
+        warnings.append(_warn(
+            "ledger-without-metrics", "high",
+            f"the ledger records round(s) {', '.join(map(str, unconfirmed_rounds))} but metrics.jsonl has no "
+            "record of them (the server stopped between the two writes, or metrics.jsonl was cut): their spend "
+            "is counted as released",
+        ))
 
     mechanism_stage = stages.get("privacy", {}).get("params", {})
     last = ledger[-1] if ledger else {}
@@ -90,6 +118,10 @@ def build_report(
         "releases": len(ledger),
     }
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
+    if ledger and ledger[-1].get("epsilon_notes"):
+        epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
+    else:
+        epsilon_notes = {}
     completed = [m for m in metrics if m.get("status", "ok") == "ok"]
     interrupted = [m for m in metrics if _is_interrupted(m)]
     return {
@@ -111,7 +143,7 @@ def build_report(
         "stages": stages,
         "threat_model": _threat_model(stages, mechanism, run),
         "mechanism": mechanism,
-        "epsilon": {"final": final, "by_round": by_round},
+        "epsilon": {"final": final, "by_round": by_round, **epsilon_notes},
         "clients": clients,
         "exclusions": [
             {"round": int(m["round"]), "client_id": str(c), "defense": str(dict(m.get("stages", {})).get("defense", ""))}
@@ -195,27 +227,35 @@ def _client_epsilon(
     ledger: Sequence[Mapping[str, Any]],
     names: Sequence[str],
     delta: float,
-    cache: dict[tuple[Any, ...], float | None],
-) -> dict[str, float | None]:
-    """Epsilon per accountant over the client's releases at ``q = 1``; accountants not registered
-    in this process are left out (the page shows "not computed"). Clients with the same releases'
-    (z, count) profile share one computation through ``cache``."""
+    cache: dict[tuple[Any, ...], tuple[float | None, str | None]],
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Epsilon per accountant over the client's releases at ``q = 1``, and the accountants'
+    fallback notes; accountants not registered in this process are left out (the page shows
+    "not computed"). A line counts its ``steps`` releases. Clients with the same (z, steps)
+    profile share one computation through ``cache``."""
     rounds = set(releases)
-    counts = Counter(float(e["noise_multiplier"]) for e in ledger if int(e["round"]) in rounds)
-    profile = tuple(sorted(counts.items()))
+    steps: Counter[float] = Counter()
+    for e in ledger:
+        if int(e["round"]) in rounds:
+            steps[float(e["noise_multiplier"])] += int(e["steps"])
+    profile = tuple(sorted(steps.items()))
     out: dict[str, float | None] = {}
+    notes: dict[str, str] = {}
     for name in names:
         key = (name, profile)
         if key not in cache:
             accountant: Accountant = create_accountant(name)
-            for z, steps in profile:  # participation is known to this observer: no amplification
-                accountant.compose(GaussianEvent(z, 1.0, steps))
+            for z, count in profile:  # participation is known to this observer: no amplification
+                accountant.compose(GaussianEvent(z, 1.0, count))
             try:
-                cache[key] = epsilon_to_json(accountant.epsilon(delta))
+                spent = accountant.get_privacy_spent(delta)
             except PrivacyError:
                 continue
-        out[name] = cache[key]
-    return out
+            cache[key] = (epsilon_to_json(spent.epsilon), spent.note)
+        out[name], note = cache[key]
+        if note:
+            notes[name] = note
+    return out, notes
 
 
 def _secure_mode(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any], bool]:
@@ -291,7 +331,11 @@ def _warnings(
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     mode, _, reveals = _secure_mode(stages)
-    if _no_dp(mechanism):
+    if _no_dp(mechanism) and not mechanism.get("releases"):
+        out.append(_warn("dp-off", "high", f"privacy.mode = {mechanism.get('mode')}: no differential-privacy guarantee; "
+                         f"{NO_RELEASE} (no round released an adapter), but a release under this configuration "
+                         "could reveal clients' training data"))
+    elif _no_dp(mechanism):
         out.append(_warn("dp-off", "high", f"privacy.mode = {mechanism.get('mode')}: no differential-privacy guarantee; "
                          "epsilon is unbounded and the released adapter may reveal clients' training data"))
     if reveals:

@@ -275,7 +275,11 @@ class FederatedServer:
                 record["reason"] = f"the aggregated global adapter is not finite ({problem}); nothing was released"
                 log.error("round %d: %s", number, record["reason"])
                 outcome = None
-        if outcome is not None:
+        if outcome is None:  # nothing released: publish no client losses or evaluation metrics either
+            record["train_loss"] = None
+            for key in [k for k in record if k.startswith("fed_eval_")]:
+                del record[key]
+        else:
             event = self.stages.privacy.privacy_event(
                 cohort_size=len(cohort), population=len(available), contributions=len(contributors)
             )
