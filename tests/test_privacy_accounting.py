@@ -221,7 +221,7 @@ def test_prv_falls_back_to_rdp_for_noisy_histories_it_cannot_bound() -> None:
     dp_accounting = pytest.importorskip("dp_accounting")
     from dp_accounting.pld import pld_privacy_accountant
 
-    pld = pld_privacy_accountant.PLDAccountant()
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)  # 949.835 either way, 10x faster
     pld.compose(dp_accounting.GaussianDpEvent(0.8), 1000)
     assert 900 < pld.get_epsilon(DELTA) <= _spent("prv", GaussianEvent(0.8, 1.0, 1000))  # valid: not below PLD
 
