@@ -176,6 +176,12 @@ def run_client(
 
     check_id(client_id, what="client id")
     parse_address(server, what="server address")
+    if config.privacy.params.get("insecure_seed") is not None:
+        raise ConfigError(
+            "privacy.params.insecure_seed is accepted only in simulation (secure-fl simulate or secure_fl.simulate): "
+            "a seeded noise generator gives no privacy; remove privacy.params.insecure_seed",
+            key="privacy.params.insecure_seed",
+        )
     if dataset is None:
         if workload is not None:
             raise ConfigError("a custom workload needs this client's dataset: pass dataset=...")

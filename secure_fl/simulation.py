@@ -8,6 +8,7 @@ model instance to save memory, poll and train one after another in the calling t
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -75,6 +76,13 @@ def simulate(
         Replaces the progress display (advanced).
     """
     config = config or Config()
+    if config.privacy.params.get("insecure_seed") is not None:
+        warnings.warn(
+            f"privacy.params.insecure_seed = {config.privacy.params['insecure_seed']} is set: the DP noise is "
+            "reproducible by anyone who knows the seed, so this simulation has no privacy guarantee (testing only; "
+            "a gRPC server refuses it, and the report flags it)",
+            UserWarning, stacklevel=2,
+        )
     if (workload is None) != (client_datasets is None):
         raise ConfigError("pass workload and client_datasets together (or neither, to use the config's model and data)")
     if client_datasets is not None:

@@ -110,6 +110,8 @@ class Stages:
     privacy: PrivacyMechanism
     attack: Attack
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The noise multiplier calibrated for ``[privacy] target_epsilon`` (`secure_fl.budget`), if any.
+    calibration: Any = None
 
     @classmethod
     def from_config(cls, config: Config) -> Stages:
@@ -130,6 +132,11 @@ class Stages:
             )
         if getattr(stages.privacy, "server_noise", False):
             _check_server_noise(config, stages)
+        from secure_fl.budget import prepare_privacy
+
+        stages.calibration = prepare_privacy(config, stages.privacy)  # the same z on the server and every client
+        if stages.calibration is not None and stages.calibration.calibrated:
+            stages.settings["privacy"] = {**stages.settings["privacy"], "noise_multiplier": stages.calibration.noise_multiplier}
         return stages
 
     def describe(self) -> dict[str, dict[str, Any]]:

@@ -65,6 +65,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _warnings_section(_seq(report.get("warnings"))),
         _threat_section(_seq(report.get("threat_model"))),
         _mechanism_section(_mapping(report.get("mechanism"))),
+        _budget_section(_mapping(report.get("budget")), _mapping(report.get("sampling"))),
         _stages_section(_mapping(report.get("stages"))),
         _epsilon_section(_mapping(report.get("epsilon")), accountants),
         _clients_section(_seq(report.get("clients")), accountants),
@@ -215,6 +216,9 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
     if _num(run.get("rounds_failed")):
         rounds += f" ({_fmt(run.get('rounds_failed'))} failed)"
     banner = ""
+    stopped = _mapping(run.get("stopped"))
+    if stopped:
+        rounds += f" (stopped at round {_fmt(stopped.get('round'))}: {_fmt(stopped.get('cause'))})"
     if run.get("interrupted") is True:
         rounds += " (run interrupted)"
         banner = (
@@ -269,6 +273,40 @@ def _mechanism_section(mechanism: Mapping[str, Any]) -> str:
         return ""
     rows = [[key, _fmt(value)] for key, value in mechanism.items()]
     return _section("Mechanism and parameters", _table(["parameter", "value"], rows))
+
+
+def _budget_section(budget: Mapping[str, Any], sampling: Mapping[str, Any]) -> str:
+    """The budget line (target, spent, remaining, where and why the run stopped) and the sampling."""
+    if not budget and not sampling:
+        return ""
+    target = budget.get("target_epsilon")
+    spent = budget.get("spent")
+    line = (
+        f"Budget: target ε {_fmt_eps(target) if target is not None else 'none'}, spent "
+        f"{_fmt_eps(spent) if 'spent' in budget else _MISSING}, remaining "
+        f"{_fmt_eps(budget.get('remaining')) if target is not None else _MISSING} "
+        f"({_fmt(budget.get('accountant'))} at δ = {_fmt(budget.get('delta'))})"
+    )
+    if budget.get("stop_reason"):
+        line += f"; {budget['stop_reason']}"
+    elif target is not None:
+        line += "; every planned round ran within the budget" if budget.get("stopped_at_round") is None else ""
+    rows = [
+        ["target ε (run level)", _fmt(target)],
+        ["spent ε", _fmt_eps(spent)],
+        ["remaining ε", _fmt(budget.get("remaining"))],
+        ["per-client target ε", _fmt(budget.get("client_target_epsilon"))],
+        ["noise multiplier z", _fmt(budget.get("noise_multiplier"))
+         + (" (calibrated)" if budget.get("calibrated") else "")],
+        ["z from", _fmt(budget.get("noise_multiplier_source"))],
+        ["stopped at round", _fmt(budget.get("stopped_at_round"))],
+        ["sampling", _fmt(sampling.get("mode"))],
+        ["q (run-level sample rate)", _fmt(sampling.get("sample_rate") if sampling.get("amplified") else 1.0)],
+        ["amplified by sampling", _fmt(bool(sampling.get("amplified")))],
+        ["expected cohort", _fmt(sampling.get("expected_cohort"))],
+        ["skip probability per round", _fmt(sampling.get("skip_probability"))],
+    ]
+    return _section("Budget and sampling", f'<p class="budget">{_esc(line)}</p>\n' + _table(["item", "value"], rows))
 
 
 def _stages_section(stages: Mapping[str, Any]) -> str:

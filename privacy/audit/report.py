@@ -23,6 +23,7 @@ into a self-contained page.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -117,13 +118,24 @@ def build_report(
         "accountants": accountant_names,
         "releases": len(ledger),
     }
+    sampling = dict(run.get("sampling") or {})
+    budget_info = dict(run.get("budget") or {})
+    calibration = dict(budget_info.get("calibration") or {})
+    if sampling:
+        mechanism["sampling"] = sampling.get("mode")
+        mechanism["amplified"] = bool(sampling.get("amplified"))
+    if calibration:
+        mechanism["noise_multiplier_source"] = calibration.get("noise_multiplier_source")
+    budget = _budget(budget_info, run, final, delta, len(ledger))
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
+    warnings.extend(_sampling_warnings(stages, mechanism, run, config, metrics, budget, final))
     if ledger and ledger[-1].get("epsilon_notes"):
         epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
     else:
         epsilon_notes = {}
     completed = [m for m in metrics if m.get("status", "ok") == "ok"]
     interrupted = [m for m in metrics if _is_interrupted(m)]
+    skipped = [m for m in metrics if m.get("status") == "skipped"]
     return {
         "schema": SCHEMA,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -134,8 +146,10 @@ def build_report(
             "transport": run.get("transport"),
             "rounds_planned": int(dict(config.get("run", {})).get("rounds", len(metrics))),
             "rounds_completed": len(completed),
-            "rounds_failed": len(metrics) - len(completed) - len(interrupted),
+            "rounds_failed": len(metrics) - len(completed) - len(interrupted) - len(skipped),
+            "rounds_skipped": len(skipped),
             "rounds_interrupted": len(interrupted),
+            "stopped": run.get("stopped"),
             "interrupted": bool(interrupted) or bool(run.get("interrupted", False)),
             "clients": [row["client_id"] for row in clients],
             "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),
@@ -144,6 +158,8 @@ def build_report(
         "threat_model": _threat_model(stages, mechanism, run),
         "mechanism": mechanism,
         "epsilon": {"final": final, "by_round": by_round, **epsilon_notes},
+        "budget": budget,
+        "sampling": sampling,
         "clients": clients,
         "exclusions": [
             {"round": int(m["round"]), "client_id": str(c), "defense": str(dict(m.get("stages", {})).get("defense", ""))}
@@ -362,7 +378,69 @@ def _warnings(
             + ": the run stopped before its planned rounds; a cut-short round released nothing and is not counted "
             "as released, and the report covers only the rounds before it",
         ))
-    failed = [int(m["round"]) for m in metrics if m.get("status", "ok") not in ("ok", "interrupted")]
+    failed = [int(m["round"]) for m in metrics if m.get("status", "ok") not in ("ok", "interrupted", "skipped")]
     if failed:
         out.append(_warn("failed-rounds", "info", f"round(s) {', '.join(map(str, failed))} failed and released nothing"))
+    return out
+
+
+def _budget(
+    info: Mapping[str, Any], run: Mapping[str, Any], final: Mapping[str, Any], delta: float, releases: int
+) -> dict[str, Any]:
+    """The budget line: target, spent (budget accountant), remaining, where and why the run stopped."""
+    accountant = info.get("accountant") or next(iter(final), None)
+    spent_json = final.get(accountant) if accountant is not None else None
+    spent = None if releases and spent_json is None else float(spent_json or 0.0)
+    target = info.get("target_epsilon")
+    stopped = dict(run.get("stopped") or {})
+    return {
+        "accountant": accountant,
+        "delta": delta,
+        "target_epsilon": target,
+        "spent": spent,
+        "remaining": (float(target) - spent) if target is not None and spent is not None else None,
+        "client_target_epsilon": info.get("client_target_epsilon"),
+        "noise_multiplier": dict(info.get("calibration") or {}).get("noise_multiplier"),
+        "calibrated": bool(dict(info.get("calibration") or {}).get("calibrated", False)),
+        "noise_multiplier_source": dict(info.get("calibration") or {}).get("noise_multiplier_source"),
+        "stopped_at_round": stopped.get("round"),
+        "stop_reason": stopped.get("reason"),
+    }
+
+
+def _sampling_warnings(
+    stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any],
+    config: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]], budget: Mapping[str, Any],
+    final: Mapping[str, Any],
+) -> list[dict[str, str]]:
+    """Warnings about randomness, sampling and budgets (insecure seed, q = 1 view, skipped rounds, stop)."""
+    out: list[dict[str, str]] = []
+    seed = dict(stages.get("privacy", {}).get("params", {})).get("insecure_seed")
+    if seed is None:
+        seed = dict(dict(config.get("privacy", {})).get("params", {})).get("insecure_seed")
+    if seed is not None:
+        out.append(_warn("insecure-seed", "high", f"privacy.params.insecure_seed = {seed}: the DP noise came from a "
+                         "seeded generator, so anyone who knows the seed can remove it; this run has NO privacy "
+                         "guarantee whatever epsilon says (testing only; refused outside simulation)"))
+    sampling = dict(run.get("sampling") or {})
+    if not _no_dp(mechanism) and sampling.get("mode", "fixed") == "fixed":
+        out.append(_warn("q1-view", "medium", "q = 1 view: cohorts are drawn with a fixed size from a seeded "
+                         "generator (run.sampling = 'fixed'), which is neither Poisson nor secret, so the run-level "
+                         "epsilon claims no amplification by sampling (sample_rate = 1 for every release); set "
+                         "run.sampling = 'poisson' for secret Poisson sampling"))
+    skipped = [int(m["round"]) for m in metrics if m.get("status") == "skipped"]
+    p = float(sampling.get("skip_probability") or 0.0)
+    if sampling.get("mode") == "poisson" and p > 0 and not _no_dp(mechanism):
+        rounds = int(dict(config.get("run", {})).get("rounds", len(metrics)))
+        eps = final.get(budget.get("accountant")) if budget.get("accountant") else None
+        extra = rounds * p * (1 + math.exp(min(float(eps), 700.0))) if eps is not None else math.inf
+        severity = "high" if extra > float(budget.get("delta") or 0) else "info"
+        out.append(_warn("poisson-skips", severity, f"a Poisson cohort too small to run (round skipped, nothing "
+                         f"released) has probability {p:.3g} per round; whether a round is skipped depends on the "
+                         f"secret cohort size, so the guarantee including skips is (epsilon, delta + T p (1 + e^epsilon)) "
+                         f"= delta + {extra:.3g} over T = {rounds} rounds" + (f"; skipped: round(s) {', '.join(map(str, skipped))}" if skipped else "")))
+    elif skipped:
+        out.append(_warn("skipped-rounds", "info", f"round(s) {', '.join(map(str, skipped))} were skipped (cohort too small)"))
+    if budget.get("stop_reason"):
+        out.append(_warn("budget-stop", "medium", str(budget["stop_reason"])))
     return out

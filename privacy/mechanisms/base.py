@@ -7,6 +7,14 @@ distributed mode) after quantisation and before masking; the order is fixed by
 noise). `privacy_event` says what one release costs as a
 `GaussianEvent`; the server composes it into the configured accountants
 and writes the result to the privacy ledger before the new global adapter is released.
+
+Budgets and sampling (`secure_fl.budget`): a mechanism that can be calibrated to
+``[privacy] target_epsilon`` implements `PrivacyMechanism.event_for` (what one release costs at
+noise multiplier z and sampling rate q, whatever its event type) and
+`PrivacyMechanism.set_noise_multiplier`; the engine tells it the run's sampling with
+`PrivacyMechanism.set_sampling` before round 1 and passes the run-level ``sample_rate`` to
+`privacy_event` (a mechanism whose ``privacy_event`` has no ``sample_rate`` keyword keeps its
+own, conservative, rate).
 """
 
 from __future__ import annotations
@@ -88,12 +96,39 @@ class PrivacyMechanism(ABC):
         """Transform the aggregated update on the server before it is applied."""
 
     @abstractmethod
-    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
+    def privacy_event(
+        self, *, cohort_size: int, population: int, contributions: int, sample_rate: float = 1.0
+    ) -> GaussianEvent:
         """What releasing this round's aggregate costs.
 
         ``cohort_size`` clients were selected out of ``population`` connected ones and
-        ``contributions`` updates arrived. A release without noise returns an event with
-        ``noise_multiplier=0``, which every accountant reports as an unbounded epsilon.
+        ``contributions`` updates arrived. ``sample_rate`` is the run-level rate the engine's
+        sampling justifies: q of secret Poisson sampling (``[run] sampling = "poisson"``), else 1
+        (fixed-size cohorts claim no amplification). A release without noise returns an event
+        with ``noise_multiplier=0``, which every accountant reports as an unbounded epsilon.
+        """
+
+    #: Whether `event_for` and `set_noise_multiplier` are implemented (``[privacy] target_epsilon`` needs them).
+    calibratable: ClassVar[bool] = False
+
+    def event_for(self, *, noise_multiplier: float, sample_rate: float) -> Any:
+        """The event one release would cost at noise multiplier ``noise_multiplier`` and rate ``sample_rate``.
+
+        Used by the calibration (`privacy.accounting.calibration`) before round 1; the event type
+        is the mechanism's own (any event its accountants compose). Default: not calibratable.
+        """
+        raise NotImplementedError(f"privacy mode {self.name!r} cannot be calibrated to a target epsilon")
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Replace z by the calibrated value (before round 1, on server and clients alike)."""
+        raise NotImplementedError(f"privacy mode {self.name!r} cannot be calibrated to a target epsilon")
+
+    def set_sampling(self, *, sample_rate: float, expected_cohort: float) -> None:
+        """Called once before round 1: the run-level sampling rate and the expected cohort size.
+
+        A mechanism that releases a mean under Poisson sampling (``sample_rate < 1``) must divide
+        by the fixed ``expected_cohort``, not by the actual (secret, data-dependent) count, for
+        the release to be a post-processing of the noisy sum. Default: ignored.
         """
 
     def describe(self) -> dict[str, Any]:

@@ -30,9 +30,15 @@ What it guarantees: client-level (epsilon, delta)-DP for anyone who sees the rel
 (other clients, whoever gets the final adapter). It does **not** protect against the server, which
 sees every clipped update and the noise-free sum before it adds the noise.
 
-Accounting: the engine draws fixed-size cohorts from a seeded generator, which is neither Poisson
-sampling nor secret, so no amplification by sampling is claimed: every release is a
-``GaussianEvent(noise_multiplier=z, sample_rate=1.0, steps=1)``.
+Accounting: with fixed-size cohorts (``[run] sampling = "fixed"``, drawn from a seeded generator,
+neither Poisson nor secret) no amplification by sampling is claimed: every release is a
+``GaussianEvent(noise_multiplier=z, sample_rate=1.0, steps=1)``. With secret Poisson sampling
+(``[run] sampling = "poisson"``, each client selected independently with probability q from the
+OS CSPRNG) the engine passes ``sample_rate=q`` and the release is the sampled Gaussian mechanism
+``GaussianEvent(z, q, 1)``, provided the released mean does not depend on the secret cohort size:
+`set_sampling` fixes the denominator to the expected cohort size ``m = q N`` (DP-FedAvg's
+fixed-denominator estimator), so the server releases ``(sum + N(0, (z C)^2)) / m``, a
+post-processing of the noisy sum. ``target_epsilon`` calibrates z (`event_for`, `set_noise_multiplier`).
 
 Randomness: the noise comes from the operating system's CSPRNG (``os.urandom``, Box-Muller on
 53-bit uniforms). ``insecure_seed`` replaces it with a seeded NumPy generator for reproducible
@@ -166,6 +172,9 @@ class CentralDP(PrivacyMechanism):
         self.clip_mode = clip  # not ``self.clip``: that is the client step of the base class
         self.insecure_seed = insecure_seed
         self._rng: np.random.Generator | None = None
+        self.sample_rate = 1.0
+        #: The fixed denominator under Poisson sampling (``None``: divide by the actual count).
+        self.expected_cohort: float | None = None
         if insecure_seed is not None:
             warnings.warn(
                 "privacy.params.insecure_seed is set: the DP noise is reproducible by anyone who knows the seed, "
@@ -194,26 +203,54 @@ class CentralDP(PrivacyMechanism):
         return secure_standard_normal(size)
 
     def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
-        """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum)."""
+        """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum).
+
+        Under Poisson sampling (`set_sampling` with ``sample_rate < 1``) the mean is rescaled to
+        ``sum / m`` with the fixed expected cohort size m, and the noise is ``N(0, (z C / m)^2)``.
+        """
         if isinstance(num_contributions, bool) or not isinstance(num_contributions, int) or num_contributions < 1:
             raise ValueError(f"central DP needs at least one contribution, got num_contributions={num_contributions!r}")
         names = list(delta)
-        if not names or self.noise_multiplier == 0:
+        denominator = float(num_contributions) if self.expected_cohort is None else self.expected_cohort
+        rescale = num_contributions / denominator  # mean * n = the sum; divided by the fixed m under Poisson
+        if not names or (self.noise_multiplier == 0 and rescale == 1.0):
             return {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
         arrays = [np.asarray(delta[name]) for name in names]
         sizes = np.array([a.size for a in arrays])
-        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
-        noised = (flat + self.standard_normal(flat.size) * (self.noise_std / num_contributions)).astype(np.float32)
+        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64) * rescale
+        noised = (flat + self.standard_normal(flat.size) * (self.noise_std / denominator)).astype(np.float32)
         pieces = np.split(noised, np.cumsum(sizes)[:-1])
         return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
 
-    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
-        """One Gaussian release of noise multiplier z, with no amplification by sampling (``sample_rate=1``).
+    def privacy_event(
+        self, *, cohort_size: int, population: int, contributions: int, sample_rate: float = 1.0
+    ) -> GaussianEvent:
+        """One Gaussian release of noise multiplier z at the engine's run-level ``sample_rate``.
 
-        Cohorts are drawn with a fixed size from a seeded generator, which is neither Poisson nor
-        secret, so claiming ``q = cohort_size / population`` would overstate the guarantee.
+        ``sample_rate`` is 1 for fixed-size cohorts (drawn from a seeded generator, neither Poisson
+        nor secret, so claiming ``q = cohort_size / population`` would overstate the guarantee)
+        and q for secret Poisson sampling.
         """
-        return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1)
+        return self.event_for(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
+
+    calibratable: ClassVar[bool] = True
+
+    def event_for(self, *, noise_multiplier: float, sample_rate: float) -> GaussianEvent:
+        """``GaussianEvent(z, q, 1)``: one release of the (sampled) Gaussian mechanism."""
+        return GaussianEvent(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate), steps=1)
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Use the calibrated z from now on (the server adds N(0, (z C)^2) to the sum)."""
+        if not (0 <= noise_multiplier < math.inf):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        self.noise_multiplier = float(noise_multiplier)
+
+    def set_sampling(self, *, sample_rate: float, expected_cohort: float) -> None:
+        """Under Poisson sampling (``sample_rate < 1``), divide the noisy sum by the fixed ``expected_cohort``."""
+        if not (0 < sample_rate <= 1) or not expected_cohort > 0:
+            raise ValueError(f"sampling needs 0 < sample_rate <= 1 and expected_cohort > 0, got {sample_rate!r}, {expected_cohort!r}")
+        self.sample_rate = float(sample_rate)
+        self.expected_cohort = float(expected_cohort) if sample_rate < 1 else None
 
     def describe(self) -> dict[str, Any]:
         """Settings plus the facts the report needs: who adds the noise and what the server sees."""
@@ -227,7 +264,11 @@ class CentralDP(PrivacyMechanism):
             "noise_added_by": "server",
             "server_sees": "every clipped update and the noise-free sum (central DP: the server is trusted)",
             "weights": "uniform (each client's clipped update counts once)",
-            "sampling_amplification": "none claimed (fixed-size cohorts from a seeded generator): sample_rate = 1",
+            "sampling_amplification": (
+                "none claimed (fixed-size cohorts from a seeded generator): sample_rate = 1" if self.expected_cohort is None
+                else f"secret Poisson sampling, q = {self.sample_rate:g}; the noisy sum is divided by the expected "
+                     f"cohort size {self.expected_cohort:g}, not the actual count"
+            ),
             "randomness": "os.urandom (CSPRNG)" if self.insecure_seed is None
             else f"INSECURE: seeded NumPy generator (insecure_seed={self.insecure_seed}), testing only",
             "insecure_seed": self.insecure_seed,

@@ -25,7 +25,9 @@ class NoPrivacy(PrivacyMechanism):
         """Return the aggregate unchanged."""
         return dict(delta)
 
-    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
+    def privacy_event(
+        self, *, cohort_size: int, population: int, contributions: int, sample_rate: float = 1.0
+    ) -> GaussianEvent:
         """A noiseless release of the cohort's aggregate (no guarantee)."""
         return GaussianEvent(noise_multiplier=0.0, sample_rate=min(1.0, cohort_size / max(population, 1)))
 

@@ -33,6 +33,7 @@ BUILTIN_MODELS = ("minilm", "tiny-bert")
 DATASETS = ("bbc-news", "synthetic", "file")
 PARTITIONS = ("iid", "dirichlet")
 TASKS = ("seq-cls",)
+SAMPLING = ("fixed", "poisson")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,14 @@ class RunConfig:
         default=False,
         metadata={"help": "fail the run if fewer than clients_per_round clients joined within join_timeout (else warn)"},
     )
+    sampling: str = field(default="fixed", metadata={
+        "help": "'fixed': clients_per_round clients from the seeded generator (run-level epsilon at q = 1); "
+                "'poisson': each connected client independently with probability sample_rate, from the OS CSPRNG "
+                "(secret; the run-level epsilon uses amplification by sampling)"
+    })
+    sample_rate: float = field(default=0.0, metadata={
+        "help": "sampling = 'poisson' only: each client's selection probability q (0: clients_per_round / num_clients)"
+    })
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "clients_per_round", "min_updates", "keep_checkpoints"):
@@ -71,6 +80,10 @@ class RunConfig:
             _fail("run.clients_per_round", f"{self.clients_per_round} exceeds run.num_clients={self.num_clients}")
         if self.min_updates > self.clients_per_round:
             _fail("run.min_updates", f"{self.min_updates} exceeds run.clients_per_round={self.clients_per_round}")
+        _choice("run.sampling", self.sampling, SAMPLING)
+        _fraction("run.sample_rate", self.sample_rate)
+        if self.sample_rate and self.sampling != "poisson":
+            _fail("run.sample_rate", f"is {self.sample_rate} but run.sampling = {self.sampling!r}; set run.sampling = 'poisson'")
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,14 @@ class PrivacyConfig:
     accountants: tuple[str, ...] = field(
         default=("rdp", "prv"), metadata={"help": "accountants whose epsilon the ledger and report show"}
     )
+    target_epsilon: float = field(default=0.0, metadata={
+        "help": "run-level budget at delta (0: none): z is calibrated for run.rounds releases unless "
+                "privacy.params.noise_multiplier is set (then the target is a cap); a round that would pass it is not run"
+    })
+    client_target_epsilon: float = field(default=0.0, metadata={
+        "help": "per-client budget at delta (0: none): a client whose own epsilon (releases it took part in, "
+                "q = 1) would pass it is no longer selected"
+    })
     params: Params = _params_field("privacy.params")
 
     def __post_init__(self) -> None:
@@ -229,6 +250,11 @@ class PrivacyConfig:
             _fail("privacy.accountants", f"names an accountant twice: {list(self.accountants)}")
         for name in self.accountants:
             _choice("privacy.accountants", name, accountants())
+        for name in ("target_epsilon", "client_target_epsilon"):
+            _non_negative_float(f"privacy.{name}", getattr(self, name))
+            if getattr(self, name) and self.mode == "none":
+                _fail(f"privacy.{name}", f"is {getattr(self, name)} but privacy.mode = 'none' releases without noise "
+                      "(epsilon unbounded from round 1); choose a differential-privacy mode")
 
 
 @dataclass(frozen=True)

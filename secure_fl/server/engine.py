@@ -10,6 +10,7 @@ from a round when its deadline passes, never waited for forever.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from privacy.accounting import create_accountant
 from privacy.ledger import PrivacyLedger, ReleaseAccounting
 from protocols.wire import serde
 from protocols.wire.serde import TensorSpec
+from secure_fl.budget import BudgetGuard, SamplingPlan, poisson_cohort, skip_probability
 from secure_fl.config import Config
 from secure_fl.data.sources import load_eval_set
 from secure_fl.errors import ConfigError, RunError
@@ -66,12 +68,29 @@ class FederatedServer:
         self.run_id = run_id or new_run_id()
         self.observer: RoundObserver = observer or SilentObserver()
         # Stages first: a configuration no round could run under is refused before anything is written.
+        if transport != "in-process" and config.privacy.params.get("insecure_seed") is not None:
+            raise ConfigError(
+                "privacy.params.insecure_seed is accepted only in simulation (secure-fl simulate or "
+                "secure_fl.simulate): a seeded noise generator lets anyone who knows the seed remove the noise, "
+                f"so a {transport} server refuses it; remove privacy.params.insecure_seed",
+                key="privacy.params.insecure_seed",
+            )
         self.stages = Stages.from_config(config)
+        self.sampling = SamplingPlan.from_config(config)
+        expected = min(config.run.clients_per_round, config.run.num_clients)
+        if self.sampling.mode == "poisson":
+            expected = max(1, round(self.sampling.expected_cohort))
         try:
-            self.stages.secure.check_cohort(min(config.run.clients_per_round, config.run.num_clients))
+            self.stages.secure.check_cohort(expected)
         except ValueError as exc:
-            raise ConfigError(f"[secure] with run.clients_per_round={config.run.clients_per_round}: {exc}",
-                              key="secure.params") from None
+            what = (f"the expected Poisson cohort {expected} (q = {self.sampling.sample_rate:g})"
+                    if self.sampling.mode == "poisson" else f"run.clients_per_round={config.run.clients_per_round}")
+            raise ConfigError(f"[secure] with {what}: {exc}", key="secure.params") from None
+        #: Per-round chance that a Poisson cohort is too small to run (skipped rounds; see `secure_fl.budget`).
+        self.skip_probability = 0.0
+        if self.sampling.mode == "poisson":
+            self.skip_probability = skip_probability(config.run.num_clients, self.sampling.sample_rate, self._runnable)
+            self.stages.secure.check_cohort(expected)  # the scan above re-planned the buckets; plan the expected cohort
         self.run_dir = RunDirectory(out_dir)
         if self.run_dir.holds_run():
             raise RunError(
@@ -87,12 +106,31 @@ class FederatedServer:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "transport": transport,
             "stages": self.stages.describe(),
+            "sampling": {**self.sampling.describe(), "skip_probability": self.skip_probability,
+                         "min_cohort": run_min_cohort(config)},
+            "budget": self._budget_info(),
         })
         self.accounting = ReleaseAccounting(
             PrivacyLedger(self.run_dir.ledger_path),
             {name: create_accountant(name) for name in config.privacy.accountants},
             delta=config.privacy.delta,
         )
+        self.budget = BudgetGuard(
+            config.privacy.accountants[0], delta=config.privacy.delta,
+            target_epsilon=config.privacy.target_epsilon, client_target_epsilon=config.privacy.client_target_epsilon,
+        )
+        self.budget.replay(self.accounting.ledger.entries())
+        #: Why the run ended before ``run.rounds`` (a budget), once it did.
+        self.stop_reason: str | None = None
+        calibration = self.stages.calibration
+        if calibration is not None and calibration.planned_epsilon > calibration.target_epsilon:
+            log.warning(
+                "privacy.params.noise_multiplier = %g: the %d planned round(s) would spend epsilon %.4g > "
+                "privacy.target_epsilon = %g (%s); the run stops before the round that would pass it "
+                "(leave noise_multiplier unset to calibrate it to the target)",
+                calibration.noise_multiplier, calibration.rounds, calibration.planned_epsilon,
+                calibration.target_epsilon, calibration.accountant,
+            )
         if workload is None:
             label_names, eval_set = load_eval_set(config)
             workload = TextClassification(config.model, config.peft, label_names)
@@ -170,8 +208,13 @@ class FederatedServer:
             self._write_report_after_failure()
             raise
         stopped = len(records) < self.config.run.rounds
-        stop_reason = f"stopped early by a callback after round {len(records)} of {self.config.run.rounds}" if stopped else None
-        self.coordinator.finish(f"run {'stopped early by a callback' if stopped else 'complete'} after {len(records)} rounds")
+        stop_reason = self.stop_reason or (
+            f"stopped early by a callback after round {len(records)} of {self.config.run.rounds}" if stopped else None
+        )
+        if self.stop_reason:
+            self.coordinator.finish(f"run stopped after {len(records)} rounds: {self.stop_reason}")
+        else:
+            self.coordinator.finish(f"run {'stopped early by a callback' if stopped else 'complete'} after {len(records)} rounds")
         from secure_fl.audit import audit
 
         report = audit(self.run_dir.path)
@@ -208,11 +251,90 @@ class FederatedServer:
         self._save_adapter()
         records: list[dict[str, Any]] = []
         for number in range(1, run.rounds + 1):
-            record, stop = self._round(number, rng)
+            try:
+                record, stop = self._round(number, rng)
+            except _BudgetStop as exc:
+                self._record_stop(number, str(exc), exc.cause)
+                break
             records.append(record)
             if stop:
                 break
         return records
+
+    def _budget_info(self) -> dict[str, Any]:
+        """The budget settings for ``run.json`` (the report's budget line reads them)."""
+        privacy = self.config.privacy
+        calibration = self.stages.calibration
+        return {
+            "accountant": privacy.accountants[0],
+            "target_epsilon": privacy.target_epsilon or None,
+            "client_target_epsilon": privacy.client_target_epsilon or None,
+            "delta": privacy.delta,
+            "calibration": calibration.describe() if calibration is not None else None,
+        }
+
+    def _record_stop(self, number: int, reason: str, cause: str) -> None:
+        """Say in ``run.json`` why the run stopped before round ``number`` (nothing of it ran)."""
+        log.warning("%s", reason)
+        self.stop_reason = reason
+        info = self.run_dir.read_run_info()
+        info["stopped"] = {"round": number, "cause": cause, "reason": reason}
+        self.run_dir.write_run_info(info)
+
+    def _runnable(self, size: int) -> bool:
+        """Whether a cohort of ``size`` may run: at least the smallest cohort and accepted by the secure mode."""
+        if size < run_min_cohort(self.config):
+            return False
+        try:
+            self.stages.secure.check_cohort(size)
+        except ValueError:
+            return False
+        return True
+
+    def _next_event(self, population: int) -> Any:
+        """The run-level event the next release would cost (before its cohort is drawn)."""
+        expected = max(1, round(self.sampling.expected_cohort))
+        return privacy_event(self.stages.privacy, cohort_size=expected, population=max(population, 1),
+                             contributions=expected, sample_rate=self.sampling.sample_rate)
+
+    def _select(self, number: int, available: Sequence[str], rng: np.random.Generator) -> tuple[list[str], str | None]:
+        """The round's cohort, and why it cannot run (a Poisson cohort too small), else ``None``.
+
+        Raises `_BudgetStop` when the next release would pass ``privacy.target_epsilon``, or
+        fewer than ``run.min_updates`` clients are within ``privacy.client_target_epsilon``.
+        """
+        run = self.config.run
+        event = self._next_event(len(available))
+        reason = self.budget.run_stop(self.accounting.accountants[self.budget.accountant], event, number)
+        if reason is not None:
+            raise _BudgetStop(reason, "target_epsilon")
+        eligible = self.budget.eligible(list(available), event)
+        if len(eligible) < run.min_updates:
+            raise _BudgetStop(
+                f"stopped at round {number}: only {len(eligible)} of {len(available)} connected client(s) are within "
+                f"privacy.client_target_epsilon = {self.config.privacy.client_target_epsilon:g} after one more release; "
+                f"a round needs run.min_updates = {run.min_updates}; round {number} was not run", "client_target_epsilon",
+            )
+        if self.sampling.mode == "poisson":
+            cohort = poisson_cohort(eligible, self.sampling.sample_rate)
+            if not self._runnable(len(cohort)):
+                return cohort, (f"the Poisson cohort has {len(cohort)} client(s), fewer than a round needs "
+                                f"({run_min_cohort(self.config)}, or the secure mode's buckets refuse it)")
+            self.stages.secure.check_cohort(len(cohort))  # plan this round's buckets
+            return cohort, None
+        size = min(run.clients_per_round, len(eligible))
+        return sorted(str(c) for c in rng.choice(eligible, size=size, replace=False)), None
+
+    def _record_skipped(self, number: int, cohort: Sequence[str], reason: str, unresponsive: Sequence[str]) -> dict[str, Any]:
+        """Write the metrics line of a round whose Poisson cohort was too small; nothing ran or was released."""
+        record: dict[str, Any] = {
+            "round": number, "status": "skipped", "reason": reason, "clients": 0, "cohort": len(cohort),
+            "selected": list(cohort), "dropped": [], "unresponsive": list(unresponsive), "accuracy": None,
+            "loss": None, "bytes_up": 0, "bytes_down": 0, "stages": self.stages.names(), "seconds": 0.0,
+        }
+        log.warning("round %d skipped: %s", number, reason)
+        self.run_dir.append_metrics(record)
+        return record
 
     def _round(self, number: int, rng: np.random.Generator) -> tuple[dict[str, Any], bool]:
         run = self.config.run
@@ -228,8 +350,10 @@ class FederatedServer:
                     f"round {number}: only {len(available)} responsive client(s) connected "
                     f"({len(unresponsive)} silent); need run.min_updates={run.min_updates}"
                 )
-        size = min(run.clients_per_round, len(available))
-        cohort = sorted(str(c) for c in rng.choice(available, size=size, replace=False))
+        cohort, skip = self._select(number, available, rng)
+        if skip is not None:
+            record = self._record_skipped(number, cohort, skip, unresponsive)
+            return record, self.observer.on_round_end(record) is True
         start = self.start_state()
         manifest, payload = serde.pack_tensors(self.global_state)
         started = time.perf_counter()
@@ -246,7 +370,7 @@ class FederatedServer:
             "status": "ok",
             "clients": len(contributors),
             "cohort": len(cohort),
-            "cohort_target": run.clients_per_round,
+            "cohort_target": run.clients_per_round if self.sampling.mode == "fixed" else None,  # Poisson: no target size
             "selected": cohort,
             "dropped": dropped,
             "unresponsive": unresponsive,
@@ -280,8 +404,9 @@ class FederatedServer:
             for key in [k for k in record if k.startswith("fed_eval_")]:
                 del record[key]
         else:
-            event = self.stages.privacy.privacy_event(
-                cohort_size=len(cohort), population=len(available), contributions=len(contributors)
+            event = privacy_event(
+                self.stages.privacy, cohort_size=len(cohort), population=len(available),
+                contributions=len(contributors), sample_rate=self.sampling.sample_rate,
             )
             # The ledger line is fsynced before anything derived from the new state leaves the
             # server (checkpoint, adapter directory, next round's task).
@@ -295,8 +420,10 @@ class FederatedServer:
                     "contributors": contributors,
                     "dropouts": dropped,
                     "excluded": list(outcome.excluded),
+                    "sampling": self.sampling.mode,
                 },
             )
+            self.budget.record_release(event, contributors)
             self.global_state = outcome.state
             self.releases += 1
             record["excluded"] = list(outcome.excluded)
@@ -387,6 +514,30 @@ class FederatedServer:
         rng = restore(self.stages, checkpoint)
         if rng is not None:
             self.rng = rng
+
+
+class _BudgetStop(Exception):
+    """The next round must not run: a budget would be passed (``cause`` names the setting)."""
+
+    def __init__(self, reason: str, cause: str) -> None:
+        super().__init__(reason)
+        self.cause = cause
+
+
+def run_min_cohort(config: Config) -> int:
+    """The fewest selected clients a round may run with (``run.min_updates``)."""
+    return config.run.min_updates
+
+
+def privacy_event(mechanism: Any, *, cohort_size: int, population: int, contributions: int, sample_rate: float) -> Any:
+    """``mechanism.privacy_event`` with the run-level ``sample_rate`` when it accepts one.
+
+    A mechanism written before sampling rates were passed keeps its own (conservative) rate.
+    """
+    kwargs: dict[str, Any] = {"cohort_size": cohort_size, "population": population, "contributions": contributions}
+    if "sample_rate" in inspect.signature(mechanism.privacy_event).parameters:
+        kwargs["sample_rate"] = sample_rate
+    return mechanism.privacy_event(**kwargs)
 
 
 def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
