@@ -74,7 +74,7 @@ class SamplingPlan:
             "expected_cohort": self.expected_cohort,
             "population": self.population,
             "amplified": self.amplified,
-            "randomness": "secrets (OS CSPRNG)" if self.mode == "poisson" else f"seeded generator (run.seed)",
+            "randomness": "secrets (OS CSPRNG)" if self.mode == "poisson" else "seeded generator (run.seed)",
         }
 
 
@@ -91,7 +91,7 @@ def poisson_cohort(clients: Sequence[str], sample_rate: float) -> list[str]:
     bits = np.frombuffer(secrets.token_bytes(8 * len(clients)), dtype=np.uint64) >> np.uint64(11)
     uniform = bits.astype(np.float64) * 2.0**-53
     chosen = np.flatnonzero(uniform < sample_rate)
-    return sorted(str(clients[i]) for i in chosen)
+    return sorted(str(clients[int(i)]) for i in chosen)
 
 
 def skip_probability(population: int, sample_rate: float, runnable: Callable[[int], bool]) -> float:
@@ -196,7 +196,8 @@ def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration 
 
 def unamplified(event: Any) -> Any:
     """The per-client (participation known) view of a run-level event: the same release at ``q = 1``."""
-    if dataclasses.is_dataclass(event) and any(f.name == "sample_rate" for f in dataclasses.fields(event)):
+    if (dataclasses.is_dataclass(event) and not isinstance(event, type)
+            and any(f.name == "sample_rate" for f in dataclasses.fields(event))):
         return dataclasses.replace(event, sample_rate=1.0)
     return event
 

@@ -432,13 +432,15 @@ def _sampling_warnings(
     p = float(sampling.get("skip_probability") or 0.0)
     if sampling.get("mode") == "poisson" and p > 0 and not _no_dp(mechanism):
         rounds = int(dict(config.get("run", {})).get("rounds", len(metrics)))
-        eps = final.get(budget.get("accountant")) if budget.get("accountant") else None
+        name = budget.get("accountant")
+        eps = final.get(str(name)) if name else None
         extra = rounds * p * (1 + math.exp(min(float(eps), 700.0))) if eps is not None else math.inf
         severity = "high" if extra > float(budget.get("delta") or 0) else "info"
         out.append(_warn("poisson-skips", severity, f"a Poisson cohort too small to run (round skipped, nothing "
                          f"released) has probability {p:.3g} per round; whether a round is skipped depends on the "
                          f"secret cohort size, so the guarantee including skips is (epsilon, delta + T p (1 + e^epsilon)) "
-                         f"= delta + {extra:.3g} over T = {rounds} rounds" + (f"; skipped: round(s) {', '.join(map(str, skipped))}" if skipped else "")))
+                         f"= delta + {extra:.3g} over T = {rounds} rounds"
+                         + (f"; skipped: round(s) {', '.join(map(str, skipped))}" if skipped else "")))
     elif skipped:
         out.append(_warn("skipped-rounds", "info", f"round(s) {', '.join(map(str, skipped))} were skipped (cohort too small)"))
     if budget.get("stop_reason"):

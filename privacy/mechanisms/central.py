@@ -248,7 +248,9 @@ class CentralDP(PrivacyMechanism):
     def set_sampling(self, *, sample_rate: float, expected_cohort: float) -> None:
         """Under Poisson sampling (``sample_rate < 1``), divide the noisy sum by the fixed ``expected_cohort``."""
         if not (0 < sample_rate <= 1) or not expected_cohort > 0:
-            raise ValueError(f"sampling needs 0 < sample_rate <= 1 and expected_cohort > 0, got {sample_rate!r}, {expected_cohort!r}")
+            raise ValueError(
+                f"sampling needs 0 < sample_rate <= 1 and expected_cohort > 0, got {sample_rate!r}, {expected_cohort!r}"
+            )
         self.sample_rate = float(sample_rate)
         self.expected_cohort = float(expected_cohort) if sample_rate < 1 else None
 

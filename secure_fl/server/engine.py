@@ -352,8 +352,8 @@ class FederatedServer:
                 )
         cohort, skip = self._select(number, available, rng)
         if skip is not None:
-            record = self._record_skipped(number, cohort, skip, unresponsive)
-            return record, self.observer.on_round_end(record) is True
+            skipped = self._record_skipped(number, cohort, skip, unresponsive)
+            return skipped, self.observer.on_round_end(skipped) is True
         start = self.start_state()
         manifest, payload = serde.pack_tensors(self.global_state)
         started = time.perf_counter()
@@ -421,6 +421,8 @@ class FederatedServer:
                     "dropouts": dropped,
                     "excluded": list(outcome.excluded),
                     "sampling": self.sampling.mode,
+                    **({"noise_multiplier_calibrated": self.stages.calibration.calibrated}
+                       if self.stages.calibration is not None else {}),
                 },
             )
             self.budget.record_release(event, contributors)
