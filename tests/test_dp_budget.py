@@ -249,3 +249,19 @@ def test_insecure_seed_is_refused_by_the_grpc_client(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         run_client(smoke_config(*CENTRAL, "privacy.params.insecure_seed=7"), server="127.0.0.1:1", client_id="client-0")
     assert info.value.key == "privacy.params.insecure_seed"
+
+
+def test_secagg_plus_checks_the_expected_and_the_actual_poisson_cohort(tmp_path: Path) -> None:
+    """With the default fractions SecAgg+ protects buckets of 4 or more. The expected cohort (q N = 4) is
+    checked at start; smaller cohorts would be skipped, and run.json's skip probability is the worst over
+    N - 1, N, N + 1 (N - 1 = 7: P[Bin(7, 1/2) < 4] = 1/2)."""
+    config = smoke_config("secure.mode=secagg+", "run.num_clients=8", "run.sampling=poisson", "run.sample_rate=0.5")
+    server = FederatedServer(config, tmp_path / "run", transport="in-process")
+    assert not server._runnable(3) and server._runnable(4) and server._runnable(8)
+    assert server.skip_probability == pytest.approx(0.5)
+    sampling = json.loads((tmp_path / "run" / "run.json").read_text())["sampling"]
+    assert sampling["mode"] == "poisson" and sampling["skip_probability"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError) as info:  # an expected cohort of 2 is below what SecAgg+ protects
+        FederatedServer(smoke_config("secure.mode=secagg+", "run.num_clients=8", "run.sampling=poisson",
+                                     "run.sample_rate=0.25"), tmp_path / "other", transport="in-process")
+    assert info.value.key == "secure.params" and "expected Poisson cohort 2" in str(info.value)
