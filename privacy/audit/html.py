@@ -294,7 +294,7 @@ def _budget_section(budget: Mapping[str, Any], sampling: Mapping[str, Any]) -> s
     rows = [
         ["target ε (run level)", _fmt(target)],
         ["spent ε", _fmt_eps(spent)],
-        ["remaining ε", _fmt(budget.get("remaining"))],
+        ["remaining ε", _fmt_eps(budget.get("remaining")) if budget.get("remaining") is not None else _MISSING],
         ["per-client target ε", _fmt(budget.get("client_target_epsilon"))],
         ["noise multiplier z", _fmt(budget.get("noise_multiplier"))
          + (" (calibrated)" if budget.get("calibrated") else "")],
