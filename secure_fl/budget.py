@@ -183,6 +183,9 @@ def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration 
             else:
                 z = calibrate_noise_multiplier(event_for, accountant_factory=factory, target_epsilon=privacy.target_epsilon,
                                                delta=privacy.delta, steps=config.run.rounds)
+                # Rounded up to 1e-6: more noise, never less, and the same value on machines whose
+                # floating-point libraries differ in the last bits (the stage fingerprint holds z).
+                z = math.ceil(z * 1e6) / 1e6
             spent = planned_epsilon(event_for, z, accountant_factory=factory, delta=privacy.delta, steps=config.run.rounds)
         except PrivacyError as exc:
             raise ConfigError(f"privacy.target_epsilon: {exc}", key="privacy.target_epsilon") from None

@@ -228,6 +228,7 @@ def test_a_poisson_run_records_q_and_the_calibrated_z_and_an_insecure_seed_is_re
     seed = [w for w in report["warnings"] if w["code"] == "insecure-seed"]
     assert seed and seed[0]["severity"] == "high"
     page = result.report_html.read_text()
+    assert f"z = {z!r} (calibrated)" in page  # the budget line
     box = page[page.index('<div class="high-box">'):page.index("</div>")]
     assert "insecure-seed" in box  # in the red box of high-severity warnings
 

@@ -287,6 +287,8 @@ def _budget_section(budget: Mapping[str, Any], sampling: Mapping[str, Any]) -> s
         f"{_fmt_eps(budget.get('remaining')) if target is not None else _MISSING} "
         f"({_fmt(budget.get('accountant'))} at δ = {_fmt(budget.get('delta'))})"
     )
+    if budget.get("noise_multiplier") is not None:
+        line += f"; z = {_fmt(budget['noise_multiplier'])} ({'calibrated' if budget.get('calibrated') else 'from the config'})"
     if budget.get("stop_reason"):
         line += f"; {budget['stop_reason']}"
     elif target is not None:
