@@ -326,13 +326,21 @@ def _clipping_section(clipping: Mapping[str, Any]) -> str:
         '<p class="caption">Adaptive clipping (Andrew et al. 2021): every client clipped its update to the round\'s C '
         "and reported whether it was clipped; the server moved C towards the "
         f"{_esc(_fmt(clipping.get('target_unclipped_quantile')))} quantile of the update norms using the noised "
-        f"fraction of unclipped clients. Initial C: {_esc(_fmt(clipping.get('initial_clip_norm')))}.</p>"
+        f"fraction of unclipped clients (it carries the count noise, so it may fall outside [0, 1]). "
+        f"Initial C: {_esc(_fmt(clipping.get('initial_clip_norm')))}.</p>"
     )
     table = _table(
         ["round", "clip norm C", "noised unclipped fraction", "next C"],
-        [_cells(r, ("round", "clip_norm", "unclipped_fraction", "next_clip_norm")) for r in rows],
+        [[_fmt(r.get("round")), *(_short(r.get(k)) for k in ("clip_norm", "unclipped_fraction", "next_clip_norm"))]
+         for r in rows],
     )
     return _section("Clip norm over rounds", note + "\n" + body + "\n" + table)
+
+
+def _short(value: object) -> str:
+    """A number to 4 significant digits (a dash when missing or not finite)."""
+    number = _num(value)
+    return _MISSING if number is None else f"{number:.4g}"
 
 
 def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:

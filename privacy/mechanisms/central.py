@@ -56,7 +56,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import numpy as np
 
@@ -435,6 +435,6 @@ class CentralDP(PrivacyMechanism):
         return out
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     """A real int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
