@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from privacy.accounting import GaussianEvent, create_accountant
 from privacy.mechanisms.adaptive import (
     default_count_stddev, next_clip_norm, noised_unclipped_fraction, update_noise_multiplier,
 )
+from privacy.mechanisms import register_privacy_mechanism
 from privacy.mechanisms.base import CLIP_NORM_PLAN_KEY, UNCLIPPED_METRIC, MechanismContext
 from privacy.mechanisms.central import CentralDP, is_unclipped
+from privacy.mechanisms.registry import _MECHANISMS
 from secure_fl.errors import ConfigError
 from secure_fl.server.checkpoint import read_checkpoint, restore, write_checkpoint
 from secure_fl.simulation import simulate
@@ -219,10 +222,36 @@ def test_c_is_checkpointed_and_restored(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ a run
 
+CLIPPED: list[tuple[int, float | None, float]] = []
 
+
+class RecordingCentralDP(CentralDP):
+    """Central DP as it is, recording on every client the round, the announced C and the clipped norm."""
+
+    name = "test-recording-central"
+
+    def clip(self, update: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, np.ndarray]:
+        out = super().clip(update, context)
+        norm = math.sqrt(sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in out.values()))
+        CLIPPED.append((context.round, context.clip_norm, norm))
+        return out
+
+
+@pytest.fixture
+def recording_central() -> Iterator[None]:
+    """`RecordingCentralDP` registered for one test (registry-parametrised tests never see it)."""
+    register_privacy_mechanism("test-recording-central", RecordingCentralDP, force=True)
+    CLIPPED.clear()
+    try:
+        yield
+    finally:
+        _MECHANISMS._entries.pop("test-recording-central", None)
+
+
+@pytest.mark.usefixtures("recording_central")
 def test_a_run_adapts_c_and_records_it_in_metrics_ledger_checkpoint_and_report(tmp_path: Path) -> None:
-    result = simulate(smoke_config(*ADAPTIVE, "privacy.params.clip_norm=0.05", "run.rounds=2"), tmp_path / "run",
-                      progress=False)
+    config = smoke_config(*ADAPTIVE, "privacy.mode=test-recording-central", "privacy.params.clip_norm=0.05", "run.rounds=2")
+    result = simulate(config, tmp_path / "run", progress=False)
     metrics = [m for m in result.metrics if m["status"] == "ok"]
     ledger = [json.loads(line) for line in (result.run_dir / "ledger.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [line["round"] for line in ledger] == [1, 2]
@@ -233,6 +262,9 @@ def test_a_run_adapts_c_and_records_it_in_metrics_ledger_checkpoint_and_report(t
         assert after["clip_norm"] == before["next_clip_norm"]
     for m in metrics:  # the direction: more unclipped than gamma -> C shrinks
         assert (m["next_clip_norm"] < m["clip_norm"]) == (m["unclipped_fraction"] > GAMMA)
+    # every client clipped to the C the server announced for its round, not to the configured C0
+    assert sorted({(r, c) for r, c, _ in CLIPPED}) == [(1, used[0]), (2, used[1])]
+    assert len(CLIPPED) == 8 and all(norm <= c for _, c, norm in CLIPPED if c is not None)
     details = ledger[0]["adaptive_clip"]
     assert details["clip_count_stddev"] == 2.0 and details["update_noise_multiplier"] == pytest.approx(
         update_noise_multiplier(1.0, 2.0))
