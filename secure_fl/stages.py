@@ -129,11 +129,13 @@ class Stages:
                 key="peft.rule",
             )
         if getattr(stages.privacy, "sends_client_reports", False) and not stages.secure.reveals_individual_updates:
+            adaptive = bool(stages.settings.get("privacy", {}).get("adaptive_clip"))
             raise ConfigError(
-                f"privacy.params.adaptive_clip = true has every client report whether its update was clipped with "
-                f"its metrics, but secure.mode={config.secure.mode!r} sends no per-client metrics in the clear; "
-                "use secure.mode='plain' or turn adaptive_clip off",
-                key="privacy.params.adaptive_clip",
+                f"privacy.mode={config.privacy.mode!r} has every client send values with its metrics in the clear"
+                + (" (privacy.params.adaptive_clip = true: whether its update was clipped)" if adaptive else "")
+                + f", but secure.mode={config.secure.mode!r} sends no per-client metrics in the clear; use "
+                "secure.mode='plain'" + (" or turn adaptive_clip off" if adaptive else ""),
+                key="privacy.params.adaptive_clip" if adaptive else "privacy.mode",
             )
         if getattr(stages.privacy, "server_noise", False):
             _check_server_noise(config, stages)
