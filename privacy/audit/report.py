@@ -305,6 +305,10 @@ def _secure_mode(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str
     return str(secure.get("name", "unknown")), params, bool(params.get("server_sees_individual_updates", True))
 
 
+#: Buckets below this many clients raise the ``small-buckets`` warning.
+SMALL_BUCKET = 10
+
+
 def _no_dp(mechanism: Mapping[str, Any]) -> bool:
     return mechanism.get("guarantee", "none") in (None, "none")
 
@@ -380,6 +384,20 @@ def _warnings(
     if reveals:
         out.append(_warn("server-sees-updates", "high", f"secure.mode = {mode}: the server sees every client's individual update"))
     secure_params = _secure_mode(stages)[1]
+    added_by = dict(dict(stages.get("privacy", {})).get("params", {})).get("noise_added_by")
+    if added_by == "server" and not _no_dp(mechanism):
+        out.append(_warn("central-noise-server", "medium", f"privacy.mode = {mechanism.get('mode')}: the server adds the "
+                         "DP noise, so it sees every clipped update and the noise-free sum; epsilon protects the clients "
+                         "from whoever receives the released adapter, not from the server"))
+    small = sorted({int(p["n"]) for p in secure_params.get("bucket_parameters") or []
+                    if isinstance(p, Mapping) and isinstance(p.get("n"), int) and p["n"] < SMALL_BUCKET})
+    if not reveals and small:
+        protected = ("each bucket sum carries the full distributed noise, so epsilon holds per bucket, but the "
+                     "mean of several noised buckets is noisier than one noised sum"
+                     if added_by == "clients" else
+                     "without distributed DP noise a sum of so few updates can reveal much about each member")
+        out.append(_warn("small-buckets", "medium", f"secure.mode = {mode}: the server learns the sum of every bucket of "
+                         f"{', '.join(map(str, small))} clients (fewer than {SMALL_BUCKET}); {protected}"))
     if not reveals and str(secure_params.get("adversary_model", "")).startswith("honest-but-curious"):
         out.append(_warn("honest-but-curious", "medium", f"secure.mode = {mode} protects against a server that follows "
                          f"the protocol only: {secure_params['adversary_model']}"))
