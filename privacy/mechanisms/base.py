@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from privacy.accounting import GaussianEvent
+from privacy.accounting import GaussianEvent, PrivacyEvent
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,22 @@ class MechanismContext:
     worst_case_dropouts:
         Most clients of a bucket that may drop without the round aborting; noise shares are sized
         so the survivors' shares still add up to the accounted noise.
+    quantisation_step:
+        Input units of one integer step of the protocol's quantisation (SecAgg+'s ``gamma = 2c /
+        Q``); ``None`` when the protocol does not quantise to integers.
+    num_values:
+        Number of values in the update the protocol quantises (0: unknown).
+    client_id:
+        The client (a seeded test generator uses it, so clients draw different noise).
     """
 
     round: int
     cohort_size: int
     bucket_size: int
     worst_case_dropouts: int = 0
+    quantisation_step: float | None = None
+    num_values: int = 0
+    client_id: str = ""
 
 
 class PrivacyMechanism(ABC):
@@ -88,8 +98,8 @@ class PrivacyMechanism(ABC):
         """Transform the aggregated update on the server before it is applied."""
 
     @abstractmethod
-    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
-        """What releasing this round's aggregate costs.
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent | PrivacyEvent:
+        """What releasing this round's aggregate costs (a `GaussianEvent`, or another `PrivacyEvent` kind).
 
         ``cohort_size`` clients were selected out of ``population`` connected ones and
         ``contributions`` updates arrived. A release without noise returns an event with
