@@ -138,13 +138,17 @@ class Stages:
         """Tell the stages the update's size once the server built the model (distributed DP needs it).
 
         The protocol re-checks the planned cohort with the noise headroom for ``num_values``
-        values (raising `ValueError` naming the settings to change when a bucket needs more than
+        values (a `ConfigError` naming the settings to change when a bucket needs more than
         32-bit words), and the mechanism learns what it accounts each release with. No-op unless
         the clients add noise.
         """
         if not getattr(self.privacy, "client_noise", False):
             return
-        self.secure.check_cohort(cohort_size, num_values=num_values)  # type: ignore[call-arg]
+        try:
+            self.secure.check_cohort(cohort_size, num_values=num_values)  # type: ignore[call-arg]
+        except ValueError as exc:
+            raise ConfigError(f"[secure] with privacy.mode={self.privacy.name!r}: {exc}",
+                              key="secure.params.precision") from None
         self.privacy.bind(  # type: ignore[attr-defined]
             step=self.secure.quantisation_step, buckets=self.secure.noise_buckets,  # type: ignore[attr-defined]
             num_values=num_values, cohort_size=cohort_size,

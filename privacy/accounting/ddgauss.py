@@ -36,9 +36,15 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy.special import gammaln, logsumexp
 
 __all__ = ["ddg_rdp", "ddg_tau", "poisson_subsampled_rdp"]
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    top = float(np.max(values))
+    if not math.isfinite(top):
+        return top
+    return top + math.log(float(np.exp(values - top).sum()))
 
 
 def ddg_tau(local_std: float, num_clients: int) -> float:
@@ -98,17 +104,16 @@ def poisson_subsampled_rdp(
     base = np.full(top + 1, 0.0)
     base[2:] = np.asarray(rdp(ells[2:].astype(np.float64)), dtype=np.float64)
     log_q, log_1q = math.log(q), math.log1p(-q)
+    log_factorial = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, top + 1, dtype=np.float64)))))
     cache: dict[int, float] = {}
     for a in sorted(set(integer.tolist())):
         if not math.isfinite(base[a]):
             cache[a] = math.inf
             continue
-        terms = [(a - 1) * log_1q + math.log(a * q - q + 1.0),
-                 float(gammaln(a + 1) - gammaln(3) - gammaln(a - 1)) + 2 * log_q + (a - 2) * log_1q + base[2]]
-        if a >= 3:
-            l = ells[3 : a + 1]
-            log_comb = gammaln(a + 1) - gammaln(l + 1) - gammaln(a - l + 1)
-            rest = math.log(3.0) + log_comb + l * log_q + (a - l) * log_1q + (l - 1) * base[3 : a + 1]
-            terms.append(float(logsumexp(rest)))
-        cache[a] = min(float(logsumexp(terms)) / (a - 1), float(base[a]))
+        l = ells[2 : a + 1]
+        log_comb = log_factorial[a] - log_factorial[l] - log_factorial[a - l]
+        terms = log_comb + l * log_q + (a - l) * log_1q + (l - 1) * base[2 : a + 1]
+        terms[1:] += math.log(3.0)  # the orders l >= 3 count three times (Zhu & Wang's general bound)
+        first = (a - 1) * log_1q + math.log(a * q - q + 1.0)
+        cache[a] = min(_logsumexp(np.append(terms, first)) / (a - 1), float(base[a]))
     return np.array([cache[int(a)] for a in integer])
