@@ -330,3 +330,7 @@ def test_a_smoke_run_under_secagg_plus_spends_a_finite_epsilon_and_reports_clien
     params = report["stages"]["privacy"]["params"]
     assert params["noise_added_by"] == "clients" and params["buckets"][0]["n_min"] == 3
     assert math.isfinite(result.metrics[-1]["accuracy"])
+    server = [row for row in report["threat_model"] if row["party"] == "server"][0]
+    assert "distributed DP noise" in server["sees"] and "privacy.mode = distributed" in server["protected_by"]
+    for client in report["clients"]:  # the per-client view accounts the same event, not a Gaussian of the effective z
+        assert client["epsilon"] == ledger[0]["epsilon"]

@@ -98,7 +98,7 @@ class PrivacyMechanism(ABC):
         """Transform the aggregated update on the server before it is applied."""
 
     @abstractmethod
-    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent | PrivacyEvent:
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> PrivacyEvent:
         """What releasing this round's aggregate costs (a `GaussianEvent`, or another `PrivacyEvent` kind).
 
         ``cohort_size`` clients were selected out of ``population`` connected ones and

@@ -121,8 +121,8 @@ class DistributedDP(PrivacyMechanism):
     clip_norm:
         C, the L2 bound on each client's update (> 0).
     noise_multiplier:
-        z (>= 0): every bucket sum carries discrete Gaussian noise of std ``z * D2`` in integer
-        units, ``D2 = C / gamma + sqrt(d)`` the inflated sensitivity; 0 means no guarantee.
+        z (>= 0): every bucket sum carries discrete Gaussian noise of std z * D2 in integer
+        units, D2 = C / gamma + sqrt(d) the inflated sensitivity; 0 means no guarantee.
     clip:
         "flat" (one norm over the whole update) or "per-tensor" (each of k tensors to C / sqrt(k)).
     insecure_seed:
