@@ -22,6 +22,7 @@ into a self-contained page.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import Accountant, GaussianEvent, available, create_accountant
+from privacy.accounting import Accountant, PrivacyEvent, available, create_accountant
 from privacy.errors import PrivacyError
-from privacy.ledger import epsilon_to_json
+from privacy.ledger import epsilon_to_json, event_of
 
 SCHEMA = "secure-fl/privacy-report/v1"
 #: What the report, the page and the CLI say for a run that released nothing.
@@ -235,22 +236,22 @@ def _client_epsilon(
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """Epsilon per accountant over the client's releases at ``q = 1``, and the accountants'
     fallback notes; accountants not registered in this process are left out (the page shows
-    "not computed"). A line counts its ``steps`` releases. Clients with the same (z, steps)
+    "not computed"). A line counts its ``steps`` releases of its own event kind. Clients with the same (event, steps)
     profile share one computation through ``cache``."""
     rounds = set(releases)
-    steps: Counter[float] = Counter()
+    steps: Counter[PrivacyEvent] = Counter()
     for e in ledger:
-        if int(e["round"]) in rounds:
-            steps[float(e["noise_multiplier"])] += int(e["steps"])
-    profile = tuple(sorted(steps.items()))
+        if int(e["round"]) in rounds:  # the line's own event (a distributed one is not a Gaussian), at q = 1
+            steps[dataclasses.replace(event_of(e), sample_rate=1.0, steps=1)] += int(e["steps"])
+    profile = tuple(sorted(steps.items(), key=lambda item: repr(item[0])))
     out: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     for name in names:
         key = (name, profile)
         if key not in cache:
             accountant: Accountant = create_accountant(name)
-            for z, count in profile:  # participation is known to this observer: no amplification
-                accountant.compose(GaussianEvent(z, 1.0, count))
+            for event, count in profile:  # participation is known to this observer: no amplification
+                accountant.compose(event, count)
             try:
                 spent = accountant.get_privacy_spent(delta)
             except PrivacyError:
@@ -344,6 +345,9 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         sizes = [p for p in params.get("bucket_parameters") or [] if isinstance(p, Mapping)]
         if sizes:
             server_protection += "; " + ", ".join(f"k = {p.get('k')}, t = {p.get('t')} for buckets of {p.get('n')}" for p in sizes)
+        if stages.get("privacy", {}).get("params", {}).get("noise_added_by") == "clients" and not _no_dp(mechanism):
+            server_sees += ", each carrying the clients' distributed DP noise"
+            server_protection += f"; privacy.mode = {mechanism.get('mode')} (the clients add the noise before masking)"
     rows = [
         {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},
         {"party": "server", "sees": CLEAR_METADATA, "protected_by": "nothing: sent in the clear in this secure mode"}

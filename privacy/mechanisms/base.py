@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from privacy.accounting import GaussianEvent
+from privacy.accounting import GaussianEvent, PrivacyEvent
 
 #: Task-plan key carrying the round's clip norm to the clients (adaptive clipping).
 CLIP_NORM_PLAN_KEY = "privacy.clip_norm"
@@ -52,6 +52,13 @@ class MechanismContext:
     clip_norm:
         The clip norm the server announced for this round in the task plan (adaptive clipping);
         ``None``: the mechanism's configured one.
+    quantisation_step:
+        Input units of one integer step of the protocol's quantisation (SecAgg+'s ``gamma = 2c /
+        Q``); ``None`` when the protocol does not quantise to integers.
+    num_values:
+        Number of values in the update the protocol quantises (0: unknown).
+    client_id:
+        The client (a seeded test generator uses it, so clients draw different noise).
     """
 
     round: int
@@ -59,6 +66,9 @@ class MechanismContext:
     bucket_size: int
     worst_case_dropouts: int = 0
     clip_norm: float | None = None
+    quantisation_step: float | None = None
+    num_values: int = 0
+    client_id: str = ""
 
 
 class PrivacyMechanism(ABC):
@@ -105,8 +115,8 @@ class PrivacyMechanism(ABC):
         """Transform the aggregated update on the server before it is applied."""
 
     @abstractmethod
-    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
-        """What releasing this round's aggregate costs.
+    def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> PrivacyEvent:
+        """What releasing this round's aggregate costs (a `GaussianEvent`, or another `PrivacyEvent` kind).
 
         ``cohort_size`` clients were selected out of ``population`` connected ones and
         ``contributions`` updates arrived. A release without noise returns an event with

@@ -103,6 +103,11 @@ class FederatedServer:
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
         self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
+        if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
+            self.stages.bind_update(num_values=self.pipeline.layout.size,
+                                    cohort_size=min(config.run.clients_per_round, config.run.num_clients))
+            info = self.run_dir.read_run_info()
+            self.run_dir.write_run_info({**info, "stages": self.stages.describe()})
         self.coordinator = Coordinator(
             run_id=self.run_id,
             model_fingerprint=rule_fingerprint(self.adapted.model, self.stages.rule),
