@@ -2,7 +2,8 @@
 
 * **Calibration** (`prepare_privacy`): with ``[privacy] target_epsilon`` and no explicit
   ``privacy.params.noise_multiplier``, the noise multiplier z is bisected
-  (`privacy.accounting.calibration`) so that ``run.rounds`` releases at the run-level sampling
+  (`privacy.accounting.calibration`, over the mechanism's
+  `calibration_event`) so that ``run.rounds`` releases at the run-level sampling
   rate spend at most the target with the first accountant of ``privacy.accountants``. Server and
   clients run the same calculation from the same config (a distributed mechanism's clients need
   z), so the result is cached per setting. With an explicit ``noise_multiplier`` the target is a
@@ -130,7 +131,7 @@ class Calibration:
     rounds: int
     sample_rate: float
     noise_multiplier: float
-    planned_epsilon: float
+    planned_epsilon: float | None
     calibrated: bool
 
     def describe(self) -> dict[str, Any]:
@@ -146,7 +147,7 @@ class Calibration:
         }
 
 
-_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[float, float | None]] = {}
 
 
 def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration | None:
@@ -157,21 +158,30 @@ def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration 
     out of reach.
     """
     plan = SamplingPlan.from_config(config)
-    mechanism.set_sampling(sample_rate=plan.sample_rate, expected_cohort=plan.expected_cohort)
     privacy = config.privacy
+    if plan.mode == "poisson" and getattr(mechanism, "adaptive_clip", False):
+        raise ConfigError(
+            "run.sampling = 'poisson' with privacy.params.adaptive_clip = true: adaptive clipping divides its noised "
+            "unclipped count by the actual (secret) cohort size, which Poisson accounting does not cover; "
+            "use run.sampling = 'fixed' or a fixed clip norm", key="run.sampling",
+        )
+    mechanism.set_sampling(sample_rate=plan.sample_rate, expected_cohort=plan.expected_cohort)
     if not privacy.target_epsilon:
         return None
-    if not getattr(mechanism, "calibratable", False):
-        raise ConfigError(
-            f"privacy.target_epsilon: privacy.mode={privacy.mode!r} cannot be calibrated to a target epsilon "
-            "(its mechanism has no event_for / set_noise_multiplier)", key="privacy.target_epsilon",
-        )
     accountant = privacy.accountants[0]
     explicit = "noise_multiplier" in privacy.params
+    calibratable = bool(getattr(mechanism, "calibratable", False))
+    if not explicit and not calibratable:
+        raise ConfigError(
+            f"privacy.target_epsilon: privacy.mode={privacy.mode!r} cannot calibrate its noise multiplier to a target "
+            "yet (its mechanism has no calibration_event / set_noise_multiplier); set privacy.params.noise_multiplier "
+            "and the target becomes a cap (the run stops before the round that would pass it)",
+            key="privacy.target_epsilon",
+        )
     key = (privacy.mode, privacy.params, privacy.target_epsilon, privacy.delta, accountant, config.run.rounds, plan.sample_rate)
 
     def event_for(z: float) -> Any:
-        return mechanism.event_for(noise_multiplier=z, sample_rate=plan.sample_rate)
+        return mechanism.calibration_event(noise_multiplier=z, sample_rate=plan.sample_rate)
 
     def factory() -> Accountant:
         return create_accountant(accountant)
@@ -186,13 +196,18 @@ def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration 
                 # Rounded up to 1e-6: more noise, never less, and the same value on machines whose
                 # floating-point libraries differ in the last bits (the stage fingerprint holds z).
                 z = math.ceil(z * 1e6) / 1e6
-            spent = planned_epsilon(event_for, z, accountant_factory=factory, delta=privacy.delta, steps=config.run.rounds)
+            spent = (planned_epsilon(event_for, z, accountant_factory=factory, delta=privacy.delta, steps=config.run.rounds)
+                     if calibratable else None)  # not known before round 1 (checked before each round)
         except PrivacyError as exc:
             raise ConfigError(f"privacy.target_epsilon: {exc}", key="privacy.target_epsilon") from None
         _CACHE[key] = (z, spent)
     z, spent = _CACHE[key]
     if not explicit:
-        mechanism.set_noise_multiplier(z)
+        try:
+            mechanism.set_noise_multiplier(z)
+        except ValueError as exc:  # e.g. adaptive clipping: z must stay below 2 clip_count_stddev
+            raise ConfigError(f"privacy.target_epsilon: the calibrated noise_multiplier {z:g} is refused: {exc}",
+                              key="privacy.target_epsilon") from None
     return Calibration(float(privacy.target_epsilon), float(privacy.delta), accountant, config.run.rounds,
                        plan.sample_rate, z, spent, calibrated=not explicit)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from privacy._registry import Registry
 from privacy.mechanisms.base import PrivacyMechanism
 from privacy.mechanisms.central import CentralDP
+from privacy.mechanisms.distributed import DistributedDP
 from privacy.mechanisms.none import NoPrivacy
 
 _MECHANISMS: Registry[PrivacyMechanism] = Registry(
@@ -13,6 +14,7 @@ _MECHANISMS: Registry[PrivacyMechanism] = Registry(
     {
         "none": NoPrivacy,
         "central": CentralDP,
+        "distributed": DistributedDP,
     },
 )
 

@@ -88,9 +88,7 @@ class FederatedServer:
             raise ConfigError(f"[secure] with {what}: {exc}", key="secure.params") from None
         #: Per-round chance that a Poisson cohort is too small to run (skipped rounds; see `secure_fl.budget`).
         self.skip_probability = 0.0
-        if self.sampling.mode == "poisson":
-            self.skip_probability = skip_probability(config.run.num_clients, self.sampling.sample_rate, self._runnable)
-            self.stages.secure.check_cohort(expected)  # the scan above re-planned the buckets; plan the expected cohort
+        self._expected_cohort = expected
         self.run_dir = RunDirectory(out_dir)
         if self.run_dir.holds_run():
             raise RunError(
@@ -106,8 +104,7 @@ class FederatedServer:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "transport": transport,
             "stages": self.stages.describe(),
-            "sampling": {**self.sampling.describe(), "skip_probability": self.skip_probability,
-                         "min_cohort": run_min_cohort(config)},
+            "sampling": {**self.sampling.describe(), "min_cohort": run_min_cohort(config)},
             "budget": self._budget_info(),
         })
         self.accounting = ReleaseAccounting(
@@ -123,7 +120,8 @@ class FederatedServer:
         #: Why the run ended before ``run.rounds`` (a budget), once it did.
         self.stop_reason: str | None = None
         calibration = self.stages.calibration
-        if calibration is not None and calibration.planned_epsilon > calibration.target_epsilon:
+        planned = calibration.planned_epsilon if calibration is not None else None
+        if calibration is not None and planned is not None and planned > calibration.target_epsilon:
             log.warning(
                 "privacy.params.noise_multiplier = %g: the %d planned round(s) would spend epsilon %.4g > "
                 "privacy.target_epsilon = %g (%s); the run stops before the round that would pass it "
@@ -141,6 +139,14 @@ class FederatedServer:
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
         self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
+        if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
+            self.stages.bind_update(num_values=self.pipeline.layout.size, cohort_size=self._expected_cohort)
+        if self.sampling.mode == "poisson":
+            self.skip_probability = skip_probability(config.run.num_clients, self.sampling.sample_rate, self._runnable)
+            self._check_secure(self._expected_cohort)  # the scan above re-planned the buckets; plan the expected cohort
+        info = self.run_dir.read_run_info()
+        self.run_dir.write_run_info({**info, "stages": self.stages.describe(),
+                                     "sampling": {**info["sampling"], "skip_probability": self.skip_probability}})
         self.coordinator = Coordinator(
             run_id=self.run_id,
             model_fingerprint=rule_fingerprint(self.adapted.model, self.stages.rule),
@@ -187,6 +193,7 @@ class FederatedServer:
         }
         if self.stages.rule.merges_into_base:  # clients fold the same releases into their base
             plan[MERGES_PLAN_KEY] = float(self.releases)
+        plan.update(self.stages.privacy.round_plan())  # adaptive clipping: this round's clip norm
         return plan
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
@@ -286,10 +293,17 @@ class FederatedServer:
         if size < run_min_cohort(self.config):
             return False
         try:
-            self.stages.secure.check_cohort(size)
+            self._check_secure(size)
         except ValueError:
             return False
         return True
+
+    def _check_secure(self, size: int) -> None:
+        """The secure mode's `check_cohort` for a cohort of ``size`` (with the update size when clients add noise)."""
+        if getattr(self.stages.privacy, "client_noise", False):
+            self.stages.secure.check_cohort(size, num_values=self.pipeline.layout.size)  # type: ignore[call-arg]
+        else:
+            self.stages.secure.check_cohort(size)
 
     def _next_event(self, population: int) -> Any:
         """The run-level event the next release would cost (before its cohort is drawn)."""
@@ -320,7 +334,7 @@ class FederatedServer:
             if not self._runnable(len(cohort)):
                 return cohort, (f"the Poisson cohort has {len(cohort)} client(s), fewer than a round needs "
                                 f"({run_min_cohort(self.config)}, or the secure mode's buckets refuse it)")
-            self.stages.secure.check_cohort(len(cohort))  # plan this round's buckets
+            self._check_secure(len(cohort))  # plan this round's buckets
             return cohort, None
         size = min(run.clients_per_round, len(eligible))
         return sorted(str(c) for c in rng.choice(eligible, size=size, replace=False)), None
@@ -423,9 +437,15 @@ class FederatedServer:
                     "sampling": self.sampling.mode,
                     **({"noise_multiplier_calibrated": self.stages.calibration.calibrated}
                        if self.stages.calibration is not None else {}),
+                    **self.stages.privacy.ledger_details(),
                 },
             )
             self.budget.record_release(event, contributors)
+            # Only now, with the round's cost on record, may the mechanism use what the clients
+            # reported (adaptive clipping: the noised unclipped count moves C for the next round).
+            record.update(self.stages.privacy.end_round(
+                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors)
+            ))
             self.global_state = outcome.state
             self.releases += 1
             record["excluded"] = list(outcome.excluded)
