@@ -266,3 +266,31 @@ def test_secagg_plus_checks_the_expected_and_the_actual_poisson_cohort(tmp_path:
         FederatedServer(smoke_config("secure.mode=secagg+", "run.num_clients=8", "run.sampling=poisson",
                                      "run.sample_rate=0.25"), tmp_path / "other", transport="in-process")
     assert info.value.key == "secure.params" and "expected Poisson cohort 2" in str(info.value)
+
+
+# ---------------------------------------------------------------- other mechanisms
+
+def test_poisson_sampling_with_adaptive_clipping_is_refused_naming_the_key() -> None:
+    config = smoke_config(*CENTRAL, "privacy.params.adaptive_clip=true", "privacy.params.clip_count_stddev=2.0",
+                          "run.sampling=poisson", "run.clients_per_round=2")
+    with pytest.raises(ConfigError) as info:
+        Stages.from_config(config)
+    assert info.value.key == "run.sampling"
+
+
+def test_adaptive_clipping_is_calibrated_on_its_total_z() -> None:
+    stages = Stages.from_config(smoke_config(*CENTRAL, "privacy.params.adaptive_clip=true",
+                                             "privacy.params.clip_count_stddev=20.0", "privacy.target_epsilon=6"))
+    mechanism = stages.privacy
+    assert stages.calibration.calibrated and mechanism.noise_multiplier == stages.calibration.noise_multiplier
+    assert mechanism.update_noise_multiplier > mechanism.noise_multiplier  # z_delta from the calibrated total z
+    assert stages.calibration.planned_epsilon <= 6.0
+
+
+def test_distributed_takes_a_target_as_a_cap_only() -> None:
+    base = ["secure.mode=secagg+", "privacy.mode=distributed", "privacy.target_epsilon=6"]
+    with pytest.raises(ConfigError) as info:  # no calibration for distributed yet: z must be given
+        Stages.from_config(smoke_config(*base))
+    assert info.value.key == "privacy.target_epsilon" and "noise_multiplier" in str(info.value)
+    stages = Stages.from_config(smoke_config(*base, "privacy.params.noise_multiplier=1.0"))
+    assert not stages.calibration.calibrated and stages.calibration.planned_epsilon is None
