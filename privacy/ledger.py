@@ -10,6 +10,11 @@ Replaying the events of a ledger (`PrivacyLedger.replay`) rebuilds every account
 the ledger alone is the source of truth; the epsilons in it are there for humans and reports.
 When an accountant reported a fallback bound (PRV -> RDP), ``epsilon_notes`` names it per accountant.
 
+With sample-level DP-SGD a line also holds ``sample_level``: client id -> ``{noise_multiplier,
+sample_rate, steps}``, the DP-SGD steps of this round of every client whose output the server saw
+(optional: ledgers without it read as before). Each client's sample-level spend is the composition
+of its own events (`sample_level_events`); they do not enter the line's run-level ``epsilon``.
+
 The lines form a hash chain: each holds ``prev_sha256``, the SHA-256 of the previous line's text
 (`GENESIS` for the first), so an edited, deleted or reordered line breaks the chain and is refused
 naming the line. A ledger written before the chain (no ``prev_sha256``) cannot be checked and is
@@ -205,7 +210,8 @@ class PrivacyLedger:
             raise LedgerError(f"{where}: 'epsilon' must be an object mapping accountant name to epsilon (or null)")
         try:
             event_of(entry)
-        except (PrivacyError, TypeError, ValueError) as exc:
+            sample_level_events(entry)
+        except (PrivacyError, TypeError, ValueError, KeyError, AttributeError) as exc:
             raise LedgerError(f"{where}: {exc}") from None
         round_number = entry["round"]
         if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1:
@@ -227,6 +233,17 @@ def _same_delta(value: Any, delta: float) -> bool:
 def event_of(entry: Mapping[str, Any]) -> GaussianEvent:
     """The Gaussian event a ledger line records."""
     return GaussianEvent(float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"]))
+
+
+def sample_level_events(entry: Mapping[str, Any]) -> dict[str, GaussianEvent]:
+    """Client id -> the DP-SGD event a ledger line (or metrics record) holds in ``sample_level`` (``{}`` if none)."""
+    table = entry.get("sample_level") or {}
+    if not isinstance(table, Mapping):
+        raise ValueError("'sample_level' must map client id to {noise_multiplier, sample_rate, steps}")
+    return {
+        str(client): GaussianEvent(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+        for client, e in table.items()
+    }
 
 
 class ReleaseAccounting:

@@ -66,7 +66,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         _threat_section(_seq(report.get("threat_model"))),
         _mechanism_section(_mapping(report.get("mechanism"))),
         _stages_section(_mapping(report.get("stages"))),
-        _epsilon_section(_mapping(report.get("epsilon")), accountants),
+        _epsilon_section(_mapping(report.get("epsilon")), accountants, sample_level=bool(report.get("sample_level"))),
+        _sample_level_section(_mapping(report.get("sample_level")), _seq(report.get("clients")), accountants),
         _clients_section(_seq(report.get("clients")), accountants),
         _exclusions_section(_seq(report.get("exclusions"))),
         _accuracy_section(_seq(report.get("accuracy"))),
@@ -227,12 +228,18 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
     eps = ", ".join(f"{name} {_fmt_eps(final.get(name))}" for name in accountants if name in final)
     if _mapping(report.get("mechanism")).get("releases") == 0:
         eps = NO_RELEASE  # not "0.0000" next to a warning about unbounded releases
+    sample_level = _mapping(report.get("sample_level"))
+    level = "client-level " if sample_level else ""
     parts = [
         f"Rounds completed: {rounds}",
         f"Clients: {n_clients}",
         f"Final accuracy: {_MISSING if accuracy is None else f'{accuracy:.4f}'}",
-        f"Final ε at δ = {_fmt(delta)}: {eps or _MISSING}",
+        f"Final {level}ε at δ = {_fmt(delta)}: {eps or _MISSING}",
     ]
+    if sample_level:
+        worst = _mapping(sample_level.get("max_epsilon"))
+        shown = ", ".join(f"{name} {_fmt_eps(worst[name])}" for name in accountants if name in worst)
+        parts.append(f"Sample-level ε (DP-SGD, largest over clients): {shown or _MISSING}")
     summary = " · ".join(_esc(p) for p in parts)
     return f'<h1>Privacy audit report</h1>\n{meta}{banner}\n<p class="summary">{summary}</p>'
 
@@ -294,8 +301,11 @@ def _params_html(params: object) -> str:
     return "".join(f"<div><code>{_esc(key)} = {_esc(_json(value))}</code></div>" for key, value in sorted(entries.items()))
 
 
-def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> str:
-    """Epsilon per round: a plot of the finite values (or the unbounded notice) and a table."""
+def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str], *, sample_level: bool = False) -> str:
+    """Epsilon per round: a plot of the finite values (or the unbounded notice) and a table.
+
+    With DP-SGD in the run these are the client-level values, and the headings say so.
+    """
     by_round = [_mapping(r) for r in _seq(epsilon.get("by_round"))]
     if not by_round:
         return ""
@@ -304,13 +314,45 @@ def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> 
         xs, ys = _xy((r.get("round"), _mapping(r.get("epsilon")).get(name)) for r in by_round)
         if xs:
             series[name] = (xs, ys)
+    level = "client-level " if sample_level else ""
     if series:
-        body = _img(line_plot(series, "epsilon"), "Epsilon per round for each accountant")
+        body = _img(line_plot(series, "epsilon"), f"{level.capitalize()}epsilon per round for each accountant")
+    elif sample_level:
+        body = ('<p class="unbounded">No client-level guarantee: the client-level epsilon is unbounded in every round '
+                "(each training example is protected by DP-SGD: see the sample-level section).</p>")
     else:
         body = '<p class="unbounded">No differential-privacy guarantee: epsilon is unbounded in every round.</p>'
     rows = [[_fmt(r.get("round")), *_eps_cells(r, accountants)] for r in by_round]
-    table = _table(["round", *[f"ε ({n})" for n in accountants]], rows)
-    return _section("Epsilon over rounds", body + "\n" + table)
+    table = _table(["round", *[f"{level}ε ({n})" for n in accountants]], rows)
+    return _section(f"{level.capitalize()}epsilon over rounds" if level else "Epsilon over rounds", body + "\n" + table)
+
+
+def _sample_level_section(section: Mapping[str, Any], clients: Sequence[Any], accountants: Sequence[str]) -> str:
+    """DP-SGD: its settings, what it protects, the largest per-client sample-level ε and a per-client table."""
+    if not section:
+        return ""
+    worst = _mapping(section.get("max_epsilon"))
+    keys = ("guarantee", "noise_multiplier", "max_grad_norm", "local_steps", "batch_size", "sampling", "delta",
+            "clients_accounted", "unreleased_rounds", "protects", "does_not_protect")
+    rows = [[key, _fmt(section.get(key))] for key in keys if key in section]
+    rows += [[f"largest sample-level ε ({name})", _fmt_eps(worst[name])] for name in accountants if name in worst]
+    client_rows = []
+    for client in map(_mapping, clients):
+        level = _mapping(client.get("sample_level"))
+        if not level.get("rounds"):
+            eps = [_NOT_RELEASED for _ in accountants]
+        else:
+            eps = _eps_cells(level, accountants)
+        client_rows.append([_fmt(client.get("client_id")), _fmt(level.get("sample_rates")), _fmt(level.get("rounds")),
+                            _fmt(level.get("steps")), *eps])
+    headers = ["client", "sampling rate q", "rounds seen", "DP-SGD steps", *[f"sample-level ε ({n})" for n in accountants]]
+    note = (
+        '<p class="caption">Sample-level ε composes every DP-SGD step of the rounds in which the server saw the '
+        "client's output (each step a Poisson-subsampled Gaussian with the client's own q): the guarantee for any "
+        "one of its training examples, against everyone including the server.</p>"
+    )
+    body = _table(["parameter", "value"], rows) + "\n" + note + "\n" + _table(headers, client_rows)
+    return _section("Sample-level DP (DP-SGD)", body)
 
 
 def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import Accountant, GaussianEvent, available, create_accountant
+from privacy.audit.sample_level import sample_level_report
 from privacy.errors import PrivacyError
 from privacy.ledger import epsilon_to_json
 
@@ -97,6 +98,9 @@ def build_report(
             "looser bound instead: " + "; ".join(f"{name} ({len(v)} time(s), e.g. {min(v)})"
                                                  for name, v in sorted(fallbacks.items())),
         ))
+    sample_level = sample_level_report(
+        stages=stages, ledger=ledger, metrics=metrics, clients=clients, accountants=known, delta=delta,
+    )
     if unconfirmed_rounds:
         warnings.append(_warn(
             "ledger-without-metrics", "high",
@@ -117,7 +121,12 @@ def build_report(
         "accountants": accountant_names,
         "releases": len(ledger),
     }
+    if sample_level is not None:
+        mechanism["sample_level"] = (f"dp-sgd on every client: noise_multiplier {sample_level['noise_multiplier']}, "
+                                     f"max_grad_norm {sample_level['max_grad_norm']} (see the sample-level section)")
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
+    if sample_level is not None:
+        warnings.extend(_sample_level_warnings(mechanism, sample_level))
     if ledger and ledger[-1].get("epsilon_notes"):
         epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
     else:
@@ -141,9 +150,10 @@ def build_report(
             "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),
         },
         "stages": stages,
-        "threat_model": _threat_model(stages, mechanism, run),
+        "threat_model": _threat_model(stages, mechanism, run, sample_level),
         "mechanism": mechanism,
         "epsilon": {"final": final, "by_round": by_round, **epsilon_notes},
+        **({"sample_level": sample_level} if sample_level is not None else {}),
         "clients": clients,
         "exclusions": [
             {"round": int(m["round"]), "client_id": str(c), "defense": str(dict(m.get("stages", {})).get("defense", ""))}
@@ -283,7 +293,10 @@ HIDDEN_METADATA = (
 )
 
 
-def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any]) -> list[dict[str, str]]:
+def _threat_model(
+    stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any],
+    sample_level: Mapping[str, Any] | None = None,
+) -> list[dict[str, str]]:
     mode, params, reveals = _secure_mode(stages)
     dp_text = "nothing: no differential privacy" if _no_dp(mechanism) else (
         f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})"
@@ -316,6 +329,15 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         rows.append({"party": "a server that deviates from the protocol",
                      "sees": str(params.get("deviating_server") or "not stated by the protocol"),
                      "protected_by": "nothing: " + str(params["adversary_model"])})
+    if sample_level is not None:
+        worst = ", ".join(f"{name} {_shown_eps(v)}" for name, v in dict(sample_level.get("max_epsilon", {})).items())
+        rows.insert(0, {
+            "party": "everyone, the server included",
+            "sees": "anything computed from one client's training examples (its updates, sums, released adapters); "
+                    "each client's DP-SGD sampling rate, declared at Join (it tells the client's example count)",
+            "protected_by": f"DP-SGD on the client: sample-level (epsilon, delta)-DP of each training example "
+                            f"(largest per-client epsilon: {worst or 'none accounted'}); not a client's data as a whole",
+        })
     if run.get("transport") == "grpc":
         rows.append({
             "party": "network observer",
@@ -323,6 +345,33 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
             "protected_by": "nothing on the wire; " + ("updates travel in the clear" if reveals else "updates are encrypted or masked"),
         })
     return rows
+
+
+def _shown_eps(value: Any) -> str:
+    return "unbounded" if value is None else f"{float(value):.4f}"
+
+
+def _sample_level_warnings(mechanism: Mapping[str, Any], sample_level: Mapping[str, Any]) -> list[dict[str, str]]:
+    """What a privacy officer must know about a run with DP-SGD."""
+    out: list[dict[str, str]] = []
+    if mechanism.get("mode") == "dp-sgd":
+        out.append(_warn(
+            "no-client-level-dp", "medium",
+            "privacy.mode = dp-sgd: every single training example is protected (sample-level DP), but a client's "
+            "data as a whole is not: the client-level epsilon is unbounded; combine a client-level mode with "
+            "privacy.dp_sgd = true for both guarantees",
+        ))
+    if not sample_level.get("noise_multiplier"):
+        out.append(_warn("dp-sgd-no-noise", "high", "privacy.dp_sgd_params.noise_multiplier = 0: DP-SGD adds no "
+                         "noise, so the sample-level epsilon is unbounded"))
+    if sample_level.get("unreleased_rounds"):
+        rounds = ", ".join(map(str, sample_level["unreleased_rounds"]))
+        out.append(_warn(
+            "sample-level-unreleased", "info",
+            f"round(s) {rounds} released nothing, but the server saw DP-SGD outputs in them; their steps are counted "
+            "in the sample-level epsilon (read from metrics.jsonl, which is not hash-chained like the ledger)",
+        ))
+    return out
 
 
 def _warnings(

@@ -6,6 +6,7 @@ from privacy._registry import Registry
 from privacy.mechanisms.base import PrivacyMechanism
 from privacy.mechanisms.central import CentralDP
 from privacy.mechanisms.none import NoPrivacy
+from privacy.mechanisms.sample_level import SampleLevelOnly
 
 _MECHANISMS: Registry[PrivacyMechanism] = Registry(
     "privacy mode",
@@ -13,6 +14,7 @@ _MECHANISMS: Registry[PrivacyMechanism] = Registry(
     {
         "none": NoPrivacy,
         "central": CentralDP,
+        "dp-sgd": SampleLevelOnly,
     },
 )
 
