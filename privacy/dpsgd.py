@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -256,14 +257,20 @@ class _per_sample:
     def __enter__(self) -> Any:
         from opacus import GradSampleModule
 
+        # opacus's hooks on a LoRA layer whose input needs no gradient: harmless, and said on every backward
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         try:
             self.wrapped = GradSampleModule(self.model, batch_first=True, loss_reduction="mean", strict=True)
         except NotImplementedError as exc:
+            self._warnings.__exit__(None, None, None)
             raise DPSGDUnsupported(f"opacus refuses the model: {str(exc)[:500]}") from None
         return self.wrapped
 
     def __exit__(self, *exc: object) -> None:
         self.wrapped._close()  # removes the hooks and every grad_sample: the model is plain again
+        self._warnings.__exit__(None, None, None)
 
 
 _OPTIMIZER: list[type] = []
