@@ -8,6 +8,7 @@ A thin layer over the library: parse arguments, resolve the config (file or pres
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -73,9 +74,24 @@ def _epsilon_text(epsilon: dict[str, float], delta: float) -> str:
 
 
 def _privacy_summary(epsilon: dict[str, float], delta: float, report: Path | None) -> str:
-    """One line: epsilon per accountant and where the report is."""
-    note = " (no differential privacy)" if any(v == float("inf") for v in epsilon.values()) else ""
-    return f"privacy: {_epsilon_text(epsilon, delta)}{note}; report: {report if report else 'not written'}"
+    """One line: epsilon per accountant and where the report is (with DP-SGD: both levels)."""
+    sample = _sample_level_text(report)
+    unbounded = any(v == float("inf") for v in epsilon.values())
+    note = (" (no client-level guarantee)" if sample else " (no differential privacy)") if unbounded else ""
+    level = "client-level " if sample else ""
+    return f"privacy: {level}{_epsilon_text(epsilon, delta)}{note}{sample}; report: {report if report else 'not written'}"
+
+
+def _sample_level_text(report: Path | None) -> str:
+    """``; sample-level epsilon (DP-SGD, largest over clients): rdp X`` from the written report, or ``""``."""
+    json_path = report.with_suffix(".json") if report is not None else None
+    if json_path is None or not json_path.is_file():
+        return ""
+    section = json.loads(json_path.read_text(encoding="utf-8")).get("sample_level")
+    if not section:
+        return ""
+    worst = ", ".join(f"{k} {'inf' if v is None else f'{v:.4g}'}" for k, v in section.get("max_epsilon", {}).items())
+    return f"; sample-level epsilon (DP-SGD, largest over clients): {worst or 'none accounted'}"
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -88,6 +104,8 @@ def _audit(args: argparse.Namespace) -> int:
     warnings = report.data["warnings"]
     mechanism = report.data["mechanism"]
     spent = _epsilon_text(final, mechanism["delta"]) if mechanism.get("releases") else _NO_RELEASE
+    if report.data.get("sample_level") and mechanism.get("releases"):
+        spent = "client-level " + spent + _sample_level_text(report.html_path)
     print(f"{spent}; {len(warnings)} warning(s)")
     for warning in warnings:
         print(f"  [{warning['severity']}] {warning['message']}")

@@ -63,14 +63,15 @@ _CLASS: dict[str, Callable[[str], type]] = {
 #: What a user changes to make a stage agree (used in the Join refusal).
 CONFIG_TABLES = {
     "secure": "[secure] and [secure.params]",
-    "privacy": "[privacy], [privacy.params] and [privacy.dp_sgd_params] (with DP-SGD also client.batch_size "
-               "and client.local_steps)",
+    "privacy": "[privacy] and [privacy.params]",
     "rule": "[peft] rule and [peft.rule_params]",
 }
 #: The ``JoinRequest.info`` key holding a DP-SGD client's Poisson sampling rate (a decimal string):
 #: ``client.batch_size / its training examples``, capped at 1. The server records it in the ledger;
 #: it tells the server the client's example count (``batch_size / rate``).
 SAMPLE_RATE_INFO_KEY = "dp_sgd.sample_rate"
+#: What else must agree under DP-SGD (its settings are part of the privacy fingerprint).
+DP_SGD_TABLES = "[privacy.dp_sgd_params], client.local_steps and client.batch_size"
 
 
 def build_sample_level(config: Config) -> DPSGD | None:

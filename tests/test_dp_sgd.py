@@ -276,3 +276,18 @@ def test_sample_rate_is_batch_size_over_examples_capped_at_one() -> None:
     with pytest.raises(ValueError):
         sample_rate(16, 0)
     assert np.isclose(sample_rate(3, 7), 3 / 7)
+
+
+def test_join_refuses_a_client_with_other_dp_sgd_settings_naming_the_table() -> None:
+    from protocols.wire.limits import PROTOCOL_VERSION
+    from secure_fl.client.client import ClientStages
+
+    server = Stages.from_config(smoke_config("privacy.mode=dp-sgd")).fingerprint()
+    admission = Admission(run_id="r", model_fingerprint="m", model_info={}, stage_fingerprints=server, max_weight=1e9,
+                          sample_level=True)
+    client = ClientStages.from_config(smoke_config("privacy.mode=dp-sgd", "privacy.dp_sgd_params.max_grad_norm=2.0"))
+    request = pb.JoinRequest(envelope=pb.Envelope(client_id="c1"), protocol_version=PROTOCOL_VERSION,
+                             model_fingerprint="m", num_examples=5,
+                             info={**client.join_info(), SAMPLE_RATE_INFO_KEY: "0.5"})
+    with pytest.raises(Refused, match=r"privacy with other settings.*\[privacy\.dp_sgd_params\], client\.local_steps"):
+        admission.check(request)

@@ -68,7 +68,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _stages_section(_mapping(report.get("stages"))),
         _epsilon_section(_mapping(report.get("epsilon")), accountants, sample_level=bool(report.get("sample_level"))),
         _sample_level_section(_mapping(report.get("sample_level")), _seq(report.get("clients")), accountants),
-        _clients_section(_seq(report.get("clients")), accountants),
+        _clients_section(_seq(report.get("clients")), accountants, sample_level=bool(report.get("sample_level"))),
         _exclusions_section(_seq(report.get("exclusions"))),
         _accuracy_section(_seq(report.get("accuracy"))),
     ]
@@ -355,8 +355,11 @@ def _sample_level_section(section: Mapping[str, Any], clients: Sequence[Any], ac
     return _section("Sample-level DP (DP-SGD)", body)
 
 
-def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
-    """Per-client participation and epsilon, with a stacked bar plot of the first clients."""
+def _clients_section(clients: Sequence[Any], accountants: Sequence[str], *, sample_level: bool = False) -> str:
+    """Per-client participation and epsilon, with a stacked bar plot of the first clients.
+
+    With DP-SGD in the run the epsilon columns are the client-level ones, and say so.
+    """
     entries = [_mapping(c) for c in clients]
     if not entries:
         return _section("Clients", "<p>No client took part.</p>")
@@ -366,7 +369,7 @@ def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
         keys.append("rounds_interrupted")
         headers.append("interrupted")
     rows = [[*_cells(c, ("client_id", *keys)), *_client_eps_cells(c, accountants)] for c in entries]
-    headers += [f"ε ({n})" for n in accountants]
+    headers += [f"{'client-level ' if sample_level else ''}ε ({n})" for n in accountants]
     shown = entries[:_MAX_PLOTTED_CLIENTS]
     caption = "Rounds per client: aggregated, excluded by the defense, dropped"
     if len(entries) > len(shown):

@@ -16,7 +16,7 @@ from protocols.wire import serde
 from protocols.wire.limits import PROTOCOL_VERSION, check_client_id, check_metrics, shown
 from protocols.wire.v1 import federation_pb2 as pb
 from privacy.dpsgd import parse_sample_rate
-from secure_fl.stages import CONFIG_TABLES, SAMPLE_RATE_INFO_KEY
+from secure_fl.stages import CONFIG_TABLES, DP_SGD_TABLES, SAMPLE_RATE_INFO_KEY
 
 __all__ = ["Admission", "ClientRecord"]
 
@@ -116,6 +116,8 @@ class Admission:
                 )
             if theirs != ours:
                 tables = CONFIG_TABLES.get(stage, f"[{stage}] and [{stage}.params]")
+                if stage == "privacy" and (self.sample_level or SAMPLE_RATE_INFO_KEY in info):
+                    tables = tables.replace(" and ", ", ") + f", {DP_SGD_TABLES}"
                 return (
                     f"client {client_id!r} runs {stage} with other settings than the server: "
                     f"use the same {tables} on both sides"
