@@ -291,3 +291,24 @@ def test_join_refuses_a_client_with_other_dp_sgd_settings_naming_the_table() -> 
                              info={**client.join_info(), SAMPLE_RATE_INFO_KEY: "0.5"})
     with pytest.raises(Refused, match=r"privacy with other settings.*\[privacy\.dp_sgd_params\], client\.local_steps"):
         admission.check(request)
+
+
+def test_a_failed_round_still_counts_the_dp_sgd_outputs_the_server_saw(tmp_path: Path) -> None:
+    """plain mode, min_updates = 4 and one client gone before its upload: the round fails and
+    releases nothing, but the server saw three DP-SGD updates, which count at sample level."""
+    from secure_fl.audit import audit
+    from tests.harness import in_process_parties, step_all
+
+    config = smoke_config("privacy.mode=dp-sgd", "run.rounds=1", "run.min_updates=4", "client.local_steps=2",
+                          'privacy.accountants=["rdp"]', "data.synthetic_examples=160")
+    server, clients = in_process_parties(config, tmp_path / "run", {3: (1, "update")})
+    result = step_all(server, clients).result()
+    (record,) = result.metrics
+    assert record["status"] == "failed" and not (result.run_dir / "ledger.jsonl").exists()
+    assert sorted(record["sample_level"]) == ["client-0", "client-1", "client-2"]
+    assert {e["steps"] for e in record["sample_level"].values()} == {2}
+    report = audit(result.run_dir).data
+    assert report["sample_level"]["unreleased_rounds"] == [1]
+    rows = {row["client_id"]: row["sample_level"] for row in report["clients"]}
+    assert rows["client-0"]["steps"] == 2 and rows["client-3"]["steps"] == 0
+    assert "sample-level-unreleased" in {w["code"] for w in report["warnings"]}

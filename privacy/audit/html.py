@@ -334,7 +334,7 @@ def _sample_level_section(section: Mapping[str, Any], clients: Sequence[Any], ac
     worst = _mapping(section.get("max_epsilon"))
     keys = ("guarantee", "noise_multiplier", "max_grad_norm", "local_steps", "batch_size", "sampling", "delta",
             "clients_accounted", "unreleased_rounds", "protects", "does_not_protect")
-    rows = [[key, _fmt(section.get(key))] for key in keys if key in section]
+    rows = [[key, _fmt(section.get(key)) if section.get(key) != [] else "none"] for key in keys if key in section]
     rows += [[f"largest sample-level ε ({name})", _fmt_eps(worst[name])] for name in accountants if name in worst]
     client_rows = []
     for client in map(_mapping, clients):
@@ -343,7 +343,8 @@ def _sample_level_section(section: Mapping[str, Any], clients: Sequence[Any], ac
             eps = [_NOT_RELEASED for _ in accountants]
         else:
             eps = _eps_cells(level, accountants)
-        client_rows.append([_fmt(client.get("client_id")), _fmt(level.get("sample_rates")), _fmt(level.get("rounds")),
+        rates = ", ".join(f"{q:.4g}" for q in map(_num, _seq(level.get("sample_rates"))) if q is not None)
+        client_rows.append([_fmt(client.get("client_id")), rates or _MISSING, _fmt(level.get("rounds")),
                             _fmt(level.get("steps")), *eps])
     headers = ["client", "sampling rate q", "rounds seen", "DP-SGD steps", *[f"sample-level ε ({n})" for n in accountants]]
     note = (

@@ -51,8 +51,8 @@ def sample_level_report(
     if not settings and not any(events for _, events in released + unreleased):
         return None
     history: dict[str, list[GaussianEvent]] = {}
-    for _, events in sorted(released + unreleased, key=lambda item: item[0]):
-        for client, event in events.items():
+    for _, round_events in sorted(released + unreleased, key=lambda item: item[0]):
+        for client, event in round_events.items():
             history.setdefault(client, []).append(event)
     cache: dict[tuple[Any, ...], float | None] = {}
     maximum: dict[str, float | None] = {}
@@ -71,8 +71,7 @@ def sample_level_report(
             "epsilon": epsilon,
         }
         for name, value in epsilon.items():
-            if name not in maximum or value is None or (maximum[name] is not None and value > maximum[name]):
-                maximum[name] = value
+            maximum[name] = value if name not in maximum else _larger(maximum[name], value)
     return {
         "mechanism": "dp-sgd",
         "guarantee": settings.get("guarantee", "sample-level (epsilon, delta)-DP"),
@@ -88,6 +87,11 @@ def sample_level_report(
         "protects": PROTECTS,
         "does_not_protect": DOES_NOT_PROTECT,
     }
+
+
+def _larger(a: float | None, b: float | None) -> float | None:
+    """The larger of two epsilons, ``None`` (unbounded) above every number."""
+    return None if a is None or b is None else max(a, b)
 
 
 def _epsilon(name: str, events: Sequence[GaussianEvent], delta: float,
