@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import Accountant, GaussianEvent, available, create_accountant
-from privacy.audit.sample_level import sample_level_report
+from privacy.audit.sample_level import sample_level_report, sample_level_threat_row, sample_level_warnings
 from privacy.errors import PrivacyError
 from privacy.ledger import epsilon_to_json
 
@@ -91,6 +91,12 @@ def build_report(
             row["epsilon_notes"] = notes
             for name, note in notes.items():
                 fallbacks.setdefault(name, set()).add(f"per-client view of {row['client_id']}: {note}")
+    sample_level = sample_level_report(
+        stages=stages, ledger=ledger, metrics=metrics, clients=clients, accountants=known, delta=delta,
+    )
+    for row in clients:
+        for name, note in dict(row.get("sample_level", {}).get("epsilon_notes", {})).items():
+            fallbacks.setdefault(name, set()).add(f"sample-level view of {row['client_id']}: {note}")
     if fallbacks:
         warnings.append(_warn(
             "accountant-fallback", "medium",
@@ -98,9 +104,6 @@ def build_report(
             "looser bound instead: " + "; ".join(f"{name} ({len(v)} time(s), e.g. {min(v)})"
                                                  for name, v in sorted(fallbacks.items())),
         ))
-    sample_level = sample_level_report(
-        stages=stages, ledger=ledger, metrics=metrics, clients=clients, accountants=known, delta=delta,
-    )
     if unconfirmed_rounds:
         warnings.append(_warn(
             "ledger-without-metrics", "high",
@@ -126,7 +129,7 @@ def build_report(
                                      f"max_grad_norm {sample_level['max_grad_norm']} (see the sample-level section)")
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
     if sample_level is not None:
-        warnings.extend(_sample_level_warnings(mechanism, sample_level))
+        warnings.extend(sample_level_warnings(str(mechanism.get("mode")), sample_level))
     if ledger and ledger[-1].get("epsilon_notes"):
         epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
     else:
@@ -330,14 +333,7 @@ def _threat_model(
                      "sees": str(params.get("deviating_server") or "not stated by the protocol"),
                      "protected_by": "nothing: " + str(params["adversary_model"])})
     if sample_level is not None:
-        worst = ", ".join(f"{name} {_shown_eps(v)}" for name, v in dict(sample_level.get("max_epsilon", {})).items())
-        rows.insert(0, {
-            "party": "everyone, the server included",
-            "sees": "anything computed from one client's training examples (its updates, sums, released adapters); "
-                    "each client's DP-SGD sampling rate, declared at Join (it tells the client's example count)",
-            "protected_by": f"DP-SGD on the client: sample-level (epsilon, delta)-DP of each training example "
-                            f"(largest per-client epsilon: {worst or 'none accounted'}); not a client's data as a whole",
-        })
+        rows.insert(0, sample_level_threat_row(sample_level))
     if run.get("transport") == "grpc":
         rows.append({
             "party": "network observer",
@@ -345,33 +341,6 @@ def _threat_model(
             "protected_by": "nothing on the wire; " + ("updates travel in the clear" if reveals else "updates are encrypted or masked"),
         })
     return rows
-
-
-def _shown_eps(value: Any) -> str:
-    return "unbounded" if value is None else f"{float(value):.4f}"
-
-
-def _sample_level_warnings(mechanism: Mapping[str, Any], sample_level: Mapping[str, Any]) -> list[dict[str, str]]:
-    """What a privacy officer must know about a run with DP-SGD."""
-    out: list[dict[str, str]] = []
-    if mechanism.get("mode") == "dp-sgd":
-        out.append(_warn(
-            "no-client-level-dp", "medium",
-            "privacy.mode = dp-sgd: every single training example is protected (sample-level DP), but a client's "
-            "data as a whole is not: the client-level epsilon is unbounded; combine a client-level mode with "
-            "privacy.dp_sgd = true for both guarantees",
-        ))
-    if not sample_level.get("noise_multiplier"):
-        out.append(_warn("dp-sgd-no-noise", "high", "privacy.dp_sgd_params.noise_multiplier = 0: DP-SGD adds no "
-                         "noise, so the sample-level epsilon is unbounded"))
-    if sample_level.get("unreleased_rounds"):
-        rounds = ", ".join(map(str, sample_level["unreleased_rounds"]))
-        out.append(_warn(
-            "sample-level-unreleased", "info",
-            f"round(s) {rounds} released nothing, but the server saw DP-SGD outputs in them; their steps are counted "
-            "in the sample-level epsilon (read from metrics.jsonl, which is not hash-chained like the ledger)",
-        ))
-    return out
 
 
 def _warnings(

@@ -54,21 +54,25 @@ def sample_level_report(
     for _, round_events in sorted(released + unreleased, key=lambda item: item[0]):
         for client, event in round_events.items():
             history.setdefault(client, []).append(event)
-    cache: dict[tuple[Any, ...], float | None] = {}
+    cache: dict[tuple[Any, ...], tuple[float | None, str | None]] = {}
     maximum: dict[str, float | None] = {}
     for row in clients:
         events = history.get(str(row["client_id"]), [])
         epsilon: dict[str, float | None] = {}
+        notes: dict[str, str] = {}
         for name in accountants if events else ():
             try:
-                epsilon[name] = _epsilon(name, events, delta, cache)
+                epsilon[name], note = _epsilon(name, events, delta, cache)
             except PrivacyError:  # this accountant cannot bound it; the others still report
                 continue
+            if note:
+                notes[name] = note
         row["sample_level"] = {
             "steps": sum(e.steps for e in events),
             "rounds": len(events),
             "sample_rates": sorted({e.sample_rate for e in events}),
             "epsilon": epsilon,
+            **({"epsilon_notes": notes} if notes else {}),
         }
         for name, value in epsilon.items():
             maximum[name] = value if name not in maximum else _larger(maximum[name], value)
@@ -95,13 +99,54 @@ def _larger(a: float | None, b: float | None) -> float | None:
 
 
 def _epsilon(name: str, events: Sequence[GaussianEvent], delta: float,
-             cache: dict[tuple[Any, ...], float | None]) -> float | None:
-    """Epsilon of ``events`` with accountant ``name`` (``None``: unbounded); clients with the same
-    history share one computation through ``cache``."""
+             cache: dict[tuple[Any, ...], tuple[float | None, str | None]]) -> tuple[float | None, str | None]:
+    """Epsilon of ``events`` with accountant ``name`` (``None``: unbounded) and its fallback note
+    (PRV -> RDP), if any; clients with the same history share one computation through ``cache``."""
     key = (name, tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in events))
     if key not in cache:
         accountant: Accountant = create_accountant(name)
         for event in events:
             accountant.compose(event)
-        cache[key] = epsilon_to_json(accountant.get_privacy_spent(delta).epsilon)
+        spent = accountant.get_privacy_spent(delta)
+        cache[key] = (epsilon_to_json(spent.epsilon), spent.note)
     return cache[key]
+
+
+def sample_level_threat_row(section: Mapping[str, Any]) -> dict[str, str]:
+    """The threat-model row of DP-SGD: who it protects the examples from, and what it leaves out."""
+    worst = ", ".join(f"{name} {'unbounded' if v is None else f'{float(v):.4f}'}"
+                      for name, v in dict(section.get("max_epsilon", {})).items())
+    return {
+        "party": "everyone, the server included",
+        "sees": "anything computed from one client's training examples (its updates, sums, released adapters); "
+                "each client's DP-SGD sampling rate, declared at Join (it tells the client's example count)",
+        "protected_by": f"DP-SGD on the client: sample-level (epsilon, delta)-DP of each training example "
+                        f"(largest per-client epsilon: {worst or 'none accounted'}); not a client's data as a whole",
+    }
+
+
+def sample_level_warnings(mode: str, section: Mapping[str, Any]) -> list[dict[str, str]]:
+    """What a privacy officer must know about a run with DP-SGD (``mode``: the run's ``privacy.mode``)."""
+    out: list[dict[str, str]] = []
+    if mode == "dp-sgd":
+        out.append(_warn(
+            "no-client-level-dp", "medium",
+            "privacy.mode = dp-sgd: every single training example is protected (sample-level DP), but a client's "
+            "data as a whole is not: the client-level epsilon is unbounded; combine a client-level mode with "
+            "privacy.dp_sgd = true for both guarantees",
+        ))
+    if not section.get("noise_multiplier"):
+        out.append(_warn("dp-sgd-no-noise", "high", "privacy.dp_sgd_params.noise_multiplier = 0: DP-SGD adds no "
+                         "noise, so the sample-level epsilon is unbounded"))
+    if section.get("unreleased_rounds"):
+        rounds = ", ".join(map(str, section["unreleased_rounds"]))
+        out.append(_warn(
+            "sample-level-unreleased", "info",
+            f"round(s) {rounds} released nothing, but the server saw DP-SGD outputs in them; their steps are counted "
+            "in the sample-level epsilon (read from metrics.jsonl, which is not hash-chained like the ledger)",
+        ))
+    return out
+
+
+def _warn(code: str, severity: str, message: str) -> dict[str, str]:
+    return {"code": code, "severity": severity, "message": message}
