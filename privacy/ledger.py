@@ -9,6 +9,10 @@ means unbounded: the release had no differential-privacy guarantee.
 Replaying the events of a ledger (`PrivacyLedger.replay`) rebuilds every accountant, so
 the ledger alone is the source of truth; the epsilons in it are there for humans and reports.
 When an accountant reported a fallback bound (PRV -> RDP), ``epsilon_notes`` names it per accountant.
+A distributed discrete Gaussian release (`DiscreteGaussianEvent`) adds ``event`` (its kind) and its
+fields (``local_std``, ``min_clients``, ``max_clients``, ``l2_sensitivity``, ``l1_sensitivity``,
+``dimension``); its ``noise_multiplier`` is the effective ``sqrt(n_min) s / D2``, for humans only.
+A line without ``event`` is a Gaussian release (every line written before the kind existed).
 
 With sample-level DP-SGD a line also holds ``sample_level``: client id -> ``{noise_multiplier,
 sample_rate, steps}``, the DP-SGD steps of this round of every client whose output the server saw
@@ -34,7 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import Accountant, GaussianEvent
+from privacy.accounting import Accountant, DiscreteGaussianEvent, GaussianEvent, PrivacyEvent
+from privacy.accounting.base import discrete_gaussian_event_of
 from privacy.errors import PrivacyError
 
 #: Keys every ledger line carries.
@@ -187,7 +192,7 @@ class PrivacyLedger:
         self._last, self._last_hash = line_entry, line_hash(text)
         return line_entry
 
-    def events(self) -> list[GaussianEvent]:
+    def events(self) -> list[PrivacyEvent]:
         """The releases recorded so far, in order."""
         return [event_of(entry) for entry in self.entries()]
 
@@ -230,9 +235,28 @@ def _same_delta(value: Any, delta: float) -> bool:
         return False
 
 
-def event_of(entry: Mapping[str, Any]) -> GaussianEvent:
-    """The Gaussian event a ledger line records."""
+#: The ``event`` value of a Gaussian line (the default when a line has no ``event``).
+GAUSSIAN_KIND = "gaussian"
+
+
+def event_of(entry: Mapping[str, Any]) -> PrivacyEvent:
+    """The event a ledger line records: Gaussian unless its ``event`` names another kind."""
+    kind = entry.get("event", GAUSSIAN_KIND)
+    if kind == DiscreteGaussianEvent.KIND:
+        return discrete_gaussian_event_of(entry)
+    if kind != GAUSSIAN_KIND:
+        raise PrivacyError(f"unknown privacy event kind {kind!r}")
     return GaussianEvent(float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"]))
+
+
+def event_entry(event: PrivacyEvent) -> dict[str, Any]:
+    """The ledger keys that record ``event`` (``noise_multiplier``, ``sample_rate``, ``steps``, and more for other kinds)."""
+    if isinstance(event, GaussianEvent):
+        return {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate, "steps": event.steps}
+    return {
+        "noise_multiplier": event.effective_noise_multiplier, "sample_rate": event.sample_rate, "steps": event.steps,
+        "event": event.KIND, **event.fields(),
+    }
 
 
 def sample_level_events(entry: Mapping[str, Any]) -> dict[str, GaussianEvent]:
@@ -284,7 +308,7 @@ class ReleaseAccounting:
         self,
         *,
         round: int,
-        event: GaussianEvent,
+        event: PrivacyEvent,
         mechanism: Mapping[str, Any],
         details: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
@@ -303,9 +327,7 @@ class ReleaseAccounting:
             "round": round,
             "mechanism": str(mechanism.get("mode", "unknown")),
             "guarantee": mechanism.get("guarantee", "none"),
-            "noise_multiplier": event.noise_multiplier,
-            "sample_rate": event.sample_rate,
-            "steps": event.steps,
+            **event_entry(event),
             "clip_norm": mechanism.get("clip_norm"),
             "delta": self.delta,
             "epsilon": {name: epsilon_to_json(s.epsilon) for name, s in spent.items()},

@@ -33,8 +33,8 @@ from secure_fl.peft_agg.registry import plugin_class as rule_class
 
 #: Stages whose name and settings server and client must share (compared at Join).
 FINGERPRINTED = ("secure", "privacy", "rule")
-#: Stages that may keep state across rounds (saved with each checkpoint).
-STATEFUL = ("secure", "defense", "rule")
+#: Stages that may keep state across rounds (saved with each checkpoint; privacy: adaptive clipping's C).
+STATEFUL = ("secure", "defense", "rule", "privacy")
 #: The ``JoinRequest.info`` key that carries a stage's fingerprint (``stage.privacy``, ...).
 INFO_PREFIX = "stage."
 
@@ -161,9 +161,54 @@ class Stages:
                 f"{config.secure.mode!r} only reveals sums; use secure.mode='plain' or a linear rule",
                 key="peft.rule",
             )
+        if getattr(stages.privacy, "sends_client_reports", False) and not stages.secure.reveals_individual_updates:
+            adaptive = bool(stages.settings.get("privacy", {}).get("adaptive_clip"))
+            raise ConfigError(
+                f"privacy.mode={config.privacy.mode!r} has every client send values with its metrics in the clear"
+                + (" (privacy.params.adaptive_clip = true: whether its update was clipped)" if adaptive else "")
+                + f", but secure.mode={config.secure.mode!r} sends no per-client metrics in the clear; use "
+                "secure.mode='plain'" + (" or turn adaptive_clip off" if adaptive else ""),
+                key="privacy.params.adaptive_clip" if adaptive else "privacy.mode",
+            )
         if getattr(stages.privacy, "server_noise", False):
             _check_server_noise(config, stages)
+        check_cohort = getattr(stages.privacy, "check_cohort", None)
+        if callable(check_cohort):  # a plug-in written before the hook has none
+            expected = min(config.run.clients_per_round, config.run.num_clients)
+            try:
+                check_cohort(expected)
+            except ValueError as exc:
+                table = stage_choice(config, "privacy")[2]
+                settings = stages.settings.get("privacy", {})
+                mentioned = sorted((key for key in settings if key in str(exc)), key=len, reverse=True)
+                key = f"{table}.{mentioned[0]}" if mentioned else table
+                raise ConfigError(
+                    f"{key}: privacy {config.privacy.mode!r} with run.clients_per_round={config.run.clients_per_round}: {exc}",
+                    key=key,
+                ) from None
+        if getattr(stages.privacy, "client_noise", False):
+            _wire_client_noise(config, stages)
         return stages
+
+    def bind_update(self, *, num_values: int, cohort_size: int) -> None:
+        """Tell the stages the update's size once the server built the model (distributed DP needs it).
+
+        The protocol re-checks the planned cohort with the noise headroom for ``num_values``
+        values (a `ConfigError` naming the settings to change when a bucket needs more than
+        32-bit words), and the mechanism learns what it accounts each release with. No-op unless
+        the clients add noise.
+        """
+        if not getattr(self.privacy, "client_noise", False):
+            return
+        try:
+            self.secure.check_cohort(cohort_size, num_values=num_values)  # type: ignore[call-arg]
+        except ValueError as exc:
+            raise ConfigError(f"[secure] with privacy.mode={self.privacy.name!r}: {exc}",
+                              key="secure.params.precision") from None
+        self.privacy.bind(  # type: ignore[attr-defined]
+            step=self.secure.quantisation_step, buckets=self.secure.noise_buckets,  # type: ignore[attr-defined]
+            num_values=num_values, cohort_size=cohort_size,
+        )
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Every stage's name, plug-in class and settings, for ``run.json`` and the audit report."""
@@ -227,6 +272,30 @@ def _check_server_noise(config: Config, stages: Stages) -> None:
             "privacy.params.clip_norm; use robustness.defense='none'",
             key="robustness.defense",
         )
+
+
+def _wire_client_noise(config: Config, stages: Stages) -> None:
+    """Distributed DP: refuse a protocol that cannot carry client noise, then connect the two plug-ins.
+
+    The protocol reserves the mechanism's noise headroom in every plan (and, with uniform weights,
+    plans for weight 1); the mechanism learns the protocol's quantisation step and bucket split.
+    ``privacy`` and ``protocols`` never import each other: this is where they meet.
+    """
+    mode = config.privacy.mode
+    enable = getattr(stages.secure, "enable_distributed_noise", None)
+    if enable is None:
+        raise ConfigError(
+            f"privacy.mode={mode!r} has every client add its share of integer noise inside the masked sum, which "
+            f"needs a protocol that quantises to integers and reveals only noised sums; secure.mode="
+            f"{config.secure.mode!r} does not; use secure.mode='secagg+' (or privacy.mode='central' with "
+            "secure.mode='plain')",
+            key="secure.mode",
+        )
+    try:
+        enable(headroom=stages.privacy.noise_headroom, uniform_weights=stages.privacy.uniform_weights)  # type: ignore[attr-defined]
+    except ValueError as exc:
+        raise ConfigError(f"secure.params.precision: {exc}", key="secure.params.precision") from None
+    stages.privacy.bind(step=stages.secure.quantisation_step, buckets=stages.secure.noise_buckets)  # type: ignore[attr-defined]
 
 
 def describe_stage(stage: object, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:

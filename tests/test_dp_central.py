@@ -211,4 +211,5 @@ def test_smoke_run_has_a_finite_epsilon_and_the_report_says_the_server_saw_the_n
     protected = [row["protected_by"] for row in report["threat_model"] if row["party"] == "anyone given the final adapter"]
     assert protected and "not against the server" in protected[0]
     assert report["stages"]["privacy"]["params"]["noise_added_by"] == "server"
+    assert "central-noise-server" in {w["code"] for w in report["warnings"]}
     assert math.isfinite(result.metrics[-1]["accuracy"])

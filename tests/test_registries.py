@@ -173,15 +173,18 @@ def test_mechanism_contract(name: str) -> None:
     """Transforms keep names and shapes; ``privacy_event`` is a valid event; ``describe`` is JSON."""
     import json
 
-    from privacy.accounting import GaussianEvent
+    from privacy.accounting import DiscreteGaussianEvent, GaussianEvent
 
     mechanism = privacy_registry.create_privacy_mechanism(name)
+    if getattr(mechanism, "client_noise", False):  # distributed noise: the server binds the protocol's plan first
+        mechanism.bind(step=2.0**-12, buckets=lambda n: [(n, n - 1)], num_values=10, cohort_size=3)  # type: ignore[attr-defined]
     update = {"a": np.ones((2, 3), np.float32), "b": np.arange(4, dtype=np.float32)}
     for out in (mechanism.client_transform(update), mechanism.server_transform(update, num_contributions=3)):
         assert {k: np.shape(v) for k, v in out.items()} == {k: v.shape for k, v in update.items()}
     event = mechanism.privacy_event(cohort_size=3, population=10, contributions=3)
-    assert isinstance(event, GaussianEvent)
-    assert event.noise_multiplier >= 0 and 0 < event.sample_rate <= 1 and event.steps >= 1
+    assert isinstance(event, (GaussianEvent, DiscreteGaussianEvent))
+    z = event.noise_multiplier if isinstance(event, GaussianEvent) else event.effective_noise_multiplier
+    assert z >= 0 and 0 < event.sample_rate <= 1 and event.steps >= 1
     described = json.loads(json.dumps(mechanism.describe()))
     assert described["mode"] == name and isinstance(described["guarantee"], str)
 

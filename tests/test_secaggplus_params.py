@@ -129,7 +129,10 @@ def test_the_server_refuses_a_cohort_no_safe_parameters_protect(tmp_path: Path) 
     collusion = rows["server colluding with clients"]
     assert "t or more of its neighbours" in collusion["sees"] and "0.05 of a bucket colluding" in collusion["protected_by"]
     assert "honest-but-curious" in rows["a server that deviates from the protocol"]["protected_by"]
-    assert "honest-but-curious" in {w["code"] for w in result.report["warnings"]}
+    codes = {w["code"]: w["message"] for w in result.report["warnings"]}
+    assert "honest-but-curious" in codes
+    assert "small-buckets" in codes and "bucket of 3 clients" in codes["small-buckets"]  # no DP: the sum of 3 is exposed
+    assert "central-noise-server" not in codes
 
 
 def test_client_refuses_a_neighbourhood_that_breaks_the_parameters() -> None:

@@ -8,7 +8,9 @@ Opacus's PRV discretises the privacy loss on a grid whose size grows with the nu
 the loss itself: for long runs at q = 1 it needs gigabytes (a MemoryError), and for very lossy
 histories it answers ``inf`` although the release was noisy. Neither is "no guarantee": the
 accountant then reports the RDP bound of the same history (valid, looser) and says so in the
-`PrivacySpent` note, which the ledger and the report carry.
+`PrivacySpent` note, which the ledger and the report carry. The same fallback covers a history
+holding distributed discrete Gaussian releases (`DiscreteGaussianEvent`), for which opacus has no
+privacy-loss distribution.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import warnings
 from collections.abc import Sequence
 
-from privacy.accounting.base import Accountant, GaussianEvent
+from privacy.accounting.base import Accountant, GaussianEvent, PrivacyEvent
 from privacy.accounting.rdp import rdp_epsilon
 from privacy.errors import PrivacyError
 
@@ -41,8 +43,12 @@ class PRVAccountant(Accountant):
             raise PrivacyError(f"accountant 'prv': max_domain_points must be an integer >= 2, got {max_domain_points!r}")
         self.max_domain_points = max_domain_points
 
-    def _bound(self, events: Sequence[GaussianEvent], delta: float) -> tuple[float, str | None]:
+    def _bound(self, events: Sequence[PrivacyEvent], delta: float) -> tuple[float, str | None]:
         why: str | None
+        if not all(isinstance(e, GaussianEvent) for e in events):
+            bound = rdp_epsilon(events, delta)
+            return bound, ("prv: opacus's PRV has no privacy-loss distribution for the distributed discrete Gaussian; "
+                           "the RDP bound of the same releases is reported instead (valid, looser)")
         try:
             eps = self._epsilon(events, delta)
             why = None if math.isfinite(eps) else "opacus's PRV returned inf for this noisy history"
@@ -55,12 +61,15 @@ class PRVAccountant(Accountant):
         bound = rdp_epsilon(events, delta)
         return bound, f"prv: {why}; the RDP bound of the same releases is reported instead (valid, looser)"
 
-    def _epsilon(self, events: Sequence[GaussianEvent], delta: float) -> float:
+    def _epsilon(self, events: Sequence[PrivacyEvent], delta: float) -> float:
+        gaussian = [e for e in events if isinstance(e, GaussianEvent)]
+        if len(gaussian) != len(events):
+            raise PrivacyError("accountant 'prv' composes Gaussian events only (see _bound for the RDP fallback)")
         from opacus.accountants import PRVAccountant as OpacusPRV
         from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
         inner = OpacusPRV()
-        inner.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+        inner.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in gaussian]
         try:
             with warnings.catch_warnings():
                 # opacus takes log(0) on the q = 1 branch of its grid; the result is still exact.
@@ -68,8 +77,8 @@ class PRVAccountant(Accountant):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 warnings.simplefilter("ignore", UserWarning)
                 domain = inner._get_domain(
-                    prvs=[PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in events],
-                    num_self_compositions=[e.steps for e in events],
+                    prvs=[PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in gaussian],
+                    num_self_compositions=[e.steps for e in gaussian],
                     eps_error=self.eps_error,
                     delta_error=delta / 1000,
                 )

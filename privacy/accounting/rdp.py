@@ -1,7 +1,10 @@
-"""``rdp``: Rényi-DP accounting of the sampled Gaussian mechanism (Mironov et al. 2019).
+"""``rdp``: Rényi-DP accounting of the sampled Gaussian mechanism (Mironov et al. 2019) and of
+the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021).
 
 Wraps opacus's ``compute_rdp`` / ``get_privacy_spent`` over `DEFAULT_ORDERS`; RDP composes by
-addition, so each (z, q, steps) block is computed once and summed.
+addition, so each (z, q, steps) block is computed once and summed. A `DiscreteGaussianEvent`
+contributes the curve of `privacy.accounting.ddgauss.ddg_rdp`, Poisson-subsampled with Zhu &
+Wang's general bound when its ``sample_rate`` is below 1.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privacy.accounting.base import Accountant, GaussianEvent
+from privacy.accounting.base import Accountant, DiscreteGaussianEvent, GaussianEvent, PrivacyEvent
+from privacy.accounting.ddgauss import ddg_rdp, poisson_subsampled_rdp
 
 #: The Rényi orders: opacus's default grid (1.1 ... 10.9, then 11 ... 63) extended to 1024
 #: (every 8 up to 256, every 32 up to 1024; a superset of dp_accounting's default orders).
@@ -23,7 +27,19 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
 )
 
 
-def rdp_epsilon(events: Sequence[GaussianEvent], delta: float, orders: Sequence[float] = DEFAULT_ORDERS) -> float:
+def discrete_gaussian_rdp(event: DiscreteGaussianEvent, orders: Sequence[float]) -> np.ndarray:
+    """RDP at ``orders`` of all ``event.steps`` releases of a distributed discrete Gaussian event."""
+
+    def base(alpha: np.ndarray) -> np.ndarray:
+        return ddg_rdp(
+            alpha, local_std=event.local_std, min_clients=event.min_clients, max_clients=event.max_clients,
+            l2_sensitivity=event.l2_sensitivity, l1_sensitivity=event.l1_sensitivity, dimension=event.dimension,
+        )
+
+    return poisson_subsampled_rdp(orders, sample_rate=event.sample_rate, rdp=base) * event.steps
+
+
+def rdp_epsilon(events: Sequence[PrivacyEvent], delta: float, orders: Sequence[float] = DEFAULT_ORDERS) -> float:
     """Epsilon at ``delta`` of the composition of ``events`` (noisy ones) by RDP over ``orders``.
 
     >>> round(rdp_epsilon([GaussianEvent(1.0, 1.0, 1)], 1e-5), 4)
@@ -34,6 +50,9 @@ def rdp_epsilon(events: Sequence[GaussianEvent], delta: float, orders: Sequence[
     grid = [float(a) for a in orders]
     total = np.zeros(len(grid))
     for e in events:
+        if isinstance(e, DiscreteGaussianEvent):
+            total = total + discrete_gaussian_rdp(e, grid)
+            continue
         total = total + np.asarray(
             analysis.compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=grid)
         )
@@ -53,5 +72,5 @@ class RDPAccountant(Accountant):
         super().__init__()
         self.orders = tuple(float(a) for a in orders)
 
-    def _epsilon(self, events: Sequence[GaussianEvent], delta: float) -> float:
+    def _epsilon(self, events: Sequence[PrivacyEvent], delta: float) -> float:
         return rdp_epsilon(events, delta, self.orders)

@@ -22,6 +22,7 @@ into a self-contained page.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,10 +32,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import Accountant, GaussianEvent, available, create_accountant
+from privacy.accounting import Accountant, PrivacyEvent, available, create_accountant
 from privacy.audit.sample_level import sample_level_report, sample_level_threat_row, sample_level_warnings
 from privacy.errors import PrivacyError
-from privacy.ledger import epsilon_to_json
+from privacy.ledger import epsilon_to_json, event_of
 
 SCHEMA = "secure-fl/privacy-report/v1"
 #: What the report, the page and the CLI say for a run that released nothing.
@@ -124,6 +125,9 @@ def build_report(
         "accountants": accountant_names,
         "releases": len(ledger),
     }
+    clipping = _clipping(mechanism_stage, metrics, ledger)
+    if clipping:
+        mechanism.update({"adaptive_clip": True, **{k: mechanism_stage.get(k) for k in _ADAPTIVE_KEYS}})
     if sample_level is not None:
         mechanism["sample_level"] = (f"dp-sgd on every client: noise_multiplier {sample_level['noise_multiplier']}, "
                                      f"max_grad_norm {sample_level['max_grad_norm']} (see the sample-level section)")
@@ -163,6 +167,7 @@ def build_report(
             for m in metrics for c in m.get("excluded", [])
         ],
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
+        **({"clipping": clipping} if clipping else {}),
         "warnings": warnings,
     }
 
@@ -244,22 +249,22 @@ def _client_epsilon(
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """Epsilon per accountant over the client's releases at ``q = 1``, and the accountants'
     fallback notes; accountants not registered in this process are left out (the page shows
-    "not computed"). A line counts its ``steps`` releases. Clients with the same (z, steps)
+    "not computed"). A line counts its ``steps`` releases of its own event kind. Clients with the same (event, steps)
     profile share one computation through ``cache``."""
     rounds = set(releases)
-    steps: Counter[float] = Counter()
+    steps: Counter[PrivacyEvent] = Counter()
     for e in ledger:
-        if int(e["round"]) in rounds:
-            steps[float(e["noise_multiplier"])] += int(e["steps"])
-    profile = tuple(sorted(steps.items()))
+        if int(e["round"]) in rounds:  # the line's own event (a distributed one is not a Gaussian), at q = 1
+            steps[dataclasses.replace(event_of(e), sample_rate=1.0, steps=1)] += int(e["steps"])
+    profile = tuple(sorted(steps.items(), key=lambda item: repr(item[0])))
     out: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     for name in names:
         key = (name, profile)
         if key not in cache:
             accountant: Accountant = create_accountant(name)
-            for z, count in profile:  # participation is known to this observer: no amplification
-                accountant.compose(GaussianEvent(z, 1.0, count))
+            for event, count in profile:  # participation is known to this observer: no amplification
+                accountant.compose(event, count)
             try:
                 spent = accountant.get_privacy_spent(delta)
             except PrivacyError:
@@ -271,12 +276,51 @@ def _client_epsilon(
     return out, notes
 
 
+#: The adaptive-clipping settings the report's mechanism table shows (from the privacy stage's parameters).
+_ADAPTIVE_KEYS = (
+    "initial_clip_norm", "target_unclipped_quantile", "clip_learning_rate", "clip_count_stddev", "update_noise_multiplier",
+)
+
+
+def _clipping(
+    mechanism_stage: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Adaptive clipping's clip norm per released round (empty unless the privacy stage adapts C).
+
+    The round's C comes from its ledger line (what its clients clipped to and its noise was scaled
+    by); the noised unclipped fraction and the next round's C from its metrics line.
+    """
+    if not mechanism_stage.get("adaptive_clip"):
+        return {}
+    by_metrics = {int(m["round"]): m for m in metrics if "round" in m}
+    rows = []
+    for entry in ledger:
+        number = int(entry["round"])
+        line = by_metrics.get(number, {})
+        rows.append({
+            "round": number,
+            "clip_norm": entry.get("clip_norm"),
+            "unclipped_fraction": line.get("unclipped_fraction"),
+            "next_clip_norm": line.get("next_clip_norm"),
+        })
+    return {
+        "adaptive": True,
+        "initial_clip_norm": mechanism_stage.get("initial_clip_norm", mechanism_stage.get("clip_norm")),
+        "target_unclipped_quantile": mechanism_stage.get("target_unclipped_quantile"),
+        "by_round": rows,
+    }
+
+
 def _secure_mode(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any], bool]:
     """The secure stage's name, its parameters, and whether the server sees individual updates
     (assumed when the stage does not say otherwise)."""
     secure = dict(stages.get("secure", {}))
     params = dict(secure.get("params", {}))
     return str(secure.get("name", "unknown")), params, bool(params.get("server_sees_individual_updates", True))
+
+
+#: Buckets below this many clients raise the ``small-buckets`` warning.
+SMALL_BUCKET = 10
 
 
 def _no_dp(mechanism: Mapping[str, Any]) -> bool:
@@ -317,6 +361,9 @@ def _threat_model(
         sizes = [p for p in params.get("bucket_parameters") or [] if isinstance(p, Mapping)]
         if sizes:
             server_protection += "; " + ", ".join(f"k = {p.get('k')}, t = {p.get('t')} for buckets of {p.get('n')}" for p in sizes)
+        if stages.get("privacy", {}).get("params", {}).get("noise_added_by") == "clients" and not _no_dp(mechanism):
+            server_sees += ", each carrying the clients' distributed DP noise"
+            server_protection += f"; privacy.mode = {mechanism.get('mode')} (the clients add the noise before masking)"
     rows = [
         {"party": "server", "sees": server_sees + "; who was selected, who dropped out", "protected_by": server_protection},
         {"party": "server", "sees": CLEAR_METADATA, "protected_by": "nothing: sent in the clear in this secure mode"}
@@ -359,6 +406,20 @@ def _warnings(
     if reveals:
         out.append(_warn("server-sees-updates", "high", f"secure.mode = {mode}: the server sees every client's individual update"))
     secure_params = _secure_mode(stages)[1]
+    added_by = dict(dict(stages.get("privacy", {})).get("params", {})).get("noise_added_by")
+    if added_by == "server" and not _no_dp(mechanism):
+        out.append(_warn("central-noise-server", "medium", f"privacy.mode = {mechanism.get('mode')}: the server adds the "
+                         "DP noise, so it sees every clipped update and the noise-free sum; epsilon protects the clients "
+                         "from whoever receives the released adapter, not from the server"))
+    small = sorted({int(p["n"]) for p in secure_params.get("bucket_parameters") or []
+                    if isinstance(p, Mapping) and isinstance(p.get("n"), int) and p["n"] < SMALL_BUCKET})
+    if not reveals and small:
+        protected = ("each bucket sum carries the full distributed noise, so epsilon holds per bucket, but the "
+                     "mean of several noised buckets is noisier than one noised sum"
+                     if added_by == "clients" else
+                     "without distributed DP noise a sum of so few updates can reveal much about each member")
+        out.append(_warn("small-buckets", "medium", f"secure.mode = {mode}: the server learns the sum of every bucket of "
+                         f"{', '.join(map(str, small))} clients (fewer than {SMALL_BUCKET}); {protected}"))
     if not reveals and str(secure_params.get("adversary_model", "")).startswith("honest-but-curious"):
         out.append(_warn("honest-but-curious", "medium", f"secure.mode = {mode} protects against a server that follows "
                          f"the protocol only: {secure_params['adversary_model']}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from privacy._registry import Registry
 from privacy.mechanisms.base import PrivacyMechanism
 from privacy.mechanisms.central import CentralDP
+from privacy.mechanisms.distributed import DistributedDP
 from privacy.mechanisms.none import NoPrivacy
 from privacy.mechanisms.sample_level import SampleLevelOnly
 
@@ -14,6 +15,7 @@ _MECHANISMS: Registry[PrivacyMechanism] = Registry(
     {
         "none": NoPrivacy,
         "central": CentralDP,
+        "distributed": DistributedDP,
         "dp-sgd": SampleLevelOnly,
     },
 )

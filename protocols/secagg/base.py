@@ -113,6 +113,23 @@ class ClientRound(ABC):
     def close(self) -> None:
         """Forget every secret of the round (default: nothing to forget)."""
 
+    # What a client-side noise mechanism needs to know (distributed DP); the defaults say "no
+    # integer quantisation, no buckets announced".
+    @property
+    def quantisation_step(self) -> float | None:
+        """Input units of one integer step of `quantise` (None: the protocol does not quantise to integers)."""
+        return None
+
+    @property
+    def bucket_size(self) -> int | None:
+        """Clients whose inputs are summed with this client's, once known (None: not announced)."""
+        return None
+
+    @property
+    def worst_case_dropouts(self) -> int:
+        """Most clients of this client's bucket that may drop while its sum is still revealed."""
+        return 0
+
 
 class SecureAggregation(ABC):
     """A secure-aggregation protocol: one subclass per mode, registered under `name`.

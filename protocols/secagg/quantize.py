@@ -34,7 +34,7 @@ def _check_int(name: str, value: object, *, minimum: int) -> int:
     return int(value)
 
 
-def required_bits(*, bucket_size: int, max_weight: int, levels: int) -> int:
+def required_bits(*, bucket_size: int, max_weight: int, levels: int, noise_headroom: int = 0) -> int:
     """Smallest word size ``b`` for which ``bucket_size`` weighted inputs cannot wrap mod ``2^b``.
 
     Parameters
@@ -45,18 +45,21 @@ def required_bits(*, bucket_size: int, max_weight: int, levels: int) -> int:
         Largest integer weight ``W`` a client may multiply its quantised input by.
     levels
         Quantisation levels ``Q``: a quantised input lies in ``[0, Q]``.
+    noise_headroom
+        ``H >= 0``: integer noise added by the clients (distributed DP) may move the sum by up to
+        ``H`` either way, so the exact sum lies in ``[-H, n * W * Q + H]``.
 
     Returns
     -------
     int
-        ``ceil(log2(n * W * Q)) + 1``; see `QuantizationPlan` for the derivation.
+        ``ceil(log2(n * W * Q + 2H)) + 1``; see `QuantizationPlan` for the derivation.
 
     Examples
     --------
     >>> required_bits(bucket_size=100, max_weight=1, levels=2**22)
     30
     """
-    worst = bucket_size * max_weight * levels
+    worst = bucket_size * max_weight * levels + 2 * noise_headroom
     return (worst - 1).bit_length() + 1  # (m - 1).bit_length() == ceil(log2(m)) for m >= 1
 
 
@@ -73,6 +76,13 @@ class QuantizationPlan:
     ``W * Q``. Plans that need ``b > 32`` are refused (see `MAX_BITS`): lower ``levels`` (coarser
     precision), the bucket size or the weight bound.
 
+    Noise headroom. Under distributed DP every client adds integer noise to its quantised words
+    before masking (a negative word wraps into the ring), so the exact sum is
+    ``sum(w * q) + noise`` with ``|noise| <= H`` except with negligible probability. The plan then
+    covers ``[-H, n * W * Q + H]``: ``b = ceil(log2(n * W * Q + 2H)) + 1``, and `check_no_wrap` /
+    `dequantize_sum` read a residue above ``total_weight * Q + H`` as the negative value
+    ``residue - 2^b``. ``H = 0`` (the default) is the plan without noise, bit for bit.
+
     Parameters
     ----------
     clip_range
@@ -88,6 +98,9 @@ class QuantizationPlan:
     modulus_bits
         Word size to use instead of the minimum, for interoperability (Flower uses 32); must lie in
         ``[required_bits, 32]``. ``None`` (the default) takes the minimum, the tightest upload.
+    noise_headroom
+        ``H >= 0``: the most the clients' summed integer noise may move the sum either way (0: no
+        noise).
 
     Raises
     ------
@@ -101,6 +114,7 @@ class QuantizationPlan:
     bucket_size: int = field(metadata={"help": "n: most clients summed in one bucket"})
     max_weight: int = field(default=1, metadata={"help": "W: largest integer client weight"})
     modulus_bits: int | None = field(default=None, metadata={"help": "b override (None: minimum)"})
+    noise_headroom: int = field(default=0, metadata={"help": "H: the summed noise lies in [-H, H]"})
 
     def __post_init__(self) -> None:
         """Validate every field and the bit budget."""
@@ -112,7 +126,14 @@ class QuantizationPlan:
         _check_int("levels", self.levels, minimum=1)
         _check_int("bucket_size", self.bucket_size, minimum=1)
         _check_int("max_weight", self.max_weight, minimum=1)
+        _check_int("noise_headroom", self.noise_headroom, minimum=0)
         need = self.required_bits
+        if need > MAX_BITS and self.noise_headroom:
+            raise ValueError(
+                f"clip_range={c}, levels={self.levels}, bucket_size={self.bucket_size}, "
+                f"max_weight={self.max_weight} with noise_headroom={self.noise_headroom} need {need} bits "
+                f"(ceil(log2(n*W*Q + 2H)) + 1) so the noised sum cannot wrap; at most {MAX_BITS} are supported"
+            )
         if need > MAX_BITS:
             most = (1 << (MAX_BITS - 1)) // (self.bucket_size * self.max_weight)
             raise ValueError(
@@ -133,7 +154,7 @@ class QuantizationPlan:
 
     @classmethod
     def for_precision(
-        cls, *, clip_range: float, precision: float, bucket_size: int, max_weight: int = 1
+        cls, *, clip_range: float, precision: float, bucket_size: int, max_weight: int = 1, noise_headroom: int = 0
     ) -> QuantizationPlan:
         """Plan with the fewest power-of-two levels whose step ``2c / Q`` is at most ``precision``.
 
@@ -147,6 +168,8 @@ class QuantizationPlan:
             ``n >= 1``.
         max_weight
             ``W >= 1``.
+        noise_headroom
+            ``H >= 0`` (see the class docstring).
 
         Returns
         -------
@@ -171,12 +194,18 @@ class QuantizationPlan:
         exponent = max(0, math.ceil(math.log2(2.0 * clip_range / precision)))
         if 2.0 * clip_range / 2.0**exponent > precision:  # guard log2 rounding
             exponent += 1
-        return cls(clip_range=clip_range, levels=1 << exponent, bucket_size=bucket_size, max_weight=max_weight)
+        return cls(
+            clip_range=clip_range, levels=1 << exponent, bucket_size=bucket_size, max_weight=max_weight,
+            noise_headroom=noise_headroom,
+        )
 
     @property
     def required_bits(self) -> int:
-        """Minimal word size ``ceil(log2(n * W * Q)) + 1`` for this plan."""
-        return required_bits(bucket_size=self.bucket_size, max_weight=self.max_weight, levels=self.levels)
+        """Minimal word size ``ceil(log2(n * W * Q + 2H)) + 1`` for this plan."""
+        return required_bits(
+            bucket_size=self.bucket_size, max_weight=self.max_weight, levels=self.levels,
+            noise_headroom=self.noise_headroom,
+        )
 
     @property
     def bits(self) -> int:
@@ -301,6 +330,25 @@ def _check_sum_args(total: NDArray[np.generic], plan: QuantizationPlan, count: i
         raise ValueError(f"the sum must be reduced mod 2^{plan.bits}")
 
 
+def centred_sum(total: ArrayLike, plan: QuantizationPlan, *, count: int, total_weight: int) -> NDArray[np.int64]:
+    """The exact integer sum behind a modular sum, after `check_no_wrap`: in ``[-H, total_weight * Q + H]``.
+
+    A residue above ``total_weight * Q + H`` stands for the negative value ``residue - 2^b``
+    (noise pushed the sum below 0). With ``H = 0`` this is the residue itself.
+
+    Raises
+    ------
+    WrapAround
+        If any coordinate is outside the range honest (noised) inputs reach (see `check_no_wrap`).
+    """
+    words = np.asarray(total)
+    check_no_wrap(words, plan, count=count, total_weight=total_weight)
+    signed = words.astype(np.int64)
+    if plan.noise_headroom:
+        signed[signed > total_weight * plan.levels + plan.noise_headroom] -= np.int64(plan.modulus)
+    return signed
+
+
 def check_no_wrap(total: ArrayLike, plan: QuantizationPlan, *, count: int, total_weight: int) -> None:
     """Raise `WrapAround` unless every coordinate of a modular sum is one honest inputs can reach.
 
@@ -309,6 +357,11 @@ def check_no_wrap(total: ArrayLike, plan: QuantizationPlan, *, count: int, total
     ``[-n * W * c, n * W * c]``). A coordinate outside means the sum wrapped mod ``2^b`` or a client
     sent words above ``weight * Q``. A dishonest client can still move the sum *within* the range
     (or make it wrap back into it); catching that needs input proofs, which this check is not.
+
+    With a noise headroom ``H`` (distributed DP) the accepted range is ``[-H, total_weight * Q + H]``:
+    a residue is accepted if it is at most ``total_weight * Q + H`` or at least ``2^b - H`` (a
+    negative sum). A sum outside (the noise exceeded its headroom, which the plan makes negligible,
+    or a client sent out-of-range words) aborts: it is never decoded into garbage.
 
     Parameters
     ----------
@@ -331,13 +384,20 @@ def check_no_wrap(total: ArrayLike, plan: QuantizationPlan, *, count: int, total
     words = np.asarray(total)
     _check_sum_args(words, plan, count, total_weight)
     limit = total_weight * plan.levels
-    bad = np.flatnonzero(words.astype(np.uint64) > np.uint64(limit))
+    headroom = plan.noise_headroom
+    wide = words.astype(np.uint64)
+    out = wide > np.uint64(limit + headroom)
+    if headroom:
+        out &= wide < np.uint64(plan.modulus - headroom)
+    bad = np.flatnonzero(out)
     if bad.size:
         first = int(bad[0])
+        accepted = (f"total_weight * Q = {limit}" if not headroom else
+                    f"the range [-{headroom}, total_weight * Q + {headroom}] (noise headroom {headroom})")
         raise WrapAround(
-            f"{bad.size} of {words.size} coordinate(s) of the sum of {count} client(s) exceed "
-            f"total_weight * Q = {limit} (first: index {first}, value {int(words[first])}, "
-            f"mod 2^{plan.bits}): the sum wrapped or a client sent out-of-range words"
+            f"{bad.size} of {words.size} coordinate(s) of the sum of {count} client(s) "
+            f"{'exceed' if not headroom else 'fall outside'} {accepted} (first: index {first}, value "
+            f"{int(words[first])}, mod 2^{plan.bits}): the sum wrapped or a client sent out-of-range words"
         )
 
 
@@ -345,7 +405,8 @@ def dequantize_sum(total: ArrayLike, plan: QuantizationPlan, count: int, total_w
     """Map a modular sum of ``count`` weighted quantised inputs back to floats, after `check_no_wrap`.
 
     Inverse of the affine map: every client contributed ``w * (x + c) * Q / (2c)``, so
-    ``sum(w * x) = total * 2c / Q - total_weight * c``. Computed as
+    ``sum(w * x) = total * 2c / Q - total_weight * c``, with ``total`` the exact (centred) sum of
+    `centred_sum` (the residue itself without noise headroom). Computed as
     ``(2 * total - total_weight * Q) * c / Q`` with an exact integer numerator: exact in float64
     whenever ``c`` and ``Q`` are powers of two (Flower's 8 and 2^22), otherwise within a few ulp.
 
@@ -371,7 +432,6 @@ def dequantize_sum(total: ArrayLike, plan: QuantizationPlan, count: int, total_w
     WrapAround
         If any coordinate is outside the range honest inputs reach (see `check_no_wrap`).
     """
-    words = np.asarray(total)
-    check_no_wrap(words, plan, count=count, total_weight=total_weight)
-    numerator = 2 * words.astype(np.int64) - np.int64(total_weight * plan.levels)
+    exact = centred_sum(total, plan, count=count, total_weight=total_weight)
+    numerator = 2 * exact - np.int64(total_weight * plan.levels)
     return numerator.astype(np.float64) * float(plan.clip_range) / float(plan.levels)

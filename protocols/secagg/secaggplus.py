@@ -16,6 +16,13 @@ instance whose weighted sum the server learns, and nothing finer. Four phases, a
    dropped, and answers with its share of b_v for the first and of s_v for the second; a client
    refuses a request naming a peer in both lists, or a peer that is not its neighbour.
 
+Distributed DP (`SecAggPlus.enable_distributed_noise`, wired by ``secure_fl.stages`` for
+``privacy.mode = "distributed"``): each client adds integer noise to its quantised words before
+masking, so every plan gets a noise headroom, weights are all 1, and the unmask payload also
+carries the bucket's full survivor list: a client refuses to unmask a bucket with fewer survivors
+than the noise was sized for (`SecAggPlus.min_survivors`), and the server aborts such a round
+before asking. With the noise off, plans, messages and checks are exactly those above.
+
 Settings (``[secure.params]``) are validated at construction; see `SecAggPlus`.
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -43,7 +50,12 @@ from protocols.secagg.secaggplus_params import (
     DEFAULT_CORRECTNESS_BITS, DEFAULT_SECURITY_BITS, GraphParameters, check_parameters,
 )
 
-__all__ = ["SecAggPlus", "SecAggPlusClient"]
+__all__ = ["NoiseHeadroom", "SecAggPlus", "SecAggPlusClient"]
+
+#: ``headroom(bucket_size, min_survivors, num_values, step) -> H``: the integer headroom a bucket's
+#: plan reserves for the clients' summed noise (see `QuantizationPlan`); supplied by the privacy
+#: mechanism through ``secure_fl.stages`` (``protocols`` never imports ``privacy``).
+NoiseHeadroom = Callable[[int, int, int, float], int]
 
 
 class SecAggPlus(SecureAggregation):
@@ -133,6 +145,8 @@ class SecAggPlus(SecureAggregation):
         self.clip_range, self.precision, self.max_weight = float(clip_range), float(precision), max_weight
         self._parameters: dict[int, GraphParameters] = {}
         self._planned: tuple[int, ...] = (bucket_size,) if bucket_size else ()
+        self._headroom: NoiseHeadroom | None = None  # set by `enable_distributed_noise`
+        self._uniform_weights = False
         try:
             self.plan(bucket_size or st.MIN_BUCKET)
         except ValueError as exc:
@@ -166,16 +180,87 @@ class SecAggPlus(SecureAggregation):
             return st.share_threshold(neighbourhood, self.threshold)
         return parameters.t
 
-    def check_cohort(self, size: int) -> None:
-        """Refuse, before any round, a cohort of ``size`` whose buckets no safe (k, t) protects."""
+    # ------------------------------------------------------------------ distributed DP
+    def enable_distributed_noise(self, *, headroom: NoiseHeadroom, uniform_weights: bool = True) -> None:
+        """Make room for client noise: every plan reserves ``headroom(...)``, unmasking needs enough survivors.
+
+        Called once, before any round, by ``secure_fl.stages`` when the privacy mechanism adds its
+        noise on the clients. ``uniform_weights`` makes every client's weight 1 (the plan's
+        ``max_weight`` becomes 1, which saves ``log2(max_weight)`` bits per word).
+
+        Raises
+        ------
+        ValueError
+            If the quantisation has a single level (``clip_range / step`` must be an integer so a
+            zero update quantises exactly).
+        """
+        if self.plan(st.MIN_BUCKET).levels < 2:
+            raise ValueError(
+                f"secagg+ settings clip_range={self.clip_range}, precision={self.precision} give one quantisation "
+                "level; distributed noise needs precision < clip_range"
+            )
+        self._headroom = headroom
+        self._uniform_weights = bool(uniform_weights)
+
+    @property
+    def noise_enabled(self) -> bool:
+        """Whether clients add distributed noise (`enable_distributed_noise` was called)."""
+        return self._headroom is not None
+
+    @property
+    def weight_bound(self) -> int:
+        """The largest client weight in use: 1 with uniform weights, else ``max_weight``."""
+        return 1 if self._uniform_weights else self.max_weight
+
+    @property
+    def quantisation_step(self) -> float:
+        """gamma = 2c / Q, the input units of one integer step (the same for every bucket size)."""
+        return self.plan(st.MIN_BUCKET).step
+
+    def min_survivors(self, n: int) -> int:
+        """Fewest clients of a bucket of ``n`` whose inputs may be unmasked: ``n`` minus the tolerated dropouts.
+
+        The tolerated dropouts are the ``ceil(dropout_fraction * n)`` of the (k, t) analysis
+        (`GraphParameters.dropouts`), the same bound the correctness target is stated for.
+        """
+        return n - self.parameters(n).dropouts
+
+    def noise_buckets(self, cohort_size: int) -> list[tuple[int, int]]:
+        """``(bucket size, min_survivors)`` for each distinct bucket size a cohort of ``cohort_size`` splits into."""
+        return [(n, self.min_survivors(n)) for n in self._bucket_sizes(cohort_size)]
+
+    def _bucket_sizes(self, size: int) -> list[int]:
         count = 1 if not self.bucket_size or size <= self.bucket_size else math.ceil(size / self.bucket_size)
-        sizes = sorted({size // count, -(-size // count)})
+        return sorted({size // count, -(-size // count)})
+
+    def check_cohort(self, size: int, *, num_values: int | None = None) -> None:
+        """Refuse, before any round, a cohort of ``size`` whose buckets no safe (k, t) protects.
+
+        With distributed noise and the update's ``num_values`` known, each bucket's plan also
+        includes the noise headroom, and a plan past 32 bits is refused naming what to lower.
+        """
+        sizes = self._bucket_sizes(size)
         for n in sizes:
             if n < st.MIN_BUCKET:
                 raise ValueError(
                     f"secagg+: a cohort of {size} split into buckets of at most {self.bucket_size or size} gives "
                     f"buckets of {n} clients; a bucket needs at least {st.MIN_BUCKET}"
                 )
+            if self.noise_enabled and num_values is not None:
+                if self.min_survivors(n) < 1:
+                    raise ValueError(
+                        f"secagg+: a bucket of {n} clients tolerates {self.parameters(n).dropouts} dropouts "
+                        f"(dropout_fraction={self.dropout_fraction}), leaving no client whose noise share counts; "
+                        "lower [secure.params] dropout_fraction"
+                    )
+                try:
+                    self.plan(n, num_values)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"secagg+: a bucket of {n} clients with distributed noise for {num_values} values needs "
+                        f"more than 32-bit words ({exc}); raise [secure.params] precision (coarser steps), lower "
+                        f"[secure.params] clip_range, [secure] bucket_size or privacy.params.noise_multiplier"
+                    ) from None
             try:
                 self.plan(n)
             except ValueError:
@@ -186,16 +271,27 @@ class SecAggPlus(SecureAggregation):
             self.parameters(n)
         self._planned = tuple(sizes)
 
-    def plan(self, bucket: int) -> QuantizationPlan:
-        """The quantisation plan of a bucket of ``bucket`` clients (raises ValueError past 32 bits)."""
+    def plan(self, bucket: int, num_values: int | None = None) -> QuantizationPlan:
+        """The quantisation plan of a bucket of ``bucket`` clients (raises ValueError past 32 bits).
+
+        With distributed noise and ``num_values`` (the update's size) given, the plan reserves the
+        mechanism's noise headroom for that bucket; without noise ``num_values`` is ignored.
+        """
+        plan = QuantizationPlan.for_precision(
+            clip_range=self.clip_range, precision=self.precision, bucket_size=bucket, max_weight=self.weight_bound
+        )
+        if self._headroom is None or num_values is None:
+            return plan
+        headroom = int(self._headroom(bucket, self.min_survivors(bucket), num_values, plan.step))
         return QuantizationPlan.for_precision(
-            clip_range=self.clip_range, precision=self.precision, bucket_size=bucket, max_weight=self.max_weight
+            clip_range=self.clip_range, precision=self.precision, bucket_size=bucket, max_weight=self.weight_bound,
+            noise_headroom=headroom,
         )
 
     def largest_bucket(self) -> int:
-        """The most clients one bucket may hold before its sum needs more than 32-bit words."""
+        """The most clients one bucket may hold before its sum needs more than 32-bit words (without noise)."""
         levels = self.plan(st.MIN_BUCKET).levels
-        return (1 << 31) // (levels * self.max_weight)
+        return (1 << 31) // (levels * self.weight_bound)
 
     def assign_buckets(self, cohort: Sequence[str], rng: np.random.Generator) -> tuple[tuple[str, ...], ...]:
         """Split the cohort at random with `secrets` (``rng`` is not used on this path)."""
@@ -242,6 +338,12 @@ class SecAggPlus(SecureAggregation):
         }
         if self._planned:  # the planned bucket sizes, once `check_cohort` has seen the cohort size
             facts["bucket_parameters"] = [self.parameters(n).describe() for n in self._planned]
+        if self.noise_enabled:
+            facts["distributed_noise"] = (
+                "clients add integer noise before masking; plans reserve its headroom; a bucket with fewer "
+                "survivors than n minus the tolerated dropouts is not unmasked (clients refuse, the server aborts)"
+            )
+            facts["weights"] = "uniform: every client's weight is 1" if self._uniform_weights else "example counts"
         return facts
 
 
@@ -256,6 +358,7 @@ class SecAggPlusClient(ClientRound):
         self.mask_key = generate_private_key()
         self.seed = secrets.token_bytes(32)
         self.bucket = 0
+        self.size = 0  # clients in my bucket, as the server announced in advertise-keys
         self.plan: QuantizationPlan | None = None
         self.parameters: GraphParameters | None = None
         self.enc_public: dict[str, X25519PublicKey] = {}
@@ -282,11 +385,12 @@ class SecAggPlusClient(ClientRound):
             size = st.decode_int(data.blobs.get(st.SIZE), st.SIZE)
             if size < st.MIN_BUCKET:
                 raise Refused(f"secagg+ client {self.me}: refusing a bucket of {size} clients (at least {st.MIN_BUCKET})")
-            self.plan = self.protocol.plan(size)
             try:
                 self.parameters = self.protocol.parameters(size)
+                self.plan = self.protocol.plan(size, self.num_values)
             except ValueError as exc:
                 raise Refused(f"secagg+ client {self.me}: refusing a bucket of {size}: {exc}") from None
+            self.size = size
             return PhaseData(blobs={
                 st.ENCRYPTION_KEY: public_key_to_bytes(self.enc_key.public_key()),
                 st.MASK_KEY: public_key_to_bytes(self.mask_key.public_key()),
@@ -321,6 +425,26 @@ class SecAggPlusClient(ClientRound):
             blobs[st.SHARE + peer] = encrypt_share(key, share.to_bytes(), route=self._route(self.me, peer))
         return PhaseData(blobs=blobs)
 
+    @property
+    def num_values(self) -> int:
+        """d, the number of values of the update (the weight word not counted)."""
+        return sum(size for _, _, size in st.update_layout(self.context.update_spec))
+
+    @property
+    def quantisation_step(self) -> float | None:
+        """gamma = 2c / Q of my bucket's plan (input units per integer step); None before advertise-keys."""
+        return None if self.plan is None else self.plan.step
+
+    @property
+    def bucket_size(self) -> int | None:
+        """Clients in my bucket, once the server announced it (advertise-keys)."""
+        return self.size or None
+
+    @property
+    def worst_case_dropouts(self) -> int:
+        """Most clients of my bucket that may drop while it is still unmasked (0 before advertise-keys)."""
+        return 0 if self.parameters is None else self.parameters.dropouts
+
     def quantise(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Clip and stochastically round each tensor (flattened) to words of the bucket's plan."""
         if self.plan is None:
@@ -348,7 +472,7 @@ class SecAggPlusClient(ClientRound):
         if sorted(quantised) != [name for name, _, _ in layout]:
             raise MalformedMessage(f"secagg+ client {self.me}: update tensors {sorted(quantised)} differ from the spec")
         bits = self.plan.bits
-        w = max(1, min(self.protocol.max_weight, int(round(weight))))
+        w = max(1, min(self.protocol.weight_bound, int(round(weight))))
         dtype = word_dtype(bits)
         values = np.empty(sum(size for _, _, size in layout) + 1, dtype=dtype)
         offset = 0
@@ -377,9 +501,32 @@ class SecAggPlusClient(ClientRound):
         strangers = sorted(set(survived + dropped) - set(self.held))
         if strangers:
             raise Refused(f"secagg+ client {self.me}: {strangers} are not neighbours whose shares I hold; refusing")
+        if self.protocol.noise_enabled:
+            self._check_survivors(survived, dropped, st.decode_ids(data.blobs.get(st.SURVIVORS)))
         blobs = {st.SEED_SHARE + v: self.held[v].select(0).to_bytes() for v in survived}
         blobs.update({st.KEY_SHARE + v: self.held[v].select(1).to_bytes() for v in dropped})
         return PhaseData(blobs=blobs)
+
+    def _check_survivors(self, survived: Sequence[str], dropped: Sequence[str], everyone: Sequence[str]) -> None:
+        """Refuse to unmask a bucket whose survivors carry less noise than the noise was sized for.
+
+        Each client's noise share is sized for ``min_survivors`` clients; unmasking a sum of fewer
+        would release it with less than the accounted noise. The list is the server's word (an
+        honest-but-curious server; the consistency-check phase that would let clients verify it is
+        not implemented), checked against what this client knows: itself and the neighbours named.
+        """
+        need = self.protocol.min_survivors(self.size)
+        alive = set(everyone)
+        if self.me not in alive or not set(survived) <= alive or alive & set(dropped):
+            raise Refused(
+                f"secagg+ client {self.me}: the survivor list of bucket {self.bucket} contradicts the unmask request "
+                "(it must name me and every surviving neighbour, and no dropped one); refusing to unmask"
+            )
+        if len(alive) < need:
+            raise Refused(
+                f"secagg+ client {self.me}: bucket {self.bucket} of {self.size} has {len(alive)} survivor(s), but the "
+                f"distributed noise was sized for at least {need}; refusing to unmask a sum with less noise"
+            )
 
     def close(self) -> None:
         """Forget keys, seed and held shares (Python cannot wipe memory; the references go)."""

@@ -5,6 +5,11 @@ What the server holds: public keys, ciphertexts it cannot open, each client's ma
 random-looking) words, and in ``unmask`` the self-mask seeds b_u of the survivors of
 ``masked-input`` and the mask keys s_d of the clients that dropped in it, never both for one
 client, so it learns each bucket's weighted sum and nothing finer.
+
+With distributed noise on (`SecAggPlus.enable_distributed_noise`) each plan carries the noise
+headroom, a bucket whose survivors of masked-input are fewer than `SecAggPlus.min_survivors`
+aborts the round before ``unmask`` is declared, and the unmask payload also lists every survivor
+of the bucket (clients refuse too few themselves).
 """
 
 from __future__ import annotations
@@ -76,8 +81,10 @@ class SecAggPlusServer(ServerRound):
             if size < st.MIN_BUCKET:
                 raise ProtocolAbort(f"secagg+ {bucket.where()}: a bucket needs at least {st.MIN_BUCKET} clients")
             try:
-                bucket.plan = self.protocol.plan(size)
-            except ValueError:
+                bucket.plan = self.protocol.plan(size, self.words - 1)
+            except ValueError as exc:
+                if self.protocol.noise_enabled:
+                    raise ProtocolAbort(f"secagg+ {bucket.where()}: {exc}") from None
                 raise ProtocolAbort(
                     f"secagg+ {bucket.where()}: the sum of {size} clients needs more than 32-bit words with "
                     f"clip_range={self.protocol.clip_range}, precision={self.protocol.precision}, "
@@ -206,16 +213,25 @@ class SecAggPlusServer(ServerRound):
             bucket.dropped = tuple(
                 sorted(d for d in bucket.shared if d not in survivors and survivors & set(bucket.graph[d]))
             )
+            if self.protocol.noise_enabled and len(survivors) < self.protocol.min_survivors(len(bucket.members)):
+                raise ProtocolAbort(
+                    f"secagg+ {bucket.where()} after masked-input: {len(survivors)} survivor(s), but the clients' "
+                    f"distributed noise was sized for at least {self.protocol.min_survivors(len(bucket.members))} "
+                    "(the bucket size minus the tolerated dropouts); unmasking would release a sum with less "
+                    "noise than accounted, so nothing is unmasked"
+                )
             for u in sorted(survivors):
                 self._require(bucket, u, survivors, "after masked-input", "self-mask seed")
             for d in bucket.dropped:
                 self._require(bucket, d, survivors, "after masked-input", "mask key (it dropped)")
             shared = set(bucket.shared)
+            everyone = {st.SURVIVORS: st.encode_ids(sorted(survivors))} if self.protocol.noise_enabled else {}
             for w in sorted(survivors):
                 held = [v for v in bucket.graph[w] if v in shared]
                 payloads[w] = PhaseData(blobs={
                     st.SURVIVED: st.encode_ids([v for v in held if v in survivors]),
                     st.DROPPED: st.encode_ids([v for v in held if v in bucket.dropped]),
+                    **everyone,
                 })
         most = max(len(peers) for b in self.buckets for peers in b.graph.values())
         spec = AnswerSpec(blobs=(

@@ -36,6 +36,8 @@ MASKED = "masked"
 # unmask: payload blobs (newline-separated ids); answer blobs "b/<id>" and "s/<id>"
 SURVIVED = "survived"
 DROPPED = "dropped"
+#: Distributed DP only: every survivor of the bucket (so a client can refuse a bucket with too few).
+SURVIVORS = "survivors"
 SEED_SHARE = "b/"
 KEY_SHARE = "s/"
 

@@ -28,7 +28,26 @@ from privacy.mechanisms import MechanismContext, PrivacyMechanism
 from protocols.secagg import ClientRound, PhaseData
 from robustness.attacks import Attack, AttackContext
 
-__all__ = ["prepare_upload"]
+__all__ = ["mechanism_context", "prepare_upload"]
+
+
+def mechanism_context(
+    session: ClientRound, *, round_number: int, cohort_size: int, bucket_size: int, num_values: int,
+    client_id: str = "",
+    clip_norm: float | None = None,
+) -> MechanismContext:
+    """What the privacy mechanism needs to know about this round, from the protocol's session.
+
+    The session's own facts win (SecAgg+ knows its bucket's size, its tolerated dropouts and its
+    quantisation step once advertise-keys arrived); ``bucket_size`` is the fallback (the plan's).
+    ``num_values`` is the size of the update the session quantises; ``clip_norm`` the clip norm
+    the server announced for the round (adaptive clipping), ``None`` for the configured one.
+    """
+    return MechanismContext(
+        round=round_number, cohort_size=cohort_size, bucket_size=session.bucket_size or bucket_size,
+        worst_case_dropouts=session.worst_case_dropouts, quantisation_step=session.quantisation_step,
+        num_values=num_values, client_id=client_id, clip_norm=clip_norm,
+    )
 
 
 def prepare_upload(

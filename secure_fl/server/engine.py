@@ -106,6 +106,11 @@ class FederatedServer:
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
         self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
+        if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
+            self.stages.bind_update(num_values=self.pipeline.layout.size,
+                                    cohort_size=min(config.run.clients_per_round, config.run.num_clients))
+            info = self.run_dir.read_run_info()
+            self.run_dir.write_run_info({**info, "stages": self.stages.describe()})
         self.coordinator = Coordinator(
             run_id=self.run_id,
             model_fingerprint=rule_fingerprint(self.adapted.model, self.stages.rule),
@@ -153,6 +158,7 @@ class FederatedServer:
         }
         if self.stages.rule.merges_into_base:  # clients fold the same releases into their base
             plan[MERGES_PLAN_KEY] = float(self.releases)
+        plan.update(self.stages.privacy.round_plan())  # adaptive clipping: this round's clip norm
         return plan
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
@@ -303,9 +309,15 @@ class FederatedServer:
                     "contributors": contributors,
                     "dropouts": dropped,
                     "excluded": list(outcome.excluded),
+                    **self.stages.privacy.ledger_details(),
                     **({"sample_level": sample_level} if sample_level else {}),
                 },
             )
+            # Only now, with the round's cost on record, may the mechanism use what the clients
+            # reported (adaptive clipping: the noised unclipped count moves C for the next round).
+            record.update(self.stages.privacy.end_round(
+                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors)
+            ))
             self.global_state = outcome.state
             self.releases += 1
             record["excluded"] = list(outcome.excluded)

@@ -59,8 +59,8 @@ class ServerPipeline:
         """Turn the protocol's bucket sums into the next global adapter state (rows aligned by the rule)."""
         rows = self.layout.stack([self.stages.rule.align(bucket.mean(), self.layout) for bucket in buckets])
         weights = np.asarray([bucket.weight for bucket in buckets], dtype=np.float64)
-        if getattr(self.stages.privacy, "uniform_weights", False):  # central DP: each clipped update counts once
-            weights = np.ones_like(weights)
+        if getattr(self.stages.privacy, "uniform_weights", False):  # client-level DP: each clipped update counts once
+            weights = np.asarray([len(bucket.members) for bucket in buckets], dtype=np.float64)
         defended = self.stages.defense.aggregate(rows, weights)
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
         delta = self.stages.privacy.server_transform(self.layout.unflatten(delta_vector), num_contributions=num_contributions)
