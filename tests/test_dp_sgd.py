@@ -212,13 +212,17 @@ class _Subset:
 # ------------------------------------------------------------------------------ refusals
 
 
-def test_lora_on_an_embedding_is_refused_at_start_naming_the_keys() -> None:
+def test_lora_on_an_embedding_is_refused_at_start_naming_the_keys(tmp_path: Path) -> None:
     """peft keeps an Embedding's LoRA factors in a ParameterDict, which opacus never sees in a forward pass."""
+    from secure_fl.server.engine import FederatedServer
+
     config = smoke_config("privacy.mode=dp-sgd", "peft.target_modules=['word_embeddings']")
     train, _ = load_splits(config)
     with pytest.raises(ConfigError, match=r"peft\.target_modules.*peft\.modules_to_save") as caught:
         LocalTrainer.from_config(config, client_partitions(config, train)[0])
     assert "lora_embedding_A" in str(caught.value) and "privacy" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"peft\.target_modules"):  # the server refuses it before round 1 too
+        FederatedServer(config, tmp_path / "run", transport="in-process")
     # the same model trains without DP-SGD
     plain = smoke_config("peft.target_modules=['word_embeddings']")
     assert LocalTrainer.from_config(plain, client_partitions(plain, train)[0]).sample_rate is None
@@ -312,3 +316,18 @@ def test_a_failed_round_still_counts_the_dp_sgd_outputs_the_server_saw(tmp_path:
     rows = {row["client_id"]: row["sample_level"] for row in report["clients"]}
     assert rows["client-0"]["steps"] == 2 and rows["client-3"]["steps"] == 0
     assert "sample-level-unreleased" in {w["code"] for w in report["warnings"]}
+
+
+def test_a_dp_sgd_client_refuses_a_plan_with_other_steps_than_it_declared() -> None:
+    from secure_fl.errors import RunError
+    from secure_fl.models import trainable_state
+
+    config = smoke_config("privacy.mode=dp-sgd", "client.local_steps=2")
+    train, _ = load_splits(config)
+    trainer = LocalTrainer.from_config(config, client_partitions(config, train)[0])
+    assert trainer.join_info()[SAMPLE_RATE_INFO_KEY] == repr(sample_rate(16, trainer.num_examples))
+    state = trainable_state(trainer.adapted.model)
+    with pytest.raises(RunError, match="client.local_steps=2"):
+        trainer.train(state, {"local_steps": 5, "batch_size": 16, "lr": 0.01}, seed=1)
+    message, metrics = trainer.train(state, {"local_steps": 2, "batch_size": 16, "lr": 0.01}, seed=1)
+    assert metrics == {} and any(np.abs(v).max() > 0 for v in message.values())  # it trained, and reports no loss
