@@ -23,6 +23,7 @@ into a self-contained page.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ def build_report(
     run_dir: str | Path = "",
     version: str | None = None,
     unconfirmed_rounds: Sequence[int] = (),
+    empirical: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The audit report as a JSON-serialisable dict (see the module docstring for the inputs).
 
@@ -59,6 +61,9 @@ def build_report(
     no ledger line) is never counted as released, and raises the ``run-interrupted`` warning, as
     does ``"interrupted": true`` in ``run.json``. ``unconfirmed_rounds`` are ledger rounds with no
     metrics record (from `privacy.ledger.PrivacyLedger.verify`): counted as spent, flagged high.
+    ``empirical`` is the run's ``empirical_audit.json`` (`privacy.audit.empirical`), shown as the
+    ``empirical_audit`` section; a lower bound above the theoretical epsilon raises the high
+    ``empirical-above-theory`` warning (a bug).
     """
     stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in dict(run.get("stages", {})).items()}
     privacy_cfg = dict(config.get("privacy", {}))
@@ -118,6 +123,7 @@ def build_report(
         "releases": len(ledger),
     }
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
+    empirical_section = _empirical(empirical, delta, warnings) if empirical is not None else None
     if ledger and ledger[-1].get("epsilon_notes"):
         epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
     else:
@@ -151,7 +157,43 @@ def build_report(
         ],
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
         "warnings": warnings,
+        **({"empirical_audit": empirical_section} if empirical_section is not None else {}),
     }
+
+
+#: Keys of ``empirical_audit.json`` copied into the report's ``empirical_audit`` section.
+EMPIRICAL_KEYS = (
+    "epsilon_lower_bound", "confidence", "delta", "theoretical_epsilon", "theoretical_epsilon_min", "verdict",
+    "message", "caveat", "canaries", "inserted", "guesses", "correct", "released_rounds", "privacy_mode",
+    "audit_run_dir", "method", "paper",
+)  # fmt: skip
+
+
+def _empirical(empirical: Mapping[str, Any], delta: float, warnings: list[dict[str, str]]) -> dict[str, Any]:
+    """The report's ``empirical_audit`` section; adds the warnings it calls for to ``warnings``."""
+    section = {key: empirical.get(key) for key in EMPIRICAL_KEYS}
+    bound = section["epsilon_lower_bound"]
+    theory = section["theoretical_epsilon_min"]
+    if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+        raise PrivacyError("empirical_audit.json has no numeric epsilon_lower_bound")
+    finite_theory = isinstance(theory, (int, float)) and not isinstance(theory, bool)
+    if section["verdict"] == "violation" or (finite_theory and bound > float(theory) + 1e-9):
+        section["verdict"] = "violation"
+        warnings.insert(0, _warn(
+            "empirical-above-theory", "high",
+            f"BUG: the empirical epsilon lower bound {bound:.4f} (confidence {section['confidence']}) exceeds the "
+            f"theoretical epsilon {f'{float(theory):.4f}' if finite_theory else 'inf'} of the audit run at delta = {section['delta']}: the "
+            "implementation leaks more than it accounts for (a chance result only with probability "
+            "1 - confidence); do not rely on this configuration's epsilon until it is explained",
+        ))
+    audit_delta = section["delta"]
+    if isinstance(audit_delta, (int, float)) and not math.isclose(float(audit_delta), delta, rel_tol=1e-9):
+        warnings.append(_warn(
+            "empirical-delta-mismatch", "medium",
+            f"the empirical audit used delta = {audit_delta}, the report delta = {delta}: its lower bound and "
+            "this report's epsilon are not comparable",
+        ))
+    return section
 
 
 def write_report(report: Mapping[str, Any], report_dir: str | Path) -> tuple[Path, Path]:
