@@ -103,17 +103,17 @@ def _audit(args: argparse.Namespace) -> int:
     if not args.empirical and (args.canaries is not None or args.confidence is not None):
         print("error: --canaries and --confidence belong to --empirical", file=sys.stderr)
         return EXIT_USAGE
-    status = 0
     if args.empirical:
         from secure_fl.empirical_audit import run_empirical_audit
 
         result = run_empirical_audit(
             args.run_dir, canaries=args.canaries, confidence=0.95 if args.confidence is None else args.confidence,
         )
-        status = _print_empirical(result.path)
-    from secure_fl.audit import audit
+        status, report = _print_empirical(result.path), result.report
+    else:
+        from secure_fl.audit import audit
 
-    report = audit(args.run_dir)
+        status, report = 0, audit(args.run_dir)
     from privacy.ledger import epsilon_from_json
 
     final = {name: epsilon_from_json(value) for name, value in report.data["epsilon"]["final"].items()}

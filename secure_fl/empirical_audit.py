@@ -43,6 +43,7 @@ import numpy as np
 from privacy.audit.empirical import ATTACK_CAVEAT, EMPIRICAL_FILE, EMPIRICAL_SCHEMA, PAPER, one_run_audit
 from privacy.errors import PrivacyError
 from privacy.ledger import PrivacyLedger, epsilon_from_json, epsilon_to_json
+from secure_fl.audit import AuditReport, audit
 from secure_fl.callbacks import Callback
 from secure_fl.client.trainer import LocalTrainer
 from secure_fl.config import Config
@@ -169,6 +170,8 @@ class EmpiricalAudit:
 
     data: dict[str, Any]
     path: Path
+    #: The audited run's privacy report, rebuilt with the result.
+    report: AuditReport
 
     @property
     def violation(self) -> bool:
@@ -245,10 +248,8 @@ def run_empirical_audit(
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, target)
-    from secure_fl.audit import audit
-
-    audit(path)  # the run's report now shows the empirical audit
-    return EmpiricalAudit(data, target)
+    report = audit(path)  # the run's report now shows the empirical audit
+    return EmpiricalAudit(data, target, report)
 
 
 def _summary(stats: Any, theory: Mapping[str, float], config: Config, design: CanaryClients, path: Path) -> dict[str, Any]:

@@ -70,6 +70,10 @@ def simulate(
     evaluation dataset; ``run.num_clients`` then becomes ``len(client_datasets)`` and
     ``run.clients_per_round`` is capped at it.
 
+    With ``privacy.audit = true`` the empirical audit (`secure_fl.empirical_audit.run_empirical_audit`)
+    runs after the run, in ``<run dir>/empirical-audit``, and the report is rebuilt with its result;
+    it re-runs the config, so it needs the config's model and data (no ``workload``).
+
     Parameters
     ----------
     config:
@@ -91,10 +95,6 @@ def simulate(
     extra_parties:
         Parties added to the config's (advanced; the empirical audit's canaries): ``config.run.num_clients``
         counts them, the data is split among the others. Not with ``client_datasets``.
-
-    With ``privacy.audit = true`` the empirical audit (`secure_fl.empirical_audit.run_empirical_audit`)
-    runs after the run, in ``<run dir>/empirical-audit``, and the report is rebuilt with its result;
-    it re-runs the config, so it needs the config's model and data (no ``workload``).
     """
     config = config or Config()
     if config.privacy.audit and (workload is not None or extra_parties is not None):

@@ -172,17 +172,16 @@ EMPIRICAL_KEYS = (
 def _empirical(empirical: Mapping[str, Any], delta: float, warnings: list[dict[str, str]]) -> dict[str, Any]:
     """The report's ``empirical_audit`` section; adds the warnings it calls for to ``warnings``."""
     section = {key: empirical.get(key) for key in EMPIRICAL_KEYS}
-    bound = section["epsilon_lower_bound"]
-    theory = section["theoretical_epsilon_min"]
+    bound, theory = section["epsilon_lower_bound"], section["theoretical_epsilon_min"]
     if not isinstance(bound, (int, float)) or isinstance(bound, bool):
         raise PrivacyError("empirical_audit.json has no numeric epsilon_lower_bound")
-    finite_theory = isinstance(theory, (int, float)) and not isinstance(theory, bool)
-    if section["verdict"] == "violation" or (finite_theory and bound > float(theory) + 1e-9):
+    limit = float(theory) if isinstance(theory, (int, float)) and not isinstance(theory, bool) else math.inf
+    if section["verdict"] == "violation" or bound > limit + 1e-9:
         section["verdict"] = "violation"
         warnings.insert(0, _warn(
             "empirical-above-theory", "high",
-            f"BUG: the empirical epsilon lower bound {bound:.4f} (confidence {section['confidence']}) exceeds the "
-            f"theoretical epsilon {f'{float(theory):.4f}' if finite_theory else 'inf'} of the audit run at delta = {section['delta']}: the "
+            f"BUG: the empirical epsilon lower bound {float(bound):.4f} (confidence {section['confidence']}) exceeds "
+            f"the theoretical epsilon {limit:.4f} of the audit run at delta = {section['delta']}: the "
             "implementation leaks more than it accounts for (a chance result only with probability "
             "1 - confidence); do not rely on this configuration's epsilon until it is explained",
         ))
