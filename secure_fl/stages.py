@@ -32,8 +32,8 @@ from secure_fl.peft_agg.registry import plugin_class as rule_class
 
 #: Stages whose name and settings server and client must share (compared at Join).
 FINGERPRINTED = ("secure", "privacy", "rule")
-#: Stages that may keep state across rounds (saved with each checkpoint).
-STATEFUL = ("secure", "defense", "rule")
+#: Stages that may keep state across rounds (saved with each checkpoint; privacy: adaptive clipping's C).
+STATEFUL = ("secure", "defense", "rule", "privacy")
 #: The ``JoinRequest.info`` key that carries a stage's fingerprint (``stage.privacy``, ...).
 INFO_PREFIX = "stage."
 
@@ -128,8 +128,31 @@ class Stages:
                 f"{config.secure.mode!r} only reveals sums; use secure.mode='plain' or a linear rule",
                 key="peft.rule",
             )
+        if getattr(stages.privacy, "sends_client_reports", False) and not stages.secure.reveals_individual_updates:
+            adaptive = bool(stages.settings.get("privacy", {}).get("adaptive_clip"))
+            raise ConfigError(
+                f"privacy.mode={config.privacy.mode!r} has every client send values with its metrics in the clear"
+                + (" (privacy.params.adaptive_clip = true: whether its update was clipped)" if adaptive else "")
+                + f", but secure.mode={config.secure.mode!r} sends no per-client metrics in the clear; use "
+                "secure.mode='plain'" + (" or turn adaptive_clip off" if adaptive else ""),
+                key="privacy.params.adaptive_clip" if adaptive else "privacy.mode",
+            )
         if getattr(stages.privacy, "server_noise", False):
             _check_server_noise(config, stages)
+        check_cohort = getattr(stages.privacy, "check_cohort", None)
+        if callable(check_cohort):  # a plug-in written before the hook has none
+            expected = min(config.run.clients_per_round, config.run.num_clients)
+            try:
+                check_cohort(expected)
+            except ValueError as exc:
+                table = stage_choice(config, "privacy")[2]
+                settings = stages.settings.get("privacy", {})
+                mentioned = sorted((key for key in settings if key in str(exc)), key=len, reverse=True)
+                key = f"{table}.{mentioned[0]}" if mentioned else table
+                raise ConfigError(
+                    f"{key}: privacy {config.privacy.mode!r} with run.clients_per_round={config.run.clients_per_round}: {exc}",
+                    key=key,
+                ) from None
         return stages
 
     def describe(self) -> dict[str, dict[str, Any]]:

@@ -230,3 +230,35 @@ def test_the_cli_refuses_what_it_cannot_audit(tmp_path: Path, capsys: pytest.Cap
     assert "belong to --empirical" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="custom workload"):
         simulate(smoke_config("privacy.audit=true"), tmp_path / "x", workload=object(), client_datasets=[[1]])
+
+
+def test_canary_messages_sit_on_the_clip_bound_and_scores_read_the_release() -> None:
+    """Flat: each message has norm C; per-tensor: each of the k tensors C / sqrt(k). A release's
+    change dotted with a canary's direction is added to its score; a failed round adds nothing."""
+    from types import SimpleNamespace
+
+    state = {"a": np.zeros((3, 4)), "b": np.zeros(5), "c": np.zeros((2, 2))}
+    template = SimpleNamespace(workload=None, adapted=None, data=[], update_keys=list(state), rule=None, num_examples=7)
+    for per_tensor in (False, True):
+        server = SimpleNamespace(global_state=dict(state))
+        design = CanaryClients(20, norm=2.0, per_tensor=per_tensor)
+        trainers = design.build(server, [template])  # type: ignore[list-item]
+        assert len(trainers) == design.count
+        for trainer in trainers:
+            message, metrics = trainer.train({}, {}, seed=0)
+            assert metrics == {} and trainer.num_examples == 7
+            norms = [float(np.linalg.norm(message[k])) for k in state]
+            if per_tensor:
+                assert norms == pytest.approx([2.0 / math.sqrt(3)] * 3, rel=1e-5)
+            else:
+                assert math.sqrt(sum(n * n for n in norms)) == pytest.approx(2.0, rel=1e-5)
+        if not trainers:
+            continue
+        released = {k: v + trainers[0].message[k] for k, v in state.items()}  # the first inserted canary alone
+        server.global_state = released
+        design.on_round_end({"status": "failed"})
+        assert not design.scores.any()
+        design.on_round_end({"status": "ok"})
+        first = int(np.flatnonzero(design.inserted)[0])
+        assert design.scores[first] == pytest.approx(2.0, rel=1e-5)  # <C u, u> = C
+        assert np.abs(np.delete(design.scores, first)).max() < 2.0

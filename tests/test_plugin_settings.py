@@ -244,7 +244,7 @@ def test_state_and_cohort_rng_round_trip_through_a_checkpoint(tmp_path: Path) ->
     restored = fresh.stages.defense
     assert isinstance(restored, RunningMean) and restored.rounds == 2 and restored.decay == 0.25
     state = fresh.stages.state_dict()
-    assert set(state) == {"secure", "defense", "rule"} and state["secure"] == {} and state["rule"] == {}
+    assert set(state) == {"secure", "defense", "rule", "privacy"} and state["secure"] == state["rule"] == state["privacy"] == {}
     assert state["defense"]["rounds"] == second.plugin_state["defense"]["rounds"]
     np.testing.assert_array_equal(state["defense"]["mean"], second.plugin_state["defense"]["mean"])
     for key, value in second.state.items():
@@ -258,8 +258,10 @@ def test_state_and_cohort_rng_round_trip_through_a_checkpoint(tmp_path: Path) ->
 
 def test_stateless_plugins_refuse_foreign_state() -> None:
     stages = Stages.from_config(load_preset("smoke"))
-    stages.load_state_dict({"defense": {}, "rule": {}, "secure": {}})
+    stages.load_state_dict({"defense": {}, "rule": {}, "secure": {}, "privacy": {}})
     with pytest.raises(ValueError, match="keeps no state"):
         stages.load_state_dict({"defense": {"mean": 1}})
+    with pytest.raises(ValueError, match="keeps no state"):
+        stages.load_state_dict({"privacy": {"clip_norm": 1.0}})
     with pytest.raises(ValueError, match="no stateful stage"):
-        stages.load_state_dict({"privacy": {}})
+        stages.load_state_dict({"attack": {}})

@@ -68,6 +68,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _mechanism_section(_mapping(report.get("mechanism"))),
         _stages_section(_mapping(report.get("stages"))),
         _epsilon_section(_mapping(report.get("epsilon")), accountants),
+        _clipping_section(_mapping(report.get("clipping"))),
         _empirical_section(_mapping(report.get("empirical_audit"))),
         _clients_section(_seq(report.get("clients")), accountants),
         _exclusions_section(_seq(report.get("exclusions"))),
@@ -316,6 +317,35 @@ def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> 
     rows = [[_fmt(r.get("round")), *_eps_cells(r, accountants)] for r in by_round]
     table = _table(["round", *[f"ε ({n})" for n in accountants]], rows)
     return _section("Epsilon over rounds", body + "\n" + table)
+
+
+def _clipping_section(clipping: Mapping[str, Any]) -> str:
+    """Adaptive clipping: the clip norm C of every released round, plotted, and a table with the
+    noised unclipped fraction that moved it; empty when C is fixed."""
+    rows = [_mapping(r) for r in _seq(clipping.get("by_round"))]
+    if not rows:
+        return ""
+    xs, ys = _xy((r.get("round"), r.get("clip_norm")) for r in rows)
+    body = _img(line_plot({"clip norm C": (xs, ys)}, "clip norm C"), "Clip norm C per round") if xs else ""
+    note = (
+        '<p class="caption">Adaptive clipping (Andrew et al. 2021): every client clipped its update to the round\'s C '
+        "and reported whether it was clipped; the server moved C towards the "
+        f"{_esc(_fmt(clipping.get('target_unclipped_quantile')))} quantile of the update norms using the noised "
+        f"fraction of unclipped clients (it carries the count noise, so it may fall outside [0, 1]). "
+        f"Initial C: {_esc(_fmt(clipping.get('initial_clip_norm')))}.</p>"
+    )
+    table = _table(
+        ["round", "clip norm C", "noised unclipped fraction", "next C"],
+        [[_fmt(r.get("round")), *(_short(r.get(k)) for k in ("clip_norm", "unclipped_fraction", "next_clip_norm"))]
+         for r in rows],
+    )
+    return _section("Clip norm over rounds", note + "\n" + body + "\n" + table)
+
+
+def _short(value: object) -> str:
+    """A number to 4 significant digits (a dash when missing or not finite)."""
+    number = _num(value)
+    return _MISSING if number is None else f"{number:.4g}"
 
 
 def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:

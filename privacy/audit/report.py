@@ -122,6 +122,9 @@ def build_report(
         "accountants": accountant_names,
         "releases": len(ledger),
     }
+    clipping = _clipping(mechanism_stage, metrics, ledger)
+    if clipping:
+        mechanism.update({"adaptive_clip": True, **{k: mechanism_stage.get(k) for k in _ADAPTIVE_KEYS}})
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
     empirical_section = _empirical(empirical, delta, warnings) if empirical is not None else None
     if ledger and ledger[-1].get("epsilon_notes"):
@@ -156,6 +159,7 @@ def build_report(
             for m in metrics for c in m.get("excluded", [])
         ],
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
+        **({"clipping": clipping} if clipping else {}),
         "warnings": warnings,
         **({"empirical_audit": empirical_section} if empirical_section is not None else {}),
     }
@@ -297,6 +301,41 @@ def _client_epsilon(
         if note:
             notes[name] = note
     return out, notes
+
+
+#: The adaptive-clipping settings the report's mechanism table shows (from the privacy stage's parameters).
+_ADAPTIVE_KEYS = (
+    "initial_clip_norm", "target_unclipped_quantile", "clip_learning_rate", "clip_count_stddev", "update_noise_multiplier",
+)
+
+
+def _clipping(
+    mechanism_stage: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Adaptive clipping's clip norm per released round (empty unless the privacy stage adapts C).
+
+    The round's C comes from its ledger line (what its clients clipped to and its noise was scaled
+    by); the noised unclipped fraction and the next round's C from its metrics line.
+    """
+    if not mechanism_stage.get("adaptive_clip"):
+        return {}
+    by_metrics = {int(m["round"]): m for m in metrics if "round" in m}
+    rows = []
+    for entry in ledger:
+        number = int(entry["round"])
+        line = by_metrics.get(number, {})
+        rows.append({
+            "round": number,
+            "clip_norm": entry.get("clip_norm"),
+            "unclipped_fraction": line.get("unclipped_fraction"),
+            "next_clip_norm": line.get("next_clip_norm"),
+        })
+    return {
+        "adaptive": True,
+        "initial_clip_norm": mechanism_stage.get("initial_clip_norm", mechanism_stage.get("clip_norm")),
+        "target_unclipped_quantile": mechanism_stage.get("target_unclipped_quantile"),
+        "by_round": rows,
+    }
 
 
 def _secure_mode(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any], bool]:

@@ -7,19 +7,30 @@ distributed mode) after quantisation and before masking; the order is fixed by
 noise). `privacy_event` says what one release costs as a
 `GaussianEvent`; the server composes it into the configured accountants
 and writes the result to the privacy ledger before the new global adapter is released.
+
+A mechanism may also keep state across rounds (adaptive clipping's clip norm). Then it sends the
+clients what they need in the task plan (`round_plan`, read back into `MechanismContext`), each
+client reports a few numbers with its metrics (`client_report`, plain mode only), the server
+updates the state once the round is accounted (`end_round`), and the state is saved with every
+checkpoint (`state_dict`, `load_state_dict`).
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from privacy.accounting import GaussianEvent
+
+#: Task-plan key carrying the round's clip norm to the clients (adaptive clipping).
+CLIP_NORM_PLAN_KEY = "privacy.clip_norm"
+#: Metric a client reports under adaptive clipping: 1.0 if its update was not clipped, else 0.0.
+UNCLIPPED_METRIC = "privacy.unclipped"
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,16 @@ class MechanismContext:
     worst_case_dropouts:
         Most clients of a bucket that may drop without the round aborting; noise shares are sized
         so the survivors' shares still add up to the accounted noise.
+    clip_norm:
+        The clip norm the server announced for this round in the task plan (adaptive clipping);
+        ``None``: the mechanism's configured one.
     """
 
     round: int
     cohort_size: int
     bucket_size: int
     worst_case_dropouts: int = 0
+    clip_norm: float | None = None
 
 
 class PrivacyMechanism(ABC):
@@ -62,6 +77,8 @@ class PrivacyMechanism(ABC):
     guarantee: ClassVar[str] = "none"
     server_noise: ClassVar[bool] = False
     uniform_weights: ClassVar[bool] = False
+    #: Whether clients send `client_report` values with their metrics (needs a mode that reveals them).
+    sends_client_reports: bool = False
 
     def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """v0.1 hook: transform a client's float update before it is encoded (default: unchanged).
@@ -111,3 +128,46 @@ class PrivacyMechanism(ABC):
             and isinstance(getattr(self, name, None), (bool, int, float, str))
         }
         return {"mode": self.name, "guarantee": self.guarantee, **settings}
+
+    def check_cohort(self, expected_cohort: float) -> None:
+        """Fix cohort-dependent settings and refuse a planned cohort the mechanism cannot serve.
+
+        Called once, when the stages are built, with the expected number of clients per round.
+        Raises `ValueError` with the reason (turned into a configuration error). Default: nothing.
+        """
+
+    def round_plan(self) -> dict[str, float]:
+        """Server: what the clients need from the mechanism this round, sent in the task plan (default: nothing)."""
+        return {}
+
+    def client_report(self, update: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, float]:
+        """Client: values about the (unclipped) ``update`` the server's mechanism needs, sent with the metrics.
+
+        Default: nothing. A mechanism that reports sets ``sends_client_reports``, so a secure mode
+        that hides per-client metrics is refused at start.
+        """
+        return {}
+
+    def end_round(self, reports: Sequence[Mapping[str, float]], *, num_contributions: int) -> dict[str, Any]:
+        """Server, once the round's release is in the ledger: update the state from the contributors' reports.
+
+        ``reports`` are the metrics of the ``num_contributions`` clients whose updates were
+        released. Returns what goes into the round's metrics line (default: nothing).
+        """
+        return {}
+
+    def ledger_details(self) -> dict[str, Any]:
+        """Server: what the round's ledger line records about the mechanism beyond the Gaussian event.
+
+        Called before `end_round`, so it describes the round being released. Default: nothing.
+        """
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across rounds, saved with every round's checkpoint (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (default: only the empty state is accepted)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")

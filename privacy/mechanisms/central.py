@@ -34,6 +34,17 @@ Accounting: the engine draws fixed-size cohorts from a seeded generator, which i
 sampling nor secret, so no amplification by sampling is claimed: every release is a
 ``GaussianEvent(noise_multiplier=z, sample_rate=1.0, steps=1)``.
 
+Adaptive clipping (``adaptive_clip = true``; Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021,
+math in `privacy.mechanisms.adaptive`): ``clip_norm`` is only the first round's C. The server
+sends each round's C in the task plan (`round_plan`); every client clips to it and reports the
+bit ``1[update not clipped]`` with its metrics (`client_report`); once the round is in the ledger
+the server noises the count with sigma_b (``clip_count_stddev``, default expected cohort / 20)
+and moves C towards the ``target_unclipped_quantile`` of the norms (`end_round`). The update sum
+is noised with ``z_delta * C`` instead of ``z * C``, so update plus count cost one Gaussian
+mechanism of multiplier z and the ledger event is unchanged. C is state: `state_dict` saves it
+with each checkpoint. The bit travels in the clear with the metrics, which only a secure mode that
+reveals individual updates allows (central DP already trusts the server with every update).
+
 Randomness: the noise comes from the operating system's CSPRNG (``os.urandom``, Box-Muller on
 53-bit uniforms). ``insecure_seed`` replaces it with a seeded NumPy generator for reproducible
 tests only; it warns, and the report shows it.
@@ -44,17 +55,22 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypeGuard
 
 import numpy as np
 
 from privacy.accounting import GaussianEvent
-from privacy.mechanisms.base import MechanismContext, PrivacyMechanism
+from privacy.mechanisms.adaptive import (
+    DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE, default_count_stddev, next_clip_norm,
+    noised_unclipped_fraction, update_noise_multiplier,
+)
+from privacy.mechanisms.base import CLIP_NORM_PLAN_KEY, UNCLIPPED_METRIC, MechanismContext, PrivacyMechanism
 
 #: Clipped updates are scaled by ``C / norm`` times this, so float32 rounding never lifts a norm above C.
 CLIP_MARGIN = 1.0 - 1e-6
 PAPER = "https://arxiv.org/abs/1710.06963"
+ADAPTIVE_PAPER = "https://arxiv.org/abs/1905.03871"
 
 
 def tensor_clip_norms(clip_norm: float, num_tensors: int, *, per_tensor: bool) -> np.ndarray:
@@ -87,18 +103,7 @@ def clip_update(update: Mapping[str, np.ndarray], *, clip_norm: float, per_tenso
         return {}
     arrays = [np.asarray(update[name]) for name in names]
     sizes = np.array([a.size for a in arrays])
-    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
-    if not np.isfinite(flat).all():
-        raise ValueError("the update is not finite, so it cannot be clipped")
-    squares = flat * flat
-    if per_tensor:
-        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        nonempty = sizes > 0
-        segment = np.zeros(len(names))
-        segment[nonempty] = np.add.reduceat(squares, starts[nonempty])
-        norms = np.sqrt(segment)
-    else:
-        norms = np.array([math.sqrt(float(squares.sum()))])
+    flat, norms = _flat_and_norms(arrays, per_tensor=per_tensor)
     bounds = tensor_clip_norms(clip_norm, len(names), per_tensor=per_tensor)
     over = norms > bounds
     scales = np.ones_like(norms)
@@ -107,6 +112,36 @@ def clip_update(update: Mapping[str, np.ndarray], *, clip_norm: float, per_tenso
     clipped = (flat * factors).astype(np.float32)
     pieces = np.split(clipped, np.cumsum(sizes)[:-1])
     return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
+
+
+def is_unclipped(update: Mapping[str, np.ndarray], *, clip_norm: float, per_tensor: bool) -> bool:
+    """Whether `clip_update` would leave ``update`` unchanged: its norm (flat) or every tensor's
+    norm (per tensor) is within its bound. The bit a client reports under adaptive clipping.
+
+    >>> is_unclipped({"a": np.array([3.0, 4.0])}, clip_norm=5.0, per_tensor=False)
+    True
+    """
+    arrays = [np.asarray(value) for value in update.values()]
+    if not arrays:
+        return True
+    _, norms = _flat_and_norms(arrays, per_tensor=per_tensor)
+    return bool((norms <= tensor_clip_norms(clip_norm, len(arrays), per_tensor=per_tensor)).all())
+
+
+def _flat_and_norms(arrays: Sequence[np.ndarray], *, per_tensor: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays as one float64 vector and their L2 norm (one, or one per tensor); non-finite refused."""
+    sizes = np.array([a.size for a in arrays])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
+    if not np.isfinite(flat).all():
+        raise ValueError("the update is not finite, so it cannot be clipped")
+    squares = flat * flat
+    if per_tensor:
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        nonempty = sizes > 0
+        segment = np.zeros(len(arrays))
+        segment[nonempty] = np.add.reduceat(squares, starts[nonempty])
+        return flat, np.sqrt(segment)
+    return flat, np.array([math.sqrt(float(squares.sum()))])
 
 
 def secure_standard_normal(size: int) -> np.ndarray:
@@ -125,13 +160,24 @@ class CentralDP(PrivacyMechanism):
     Parameters
     ----------
     clip_norm:
-        C, the L2 bound on each client's update (> 0); the sensitivity of the sum.
+        C, the L2 bound on each client's update (> 0); the sensitivity of the sum. With
+        ``adaptive_clip`` it is the first round's C, C0.
     noise_multiplier:
         z (>= 0): the server adds N(0, (z * C)^2) to each coordinate of the sum; 0 means no guarantee.
     clip:
         "flat" (one norm over the whole update) or "per-tensor" (each of k tensors to C / sqrt(k)).
     insecure_seed:
         Testing only: draw the noise from a NumPy generator with this seed instead of the OS CSPRNG (warns).
+    adaptive_clip:
+        Track a quantile of the update norms instead of a fixed C (Andrew et al. 2021).
+    target_unclipped_quantile:
+        gamma in (0, 1): the fraction of clients whose update C should leave unclipped (0.5: the median norm).
+    clip_learning_rate:
+        eta_C > 0: the geometric step, C <- C * exp(-eta_C * (b~ - gamma)).
+    clip_count_stddev:
+        sigma_b > 0: the noise on the count of unclipped clients; unset, the expected clients per
+        round / 20. Must exceed z / 2; the update noise becomes z_delta * C with
+        z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2), so a round still costs one Gaussian mechanism of z.
     """
 
     name = "central"
@@ -150,6 +196,10 @@ class CentralDP(PrivacyMechanism):
         noise_multiplier: float = 1.0,
         clip: str = "flat",
         insecure_seed: int | None = None,
+        adaptive_clip: bool = False,
+        target_unclipped_quantile: float = DEFAULT_TARGET_QUANTILE,
+        clip_learning_rate: float = DEFAULT_CLIP_LEARNING_RATE,
+        clip_count_stddev: float | None = None,
     ) -> None:
         if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (0 < clip_norm < math.inf):
             raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
@@ -161,10 +211,31 @@ class CentralDP(PrivacyMechanism):
             raise ValueError(f"clip must be 'flat' or 'per-tensor', got {clip!r}")
         if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
             raise ValueError(f"insecure_seed must be an integer or unset, got {insecure_seed!r}")
+        if not isinstance(adaptive_clip, bool):
+            raise ValueError(f"adaptive_clip must be true or false, got {adaptive_clip!r}")
+        if not _number(target_unclipped_quantile) or not 0 < target_unclipped_quantile < 1:
+            raise ValueError(f"target_unclipped_quantile must be a number in (0, 1), got {target_unclipped_quantile!r}")
+        if not _number(clip_learning_rate) or not 0 < clip_learning_rate < math.inf:
+            raise ValueError(f"clip_learning_rate must be a finite number > 0, got {clip_learning_rate!r}")
+        if clip_count_stddev is not None:
+            if not _number(clip_count_stddev) or not 0 < clip_count_stddev < math.inf:
+                raise ValueError(f"clip_count_stddev must be a finite number > 0 or unset, got {clip_count_stddev!r}")
+            if not adaptive_clip:
+                raise ValueError("clip_count_stddev is set but adaptive_clip is false; set adaptive_clip = true or remove it")
+            update_noise_multiplier(float(noise_multiplier), float(clip_count_stddev))  # refuses z >= 2 sigma_b
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.clip_mode = clip  # not ``self.clip``: that is the client step of the base class
         self.insecure_seed = insecure_seed
+        self.adaptive_clip = adaptive_clip
+        self.target_unclipped_quantile = float(target_unclipped_quantile)
+        self.clip_learning_rate = float(clip_learning_rate)
+        self.clip_count_stddev = None if clip_count_stddev is None else float(clip_count_stddev)
+        #: C0, the configured ``clip_norm``; ``clip_norm`` is the current round's C.
+        self.initial_clip_norm = self.clip_norm
+        #: Rounds whose count has moved C (saved with the checkpoints, with C).
+        self.clip_updates = 0
+        self.sends_client_reports = adaptive_clip
         self._rng: np.random.Generator | None = None
         if insecure_seed is not None:
             warnings.warn(
@@ -175,17 +246,66 @@ class CentralDP(PrivacyMechanism):
             self._rng = np.random.default_rng(insecure_seed)
 
     @property
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier on the update sum: z, or z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) when adaptive."""
+        if not self.adaptive_clip:
+            return self.noise_multiplier
+        return update_noise_multiplier(self.noise_multiplier, self._count_stddev())
+
+    @property
     def noise_std(self) -> float:
-        """The standard deviation of the noise on each coordinate of the sum: ``z * C``."""
-        return self.noise_multiplier * self.clip_norm
+        """The standard deviation of the noise on each coordinate of the sum: ``z * C`` (``z_delta * C`` when adaptive)."""
+        return self.update_noise_multiplier * self.clip_norm
+
+    def _count_stddev(self) -> float:
+        if self.clip_count_stddev is None:
+            raise ValueError(
+                "adaptive clipping: clip_count_stddev is unset and no cohort was given to derive it from; "
+                "call check_cohort(expected clients per round) first (the stages do when they are built)"
+            )
+        return self.clip_count_stddev
+
+    def check_cohort(self, expected_cohort: float) -> None:
+        """Adaptive clipping: default sigma_b to ``expected_cohort / 20`` and refuse ``z >= 2 sigma_b``."""
+        if not self.adaptive_clip:
+            return
+        if self.clip_count_stddev is None:
+            self.clip_count_stddev = default_count_stddev(expected_cohort)
+        try:
+            update_noise_multiplier(self.noise_multiplier, self.clip_count_stddev)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (expected clients per round: {expected_cohort:g})") from None
 
     def client_transform(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Clip ``update`` to the configured bound (the v0.1 hook; `clip` calls the same function)."""
         return clip_update(update, clip_norm=self.clip_norm, per_tensor=self.clip_mode == "per-tensor")
 
+    def round_clip_norm(self, context: MechanismContext) -> float:
+        """The C a client clips to: the configured one, or with adaptive clipping the one the server announced."""
+        if not self.adaptive_clip:
+            return self.clip_norm
+        announced = context.clip_norm
+        if announced is None or isinstance(announced, bool) or not (0 < announced < math.inf):
+            raise ValueError(
+                f"round {context.round}: adaptive clipping needs the round's clip norm from the server's task plan "
+                f"(a finite number > 0), got {announced!r}; server and client must both set adaptive_clip"
+            )
+        return float(announced)
+
     def clip(self, update: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, np.ndarray]:
         """Client step 2: clip the float update to L2 norm <= C (flat) or C / sqrt(k) per tensor."""
-        return self.client_transform(update)
+        return clip_update(update, clip_norm=self.round_clip_norm(context), per_tensor=self.clip_mode == "per-tensor")
+
+    def client_report(self, update: Mapping[str, np.ndarray], context: MechanismContext) -> dict[str, float]:
+        """Adaptive clipping: the bit ``1.0`` if the unclipped ``update`` is within the round's C, else ``0.0``."""
+        if not self.adaptive_clip:
+            return {}
+        inside = is_unclipped(update, clip_norm=self.round_clip_norm(context), per_tensor=self.clip_mode == "per-tensor")
+        return {UNCLIPPED_METRIC: 1.0 if inside else 0.0}
+
+    def round_plan(self) -> dict[str, float]:
+        """Adaptive clipping: this round's C for the clients' task plan."""
+        return {CLIP_NORM_PLAN_KEY: self.clip_norm} if self.adaptive_clip else {}
 
     def standard_normal(self, size: int) -> np.ndarray:
         """``size`` N(0, 1) draws: the OS CSPRNG, or the seeded generator when ``insecure_seed`` is set."""
@@ -194,36 +314,104 @@ class CentralDP(PrivacyMechanism):
         return secure_standard_normal(size)
 
     def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
-        """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum)."""
+        """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum).
+
+        With adaptive clipping the multiplier is z_delta (`update_noise_multiplier`) and C the round's.
+        """
         if isinstance(num_contributions, bool) or not isinstance(num_contributions, int) or num_contributions < 1:
             raise ValueError(f"central DP needs at least one contribution, got num_contributions={num_contributions!r}")
         names = list(delta)
-        if not names or self.noise_multiplier == 0:
+        std = self.noise_std
+        if not names or std == 0:
             return {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
         arrays = [np.asarray(delta[name]) for name in names]
         sizes = np.array([a.size for a in arrays])
         flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
-        noised = (flat + self.standard_normal(flat.size) * (self.noise_std / num_contributions)).astype(np.float32)
+        noised = (flat + self.standard_normal(flat.size) * (std / num_contributions)).astype(np.float32)
         pieces = np.split(noised, np.cumsum(sizes)[:-1])
         return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
+
+    def end_round(self, reports: Sequence[Mapping[str, float]], *, num_contributions: int) -> dict[str, Any]:
+        """Adaptive clipping, once the round is accounted: noise the unclipped count, move C for the next round.
+
+        A contributor's bit is clamped to [0, 1]; one that sent none counts 1/2 (it adds nothing to
+        the centred count, so the sensitivity stays 1/2). Returns the round's C, the noised
+        unclipped fraction b~ and the next C, for the metrics line.
+        """
+        if not self.adaptive_clip:
+            return {}
+        if len(reports) > num_contributions:
+            raise ValueError(f"{len(reports)} reports for {num_contributions} contributions")
+        bits = np.full(num_contributions, 0.5)
+        given = [float(r[UNCLIPPED_METRIC]) for r in reports if UNCLIPPED_METRIC in r]
+        bits[: len(given)] = given
+        noise = float(self.standard_normal(1)[0]) * self._count_stddev()
+        fraction = noised_unclipped_fraction(bits, noise, contributions=num_contributions)
+        used = self.clip_norm
+        self.clip_norm = next_clip_norm(
+            used, fraction, target_quantile=self.target_unclipped_quantile, learning_rate=self.clip_learning_rate
+        )
+        self.clip_updates += 1
+        return {
+            "clip_norm": used,
+            "unclipped_fraction": fraction,
+            "next_clip_norm": self.clip_norm,
+            "clip_reports_missing": num_contributions - len(given),
+        }
+
+    def ledger_details(self) -> dict[str, Any]:
+        """Adaptive clipping: the round's C and the noise that paid for update and count (nothing otherwise)."""
+        if not self.adaptive_clip:
+            return {}
+        return {"adaptive_clip": {
+            "clip_norm": self.clip_norm,
+            "update_noise_multiplier": self.update_noise_multiplier,
+            "clip_count_stddev": self._count_stddev(),
+            "target_unclipped_quantile": self.target_unclipped_quantile,
+            "clip_learning_rate": self.clip_learning_rate,
+        }}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adaptive clipping: the current C and how many rounds moved it (nothing otherwise)."""
+        if not self.adaptive_clip:
+            return {}
+        return {"clip_norm": self.clip_norm, "clip_updates": self.clip_updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Put back the saved C (adaptive clipping); an empty state keeps C0."""
+        if not state:
+            return
+        if not self.adaptive_clip:
+            raise ValueError(f"the saved privacy state {sorted(state)} is adaptive clipping's, but adaptive_clip is false")
+        clip_norm, updates = state.get("clip_norm"), state.get("clip_updates", 0)
+        if not _number(clip_norm) or not 0 < clip_norm < math.inf:
+            raise ValueError(f"the saved clip_norm must be a finite number > 0, got {clip_norm!r}")
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            raise ValueError(f"the saved clip_updates must be an integer >= 0, got {updates!r}")
+        self.clip_norm, self.clip_updates = float(clip_norm), updates
 
     def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> GaussianEvent:
         """One Gaussian release of noise multiplier z, with no amplification by sampling (``sample_rate=1``).
 
         Cohorts are drawn with a fixed size from a seeded generator, which is neither Poisson nor
-        secret, so claiming ``q = cohort_size / population`` would overstate the guarantee.
+        secret, so claiming ``q = cohort_size / population`` would overstate the guarantee. With
+        adaptive clipping the update (z_delta) and the count (2 sigma_b) together cost exactly z.
         """
         return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1)
 
     def describe(self) -> dict[str, Any]:
-        """Settings plus the facts the report needs: who adds the noise and what the server sees."""
-        return {
+        """Settings plus the facts the report needs: who adds the noise and what the server sees.
+
+        ``clip_norm`` is the current round's C (called before `end_round`, it is the C the round's
+        clients clipped to); with adaptive clipping the rule's settings and z_delta follow.
+        """
+        out: dict[str, Any] = {
             "mode": self.name,
             "guarantee": self.guarantee if self.noise_multiplier > 0 else "none",
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
             "clip": self.clip_mode,
-            "noise_std_on_sum": self.noise_std,
+            "noise_std_on_sum": self.noise_std if not self.adaptive_clip or self.clip_count_stddev else None,
             "noise_added_by": "server",
             "server_sees": "every clipped update and the noise-free sum (central DP: the server is trusted)",
             "weights": "uniform (each client's clipped update counts once)",
@@ -231,4 +419,22 @@ class CentralDP(PrivacyMechanism):
             "randomness": "os.urandom (CSPRNG)" if self.insecure_seed is None
             else f"INSECURE: seeded NumPy generator (insecure_seed={self.insecure_seed}), testing only",
             "insecure_seed": self.insecure_seed,
+            "adaptive_clip": self.adaptive_clip,
         }
+        if self.adaptive_clip:
+            out.update({
+                "adaptive_clip_paper": ADAPTIVE_PAPER,
+                "initial_clip_norm": self.initial_clip_norm,
+                "target_unclipped_quantile": self.target_unclipped_quantile,
+                "clip_learning_rate": self.clip_learning_rate,
+                "clip_count_stddev": self.clip_count_stddev,
+                "update_noise_multiplier": self.update_noise_multiplier if self.clip_count_stddev else None,
+                "clip_rule": "C <- C * exp(-clip_learning_rate * (noised unclipped fraction - target_unclipped_quantile))",
+                "clients_report": "1[update norm <= C] with their metrics, in the clear (the server is trusted)",
+            })
+        return out
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    """A real int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -19,6 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from privacy.mechanisms import MechanismContext, PrivacyMechanism
+from privacy.mechanisms.base import CLIP_NORM_PLAN_KEY
 from protocols.secagg import ClientContext, ClientRound, PhaseData, SecureAggregation
 from protocols.wire import serde
 from protocols.wire.v1 import federation_pb2 as pb
@@ -224,14 +225,23 @@ class FederatedClient:
         weight = float(self.trainer.num_examples)
         cohort = int(plan.get("cohort_size", 1))
         reveals = self.stages.secure.reveals_individual_updates
+        announced = plan.get(CLIP_NORM_PLAN_KEY)
+        context = MechanismContext(
+            round=round_number, cohort_size=cohort, bucket_size=1 if reveals else int(plan.get("bucket_size", cohort)),
+            clip_norm=None if announced is None else float(announced),
+        )
+        report = self.stages.privacy.client_report(delta, context)  # adaptive clipping: was the update clipped?
+        if report and not reveals:
+            raise RunError(
+                f"client {self.client_id}: privacy {self.stages.privacy.name!r} reports {sorted(report)} with the "
+                f"metrics, but secure.mode={self.stages.secure.name!r} sends no metrics in the clear"
+            )
         clipped, answer = prepare_upload(
             delta,
             weight=weight,
             privacy=self.stages.privacy,
             session=session,
-            mechanism_context=MechanismContext(
-                round=round_number, cohort_size=cohort, bucket_size=1 if reveals else int(plan.get("bucket_size", cohort)),
-            ),
+            mechanism_context=context,
             phase_data=PhaseData(blobs=dict(header.blobs)),
             attack=self.stages.attack,
             attack_context=AttackContext(round_number, self.client_id, tuple(self.board.honest(round_number)))
@@ -242,7 +252,7 @@ class FederatedClient:
             self.board.post(round_number, clipped)
         if not reveals:  # per-client loss and example counts would reveal something of the update
             return answer, 0.0, {}
-        return answer, weight, {k: float(v) for k, v in metrics.items()}
+        return answer, weight, {**{k: float(v) for k, v in metrics.items()}, **report}
 
     def _session(self, round_number: int) -> ClientRound:
         """The protocol session of ``round_number`` (a new round closes the previous session)."""

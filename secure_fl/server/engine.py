@@ -149,6 +149,7 @@ class FederatedServer:
         }
         if self.stages.rule.merges_into_base:  # clients fold the same releases into their base
             plan[MERGES_PLAN_KEY] = float(self.releases)
+        plan.update(self.stages.privacy.round_plan())  # adaptive clipping: this round's clip norm
         return plan
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
@@ -295,8 +296,14 @@ class FederatedServer:
                     "contributors": contributors,
                     "dropouts": dropped,
                     "excluded": list(outcome.excluded),
+                    **self.stages.privacy.ledger_details(),
                 },
             )
+            # Only now, with the round's cost on record, may the mechanism use what the clients
+            # reported (adaptive clipping: the noised unclipped count moves C for the next round).
+            record.update(self.stages.privacy.end_round(
+                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors)
+            ))
             self.global_state = outcome.state
             self.releases += 1
             record["excluded"] = list(outcome.excluded)
