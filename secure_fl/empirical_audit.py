@@ -261,15 +261,15 @@ def _summary(stats: Any, theory: Mapping[str, float], config: Config, design: Ca
         message = (
             f"BUG: the empirical lower bound {eps_lb:.4f} exceeds the theoretical epsilon {bound:.4f} at delta = "
             f"{stats.delta:g}: the run leaks more than its accounting says (or, with probability at most "
-            f"{stats.beta:g}, a fluke of the canaries' coins); do not trust this configuration's epsilon"
+            f"{stats.beta:g}, a fluke of the canaries' coins); do not trust this configuration's epsilon."
         )
     elif math.isinf(bound):
         verdict = "no-guarantee"
-        message = (f"no differential-privacy guarantee (theoretical epsilon unbounded); the canaries show at least "
-                   f"epsilon {eps_lb:.4f}")
+        message = (f"No differential-privacy guarantee (theoretical epsilon unbounded); the canaries show at least "
+                   f"epsilon {eps_lb:.4f}.")
     else:
         verdict = "consistent"
-        message = f"the lower bound {eps_lb:.4f} is below the theoretical epsilon {bound:.4f}, as it must be"
+        message = f"The lower bound {eps_lb:.4f} is at most the theoretical epsilon {bound:.4f}, as it must be."
     return {
         "schema": SCHEMA,
         "method": "one-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023) with canary clients",

@@ -432,9 +432,10 @@ def _empirical_section(empirical: Mapping[str, Any]) -> str:
     else:
         verdict = f"<p>{message}</p>"
     intro = (
-        f"<p>{_esc(empirical.get('method', 'One-run audit'))} "
-        f"(<code>{_esc(empirical.get('paper', ''))}</code>): canary clients, each inserted with probability ½, "
-        "are scored from the released adapters alone; the bound holds at the stated confidence.</p>"
+        "<p>The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, "
+        f"<code>{_esc(empirical.get('paper', ''))}</code>) re-ran this configuration with canary clients, each "
+        "inserted with probability ½, and scored them from the released adapters alone; the lower bound holds "
+        "at the stated confidence.</p>"
     )
     caveat = f'<p class="caption">{_esc(ATTACK_CAVEAT)}</p>'
-    return _section("Empirical audit", intro + "\n" + verdict + "\n" + _table(["", "value"], rows) + "\n" + caveat)
+    return _section("Empirical audit", intro + "\n" + verdict + "\n" + _table(["quantity", "value"], rows) + "\n" + caveat)
