@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from privacy.audit.empirical import ATTACK_CAVEAT
 from privacy.audit.plots import clients_plot, line_plot
 from privacy.audit.report import NO_RELEASE
 
@@ -69,6 +70,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _epsilon_section(_mapping(report.get("epsilon")), accountants, sample_level=bool(report.get("sample_level"))),
         _clipping_section(_mapping(report.get("clipping"))),
         _sample_level_section(_mapping(report.get("sample_level")), _seq(report.get("clients")), accountants),
+        _empirical_section(_mapping(report.get("empirical_audit"))),
         _clients_section(_seq(report.get("clients")), accountants, sample_level=bool(report.get("sample_level"))),
         _exclusions_section(_seq(report.get("exclusions"))),
         _accuracy_section(_seq(report.get("accuracy"))),
@@ -241,6 +243,9 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
         worst = _mapping(sample_level.get("max_epsilon"))
         shown = ", ".join(f"{name} {_fmt_eps(worst[name])}" for name in accountants if name in worst)
         parts.append(f"Sample-level ε (DP-SGD, largest over clients): {shown or _MISSING}")
+    empirical = _mapping(report.get("empirical_audit"))
+    if _num(empirical.get("epsilon_lower_bound")) is not None:
+        parts.append(f"Empirical ε ≥ {_num(empirical['epsilon_lower_bound']):.4f} ({_confidence(empirical)} confidence)")
     summary = " · ".join(_esc(p) for p in parts)
     return f'<h1>Privacy audit report</h1>\n{meta}{banner}\n<p class="summary">{summary}</p>'
 
@@ -439,3 +444,44 @@ def _accuracy_section(accuracy: Sequence[Any]) -> str:
         return ""
     png = line_plot({"accuracy": (xs, ys)}, "accuracy")
     return _section("Accuracy over rounds", _img(png, "Global model accuracy per round"))
+
+
+def _confidence(empirical: Mapping[str, Any]) -> str:
+    """The audit's confidence as a percentage (``95 %``), or a dash."""
+    confidence = _num(empirical.get("confidence"))
+    return _MISSING if confidence is None else f"{100 * confidence:g} %"
+
+
+def _empirical_section(empirical: Mapping[str, Any]) -> str:
+    """The one-run empirical audit: the lower bound with its confidence next to the theoretical epsilon.
+
+    A bound above the theoretical epsilon (verdict ``violation``) is shown in a red box: it is a bug.
+    """
+    if not empirical:
+        return ""
+    bound = _num(empirical.get("epsilon_lower_bound"))
+    theory = _mapping(empirical.get("theoretical_epsilon"))
+    rows = [
+        ["empirical ε lower bound", _MISSING if bound is None else f"{bound:.4f}"],
+        ["confidence", _confidence(empirical)],
+        ["δ", _fmt(empirical.get("delta"))],
+        *[[f"theoretical ε of the audit run ({name})", _fmt_eps(value)] for name, value in theory.items()],
+        ["canaries (inserted)", f"{_fmt(empirical.get('canaries'))} ({_fmt(empirical.get('inserted'))})"],
+        ["guesses (correct)", f"{_fmt(empirical.get('guesses'))} ({_fmt(empirical.get('correct'))})"],
+        ["released rounds", _fmt(empirical.get("released_rounds"))],
+        ["audit run", _fmt(empirical.get("audit_run_dir"))],
+        ["verdict", _fmt(empirical.get("verdict"))],
+    ]
+    message = _esc(empirical.get("message", ""))
+    if empirical.get("verdict") == "violation":
+        verdict = f'<p class="banner">Empirical ε above the theoretical ε: this is a bug. {message}</p>'
+    else:
+        verdict = f"<p>{message}</p>"
+    intro = (
+        "<p>The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, "
+        f"<code>{_esc(empirical.get('paper', ''))}</code>) re-ran this configuration with canary clients, each "
+        "inserted with probability ½, and scored them from the released adapters alone; the lower bound holds "
+        "at the stated confidence.</p>"
+    )
+    caveat = f'<p class="caption">{_esc(ATTACK_CAVEAT)}</p>'
+    return _section("Empirical audit", intro + "\n" + verdict + "\n" + _table(["quantity", "value"], rows) + "\n" + caveat)

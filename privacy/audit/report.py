@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -52,6 +53,7 @@ def build_report(
     run_dir: str | Path = "",
     version: str | None = None,
     unconfirmed_rounds: Sequence[int] = (),
+    empirical: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The audit report as a JSON-serialisable dict (see the module docstring for the inputs).
 
@@ -61,6 +63,9 @@ def build_report(
     no ledger line) is never counted as released, and raises the ``run-interrupted`` warning, as
     does ``"interrupted": true`` in ``run.json``. ``unconfirmed_rounds`` are ledger rounds with no
     metrics record (from `privacy.ledger.PrivacyLedger.verify`): counted as spent, flagged high.
+    ``empirical`` is the run's ``empirical_audit.json`` (`privacy.audit.empirical`), shown as the
+    ``empirical_audit`` section; a lower bound above the theoretical epsilon raises the high
+    ``empirical-above-theory`` warning (a bug).
     """
     stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in dict(run.get("stages", {})).items()}
     privacy_cfg = dict(config.get("privacy", {}))
@@ -134,6 +139,7 @@ def build_report(
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
     if sample_level is not None:
         warnings.extend(sample_level_warnings(str(mechanism.get("mode")), sample_level))
+    empirical_section = _empirical(empirical, delta, warnings) if empirical is not None else None
     if ledger and ledger[-1].get("epsilon_notes"):
         epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
     else:
@@ -169,7 +175,42 @@ def build_report(
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
         **({"clipping": clipping} if clipping else {}),
         "warnings": warnings,
+        **({"empirical_audit": empirical_section} if empirical_section is not None else {}),
     }
+
+
+#: Keys of ``empirical_audit.json`` copied into the report's ``empirical_audit`` section.
+EMPIRICAL_KEYS = (
+    "epsilon_lower_bound", "confidence", "delta", "theoretical_epsilon", "theoretical_epsilon_min", "verdict",
+    "message", "caveat", "canaries", "inserted", "guesses", "correct", "released_rounds", "privacy_mode",
+    "audit_run_dir", "method", "paper",
+)  # fmt: skip
+
+
+def _empirical(empirical: Mapping[str, Any], delta: float, warnings: list[dict[str, str]]) -> dict[str, Any]:
+    """The report's ``empirical_audit`` section; adds the warnings it calls for to ``warnings``."""
+    section = {key: empirical.get(key) for key in EMPIRICAL_KEYS}
+    bound, theory = section["epsilon_lower_bound"], section["theoretical_epsilon_min"]
+    if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+        raise PrivacyError("empirical_audit.json has no numeric epsilon_lower_bound")
+    limit = float(theory) if isinstance(theory, (int, float)) and not isinstance(theory, bool) else math.inf
+    if section["verdict"] == "violation" or bound > limit + 1e-9:
+        section["verdict"] = "violation"
+        warnings.insert(0, _warn(
+            "empirical-above-theory", "high",
+            f"BUG: the empirical epsilon lower bound {float(bound):.4f} (confidence {section['confidence']}) exceeds "
+            f"the theoretical epsilon {limit:.4f} of the audit run at delta = {section['delta']}: the "
+            "implementation leaks more than it accounts for (a chance result only with probability "
+            "1 - confidence); do not rely on this configuration's epsilon until it is explained",
+        ))
+    audit_delta = section["delta"]
+    if isinstance(audit_delta, (int, float)) and not math.isclose(float(audit_delta), delta, rel_tol=1e-9):
+        warnings.append(_warn(
+            "empirical-delta-mismatch", "medium",
+            f"the empirical audit used delta = {audit_delta}, the report delta = {delta}: its lower bound and "
+            "this report's epsilon are not comparable",
+        ))
+    return section
 
 
 def write_report(report: Mapping[str, Any], report_dir: str | Path) -> tuple[Path, Path]:

@@ -223,6 +223,14 @@ class PrivacyConfig:
         default_factory=Params,
         metadata={"help": "DP-SGD settings (noise_multiplier, max_grad_norm), as a [privacy.dp_sgd_params] table"},
     )
+    audit: bool = field(
+        default=False,
+        metadata={"help": "after `secure-fl simulate`, run the one-run empirical audit with canary clients "
+                          "(as `secure-fl audit RUN_DIR --empirical`)"},
+    )
+    audit_canaries: int = field(
+        default=100, metadata={"help": "canary clients of the empirical audit (each inserted with probability 1/2)"}
+    )
 
     def __post_init__(self) -> None:
         from privacy.accounting.registry import available as accountants
@@ -254,6 +262,12 @@ class PrivacyConfig:
             _fail("privacy.accountants", f"names an accountant twice: {list(self.accountants)}")
         for name in self.accountants:
             _choice("privacy.accountants", name, accountants())
+        if not isinstance(self.audit, bool):
+            _fail("privacy.audit", f"must be true or false, got {self.audit!r}")
+        _positive_int("privacy.audit_canaries", self.audit_canaries)
+        if self.audit_canaries < 10:
+            _fail("privacy.audit_canaries", f"is {self.audit_canaries}; the audit needs at least 10 canaries "
+                  "to bound anything (100 or more for a bound above 1)")
 
 
 @dataclass(frozen=True)
