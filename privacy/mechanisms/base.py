@@ -111,8 +111,13 @@ class PrivacyMechanism(ABC):
         return dict(quantised)
 
     @abstractmethod
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
-        """Transform the aggregated update on the server before it is applied."""
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
+        """Transform the aggregated update on the server before it is applied.
+
+        ``delta`` is a mean with denominator ``num_contributions``: under client-level DP
+        (``uniform_weights``) the server pipeline divides the sum by the planned cohort size, a
+        public constant, so a mechanism that noises the mean scales its noise by the same number.
+        """
 
     @abstractmethod
     def privacy_event(self, *, cohort_size: int, population: int, contributions: int) -> PrivacyEvent:

@@ -313,13 +313,14 @@ class CentralDP(PrivacyMechanism):
             return self._rng.standard_normal(size)
         return secure_standard_normal(size)
 
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
         """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum).
 
         With adaptive clipping the multiplier is z_delta (`update_noise_multiplier`) and C the round's.
         """
-        if isinstance(num_contributions, bool) or not isinstance(num_contributions, int) or num_contributions < 1:
-            raise ValueError(f"central DP needs at least one contribution, got num_contributions={num_contributions!r}")
+        if (isinstance(num_contributions, bool) or not isinstance(num_contributions, (int, float))
+                or not math.isfinite(num_contributions) or num_contributions <= 0):
+            raise ValueError(f"central DP needs a positive denominator, got num_contributions={num_contributions!r}")
         names = list(delta)
         std = self.noise_std
         if not names or std == 0:

@@ -30,7 +30,7 @@ class SampleLevelOnly(PrivacyMechanism):
     )
     paper = PAPER
 
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
         """Return the aggregate unchanged (the noise was added on the clients, step by step)."""
         return dict(delta)
 
