@@ -163,11 +163,14 @@ class PrivacyMechanism(ABC):
         """
         return {}
 
-    def end_round(self, reports: Sequence[Mapping[str, float]], *, num_contributions: int) -> dict[str, Any]:
+    def end_round(
+        self, reports: Sequence[Mapping[str, float]], *, num_contributions: int, denominator: float | None = None
+    ) -> dict[str, Any]:
         """Server, once the round's release is in the ledger: update the state from the contributors' reports.
 
         ``reports`` are the metrics of the ``num_contributions`` clients whose updates were
-        released. Returns what goes into the round's metrics line (default: nothing).
+        released; ``denominator`` is the fixed mean denominator of client-level DP (the planned
+        cohort size), ``None`` outside it. Returns what goes into the round's metrics line (default: nothing).
         """
         return {}
 

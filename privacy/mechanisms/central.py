@@ -332,8 +332,13 @@ class CentralDP(PrivacyMechanism):
         pieces = np.split(noised, np.cumsum(sizes)[:-1])
         return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
 
-    def end_round(self, reports: Sequence[Mapping[str, float]], *, num_contributions: int) -> dict[str, Any]:
+    def end_round(
+        self, reports: Sequence[Mapping[str, float]], *, num_contributions: int, denominator: float | None = None
+    ) -> dict[str, Any]:
         """Adaptive clipping, once the round is accounted: noise the unclipped count, move C for the next round.
+
+        ``denominator`` is the fixed, planned cohort size the fraction is taken over (as the
+        released mean's), so the next C does not reveal how many clients contributed.
 
         A contributor's bit is clamped to [0, 1]; one that sent none counts 1/2 (it adds nothing to
         the centred count, so the sensitivity stays 1/2). Returns the round's C, the noised
@@ -347,7 +352,7 @@ class CentralDP(PrivacyMechanism):
         given = [float(r[UNCLIPPED_METRIC]) for r in reports if UNCLIPPED_METRIC in r]
         bits[: len(given)] = given
         noise = float(self.standard_normal(1)[0]) * self._count_stddev()
-        fraction = noised_unclipped_fraction(bits, noise, contributions=num_contributions)
+        fraction = noised_unclipped_fraction(bits, noise, contributions=num_contributions, denominator=denominator)
         used = self.clip_norm
         self.clip_norm = next_clip_norm(
             used, fraction, target_quantile=self.target_unclipped_quantile, learning_rate=self.clip_learning_rate

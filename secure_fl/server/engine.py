@@ -105,7 +105,12 @@ class FederatedServer:
             check_dp_sgd(self.stages.sample_level, workload, self.adapted, self.eval_data)
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
-        self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
+        # Client-level DP releases sum / m for the planned cohort m (public), not sum / n.
+        planned = min(config.run.clients_per_round, config.run.num_clients)
+        self.pipeline = ServerPipeline(
+            self.stages, Layout.of({k: self.global_state[k] for k in update_keys}),
+            expected_contributions=float(planned) if self.stages.privacy.uniform_weights else None,
+        )
         if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
             self.stages.bind_update(num_values=self.pipeline.layout.size,
                                     cohort_size=min(config.run.clients_per_round, config.run.num_clients))
@@ -316,7 +321,8 @@ class FederatedServer:
             # Only now, with the round's cost on record, may the mechanism use what the clients
             # reported (adaptive clipping: the noised unclipped count moves C for the next round).
             record.update(self.stages.privacy.end_round(
-                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors)
+                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors),
+                denominator=self.pipeline.expected_contributions,
             ))
             self.global_state = outcome.state
             self.releases += 1
