@@ -14,6 +14,11 @@ fields (``local_std``, ``min_clients``, ``max_clients``, ``l2_sensitivity``, ``l
 ``dimension``); its ``noise_multiplier`` is the effective ``sqrt(n_min) s / D2``, for humans only.
 A line without ``event`` is a Gaussian release (every line written before the kind existed).
 
+With sample-level DP-SGD a line also holds ``sample_level``: client id -> ``{noise_multiplier,
+sample_rate, steps}``, the DP-SGD steps of this round of every client whose output the server saw
+(optional: ledgers without it read as before). Each client's sample-level spend is the composition
+of its own events (`sample_level_events`); they do not enter the line's run-level ``epsilon``.
+
 The lines form a hash chain: each holds ``prev_sha256``, the SHA-256 of the previous line's text
 (`GENESIS` for the first), so an edited, deleted or reordered line breaks the chain and is refused
 naming the line. A ledger written before the chain (no ``prev_sha256``) cannot be checked and is
@@ -210,7 +215,8 @@ class PrivacyLedger:
             raise LedgerError(f"{where}: 'epsilon' must be an object mapping accountant name to epsilon (or null)")
         try:
             event_of(entry)
-        except (PrivacyError, TypeError, ValueError) as exc:
+            sample_level_events(entry)
+        except (PrivacyError, TypeError, ValueError, KeyError, AttributeError) as exc:
             raise LedgerError(f"{where}: {exc}") from None
         round_number = entry["round"]
         if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1:
@@ -250,6 +256,17 @@ def event_entry(event: PrivacyEvent) -> dict[str, Any]:
     return {
         "noise_multiplier": event.effective_noise_multiplier, "sample_rate": event.sample_rate, "steps": event.steps,
         "event": event.KIND, **event.fields(),
+    }
+
+
+def sample_level_events(entry: Mapping[str, Any]) -> dict[str, GaussianEvent]:
+    """Client id -> the DP-SGD event a ledger line (or metrics record) holds in ``sample_level`` (``{}`` if none)."""
+    table = entry.get("sample_level") or {}
+    if not isinstance(table, Mapping):
+        raise ValueError("'sample_level' must map client id to {noise_multiplier, sample_rate, steps}")
+    return {
+        str(client): GaussianEvent(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+        for client, e in table.items()
     }
 
 

@@ -1,7 +1,8 @@
 """``secure-fl audit RUN_DIR``: build the privacy audit report from a run directory.
 
-Reads ``config.toml``, ``run.json``, ``metrics.jsonl`` and ``ledger.jsonl`` (nothing else, so the
-report can be rebuilt at any time, by anyone holding the directory) and writes
+Reads ``config.toml``, ``run.json``, ``metrics.jsonl``, ``ledger.jsonl`` and, when the empirical
+audit ran (`secure_fl.empirical_audit`), ``empirical_audit.json`` (nothing else, so the report can
+be rebuilt at any time, by anyone holding the directory) and writes
 ``report/privacy_report.json`` and ``report/privacy_report.html``. The server calls it at the end
 of every run; what each section and warning means is described in ``docs/privacy-report.md``.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.audit import build_report, write_report
+from privacy.audit.empirical import read_empirical_audit
 from privacy.errors import PrivacyError
 from privacy.ledger import PrivacyLedger
 from secure_fl.errors import RunError
@@ -59,7 +61,7 @@ def audit(run_dir: str | Path) -> AuditReport:
         delta = dict(config.get("privacy", {})).get("delta", ledger[0]["delta"] if ledger else 1e-5)
         unconfirmed = books.verify(metrics=metrics, delta=float(delta))
         report = build_report(run=run_info, config=config, metrics=metrics, ledger=ledger, run_dir=path,
-                              unconfirmed_rounds=unconfirmed)
+                              unconfirmed_rounds=unconfirmed, empirical=read_empirical_audit(path))
         json_path, html_path = write_report(report, rundir.report_dir)
     except PrivacyError as exc:
         raise RunError(f"audit of {path}: {exc}") from None

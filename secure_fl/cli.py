@@ -8,6 +8,7 @@ A thin layer over the library: parse arguments, resolve the config (file or pres
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -19,6 +20,8 @@ from secure_fl.config import Config, load_config, presets
 from secure_fl.errors import ConfigError, SecureFLError
 
 EXIT_USAGE = 2
+#: ``secure-fl audit --empirical`` found a lower bound above the theoretical epsilon (a bug).
+EXIT_AUDIT_VIOLATION = 3
 #: ``privacy.audit.report.NO_RELEASE``, kept here so ``secure-fl --help`` imports no privacy code.
 _NO_RELEASE = "no release: nothing spent"
 
@@ -63,6 +66,25 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}"
     )
     print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
+    if result.empirical_audit is not None:
+        return _print_empirical(result.empirical_audit)
+    return 0
+
+
+def _print_empirical(path: Path) -> int:
+    """Print an empirical audit's result; `EXIT_AUDIT_VIOLATION` when its bound exceeds the theory."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    theory = data["theoretical_epsilon_min"]
+    print(
+        f"empirical audit: epsilon >= {data['epsilon_lower_bound']:.4f} at {100 * data['confidence']:g}% confidence "
+        f"({data['canaries']} canaries, {data['correct']}/{data['guesses']} guesses correct); theoretical epsilon "
+        f"{'inf' if theory is None else f'{theory:.4f}'} at delta={data['delta']:g}; verdict: {data['verdict']}; wrote {path}"
+    )
+    if data["verdict"] == "violation":
+        print(f"error: {data['message']}", file=sys.stderr)
+        return EXIT_AUDIT_VIOLATION
     return 0
 
 
@@ -73,26 +95,54 @@ def _epsilon_text(epsilon: dict[str, float], delta: float) -> str:
 
 
 def _privacy_summary(epsilon: dict[str, float], delta: float, report: Path | None) -> str:
-    """One line: epsilon per accountant and where the report is."""
-    note = " (no differential privacy)" if any(v == float("inf") for v in epsilon.values()) else ""
-    return f"privacy: {_epsilon_text(epsilon, delta)}{note}; report: {report if report else 'not written'}"
+    """One line: epsilon per accountant and where the report is (with DP-SGD: both levels)."""
+    sample = _sample_level_text(report)
+    unbounded = any(v == float("inf") for v in epsilon.values())
+    note = (" (no client-level guarantee)" if sample else " (no differential privacy)") if unbounded else ""
+    level = "client-level " if sample else ""
+    return f"privacy: {level}{_epsilon_text(epsilon, delta)}{note}{sample}; report: {report if report else 'not written'}"
+
+
+def _sample_level_text(report: Path | None) -> str:
+    """``; sample-level epsilon (DP-SGD, largest over clients): rdp X`` from the written report, or ``""``."""
+    json_path = report.with_suffix(".json") if report is not None else None
+    if json_path is None or not json_path.is_file():
+        return ""
+    section = json.loads(json_path.read_text(encoding="utf-8")).get("sample_level")
+    if not section:
+        return ""
+    worst = ", ".join(f"{k} {'inf' if v is None else f'{v:.4g}'}" for k, v in section.get("max_epsilon", {}).items())
+    return f"; sample-level epsilon (DP-SGD, largest over clients): {worst or 'none accounted'}"
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from secure_fl.audit import audit
+    if not args.empirical and (args.canaries is not None or args.confidence is not None):
+        print("error: --canaries and --confidence belong to --empirical", file=sys.stderr)
+        return EXIT_USAGE
+    if args.empirical:
+        from secure_fl.empirical_audit import run_empirical_audit
 
-    report = audit(args.run_dir)
+        result = run_empirical_audit(
+            args.run_dir, canaries=args.canaries, confidence=0.95 if args.confidence is None else args.confidence,
+        )
+        status, report = _print_empirical(result.path), result.report
+    else:
+        from secure_fl.audit import audit
+
+        status, report = 0, audit(args.run_dir)
     from privacy.ledger import epsilon_from_json
 
     final = {name: epsilon_from_json(value) for name, value in report.data["epsilon"]["final"].items()}
     warnings = report.data["warnings"]
     mechanism = report.data["mechanism"]
     spent = _epsilon_text(final, mechanism["delta"]) if mechanism.get("releases") else _NO_RELEASE
+    if report.data.get("sample_level") and mechanism.get("releases"):
+        spent = "client-level " + spent + _sample_level_text(report.html_path)
     print(f"{spent}; {len(warnings)} warning(s)")
     for warning in warnings:
         print(f"  [{warning['severity']}] {warning['message']}")
     print(f"wrote {report.json_path}\nwrote {report.html_path}")
-    return 0
+    return status
 
 
 def _show_config(args: argparse.Namespace) -> int:
@@ -118,6 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.set_defaults(fn=_simulate)
     aud = sub.add_parser("audit", help="write the privacy audit report of a run directory (report/privacy_report.*)")
     aud.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
+    aud.add_argument(
+        "--empirical", action="store_true",
+        help="first re-run the config in simulation with canary clients (in RUN_DIR/empirical-audit) and write the "
+             "one-run empirical epsilon lower bound to RUN_DIR/empirical_audit.json (exit 3 if it exceeds the theory)",
+    )
+    aud.add_argument("--canaries", type=int, metavar="N", help="canary clients (default: privacy.audit_canaries)")
+    aud.add_argument("--confidence", type=float, metavar="P", help="confidence of the lower bound (default 0.95)")
     aud.set_defaults(fn=_audit)
     show = sub.add_parser("config", help="print the resolved config as TOML (--explain: with meanings and defaults)")
     _add_config_args(show, default_preset="bbc-news")

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +26,20 @@ from secure_fl.progress import ProgressObserver
 from secure_fl.server.engine import BackgroundRun, FederatedServer, RoundObserver, RunResult, new_run_id
 from secure_fl.transport.inprocess import InProcessTransport
 from secure_fl.workload import Workload
+
+
+class ExtraParties(Protocol):
+    """Simulated parties that join next to the config's own (the empirical audit's canary clients).
+
+    ``count`` of them are counted in the server config's ``run.num_clients``; the data is
+    partitioned among the other parties only. `build` is called once the server and the honest
+    trainers exist and returns one trainer per extra party (ids ``client-<n>`` onwards, after the
+    honest ``client-0 .. client-<n-1>``), each run by a real `FederatedClient`.
+    """
+
+    count: int
+
+    def build(self, server: FederatedServer, honest: Sequence[LocalTrainer]) -> Sequence[LocalTrainer]: ...
 
 
 def attacker_indices(config: Config) -> set[int]:
@@ -47,6 +61,7 @@ def simulate(
     callbacks: Sequence[RoundCallback] = (),
     progress: bool = True,
     observer: RoundObserver | None = None,
+    extra_parties: ExtraParties | None = None,
 ) -> RunResult:
     """Run a whole federated fine-tune in this process and return its result.
 
@@ -55,6 +70,10 @@ def simulate(
     config + optional collate / loss / metric functions), one dataset per client and an
     evaluation dataset; ``run.num_clients`` then becomes ``len(client_datasets)`` and
     ``run.clients_per_round`` is capped at it.
+
+    With ``privacy.audit = true`` the empirical audit (`secure_fl.empirical_audit.run_empirical_audit`)
+    runs after the run, in ``<run dir>/empirical-audit``, and the report is rebuilt with its result;
+    it re-runs the config, so it needs the config's model and data (no ``workload``).
 
     Parameters
     ----------
@@ -74,6 +93,9 @@ def simulate(
         Draw a progress bar per round and print a metrics line per round.
     observer:
         Replaces the progress display (advanced).
+    extra_parties:
+        Parties added to the config's (advanced; the empirical audit's canaries): ``config.run.num_clients``
+        counts them, the data is split among the others. Not with ``client_datasets``.
     """
     config = config or Config()
     if config.privacy.params.get("insecure_seed") is not None:
@@ -83,6 +105,25 @@ def simulate(
             "a gRPC server refuses it, and the report flags it)",
             UserWarning, stacklevel=2,
         )
+    if config.privacy.audit and (workload is not None or extra_parties is not None):
+        raise ConfigError(
+            "privacy.audit = true re-runs the config's model and data with canary clients; it cannot re-run a "
+            "custom workload: run secure_fl.empirical_audit.run_empirical_audit on a config-driven run instead",
+            key="privacy.audit",
+        )
+    if config.privacy.audit:
+        from secure_fl.empirical_audit import check_auditable
+
+        check_auditable(config)  # before the run, not after it
+    if extra_parties is not None and client_datasets is not None:
+        raise ConfigError("extra_parties needs the config's data (it is split among the other parties): drop client_datasets")
+    honest_config = config
+    if extra_parties is not None:
+        honest = config.run.num_clients - extra_parties.count
+        if honest < 1:
+            raise ConfigError(f"run.num_clients={config.run.num_clients} leaves no party besides the {extra_parties.count} extra ones")
+        honest_config = config.replace(run=replace(config.run, num_clients=honest, clients_per_round=min(config.run.clients_per_round, honest),
+                                                   min_updates=min(config.run.min_updates, honest)))
     if (workload is None) != (client_datasets is None):
         raise ConfigError("pass workload and client_datasets together (or neither, to use the config's model and data)")
     if client_datasets is not None:
@@ -104,10 +145,10 @@ def simulate(
         transport="in-process",
     )
     if client_datasets is None:
-        train, _ = load_splits(config)
-        client_datasets = client_partitions(config, train)
+        train, _ = load_splits(honest_config)
+        client_datasets = client_partitions(honest_config, train)
     shared = server.workload.build(seed=config.run.seed)
-    attackers = attacker_indices(config)
+    attackers = attacker_indices(honest_config)
     board = HonestBoard(keep=bool(attackers))  # white-box attackers read the round's honest updates
     clients = []
     for index, dataset in enumerate(client_datasets):
@@ -126,6 +167,15 @@ def simulate(
         )
         client.join()
         clients.append(client)
+    if extra_parties is not None:
+        trainers = [c.trainer for c in clients]
+        for index, trainer in enumerate(extra_parties.build(server, trainers), start=len(clients)):
+            client = FederatedClient(
+                f"client-{index}", InProcessTransport(server.coordinator), trainer, ClientStages.from_config(config),
+                seed=config.run.seed, chunk_size=config.transport.chunk_size, board=board,
+            )
+            client.join()
+            clients.append(client)
     # honest clients step first in every pass, so an attacker of the round sees their updates
     clients.sort(key=lambda c: c.stages.attack is not None)
 
@@ -145,4 +195,9 @@ def simulate(
     rounds.join()
     for client in clients:
         client.leave()
-    return rounds.result()  # re-raises the server's exception in the caller's thread
+    result = rounds.result()  # re-raises the server's exception in the caller's thread
+    if config.privacy.audit:
+        from secure_fl.empirical_audit import run_empirical_audit
+
+        result.empirical_audit = run_empirical_audit(result.run_dir, progress=progress).path
+    return result

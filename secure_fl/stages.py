@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from privacy.dpsgd import DPSGD
 from privacy.mechanisms import PrivacyMechanism, create_privacy_mechanism
 from privacy.mechanisms.registry import plugin_class as mechanism_class
 from protocols.secagg import SecureAggregation, create_secure_aggregation
@@ -65,6 +66,33 @@ CONFIG_TABLES = {
     "privacy": "[privacy] and [privacy.params]",
     "rule": "[peft] rule and [peft.rule_params]",
 }
+#: The ``JoinRequest.info`` key holding a DP-SGD client's Poisson sampling rate (a decimal string):
+#: ``client.batch_size / its training examples``, capped at 1. The server records it in the ledger;
+#: it tells the server the client's example count (``batch_size / rate``).
+SAMPLE_RATE_INFO_KEY = "dp_sgd.sample_rate"
+#: What else must agree under DP-SGD (its settings are part of the privacy fingerprint).
+DP_SGD_TABLES = "[privacy.dp_sgd_params], client.local_steps and client.batch_size"
+
+
+def build_sample_level(config: Config) -> DPSGD | None:
+    """The DP-SGD settings of ``config`` (``None`` without sample-level DP), as ``[privacy.dp_sgd_params]`` says."""
+    if not config.privacy.dp_sgd:
+        return None
+    try:
+        return DPSGD(**dict(config.privacy.dp_sgd_params))
+    except ValueError as exc:
+        raise ConfigError(f"privacy.dp_sgd_params: {exc}", key="privacy.dp_sgd_params") from exc
+
+
+def sample_level_settings(config: Config, dp_sgd: DPSGD) -> dict[str, Any]:
+    """What server and client must agree on for DP-SGD: its settings and the steps and batch size
+    that fix each client's sampling rate and step count (part of the privacy fingerprint)."""
+    return {
+        "noise_multiplier": dp_sgd.noise_multiplier,
+        "max_grad_norm": dp_sgd.max_grad_norm,
+        "local_steps": config.client.local_steps,
+        "batch_size": config.client.batch_size,
+    }
 
 
 def stage_choice(config: Config, kind: str) -> tuple[str, Params, str]:
@@ -112,6 +140,8 @@ class Stages:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The noise multiplier calibrated for ``[privacy] target_epsilon`` (`secure_fl.budget`), if any.
     calibration: Any = None
+    #: Sample-level DP-SGD on every client (``privacy.dp_sgd``, implied by ``mode = "dp-sgd"``), or ``None``.
+    sample_level: DPSGD | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Stages:
@@ -123,7 +153,10 @@ class Stages:
             privacy=build_stage(config, "privacy"),
             attack=build_stage(config, "attack"),
             settings={kind: settings_of(config, kind) for kind in _SOURCES},
+            sample_level=build_sample_level(config),
         )
+        if stages.sample_level is not None:
+            stages.settings["sample_level"] = sample_level_settings(config, stages.sample_level)
         if stages.rule.needs_individual_updates and not stages.secure.reveals_individual_updates:
             raise ConfigError(
                 f"peft.rule={config.peft.rule!r} needs every client's adapter, but secure.mode="
@@ -188,7 +221,10 @@ class Stages:
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Every stage's name, plug-in class and settings, for ``run.json`` and the audit report."""
-        return {kind: describe_stage(getattr(self, kind), self.settings.get(kind)) for kind in _SOURCES}
+        out = {kind: describe_stage(getattr(self, kind), self.settings.get(kind)) for kind in _SOURCES}
+        if self.sample_level is not None:
+            out["sample_level"] = describe_stage(self.sample_level, self.settings.get("sample_level"))
+        return out
 
     def names(self) -> dict[str, str]:
         """Stage names as sent to clients in every task."""
@@ -207,6 +243,8 @@ class Stages:
             settings = self.settings.get(kind)
             if settings is None:
                 settings = resolved_settings(type(stage), {})
+            if kind == "privacy" and "sample_level" in self.settings:  # unchanged without DP-SGD
+                settings = {**settings, "dp_sgd": self.settings["sample_level"]}
             out[kind] = settings_fingerprint(str(stage.name), settings)
         return out
 

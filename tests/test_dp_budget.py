@@ -197,14 +197,13 @@ def test_sampling_plan_and_skip_probability() -> None:
     assert skip_probability(100, 0.5, lambda size: size >= 1) == pytest.approx(0.5**99)
 
 
-def test_the_engine_passes_the_run_level_rate_and_central_divides_by_the_expected_cohort() -> None:
-    mechanism = CentralDP(clip_norm=1.0, noise_multiplier=0.0)
-    event = privacy_event(mechanism, cohort_size=3, population=10, contributions=3, sample_rate=0.3)
-    assert event == GaussianEvent(0.0, 0.3, 1)
-    mechanism.set_sampling(sample_rate=0.3, expected_cohort=3.0)
-    mean = {"w": np.full(4, 2.0, dtype=np.float32)}  # the mean of 6 rows
-    out = mechanism.server_transform(mean, num_contributions=6)
-    np.testing.assert_allclose(out["w"], 4.0)  # sum 12 / expected 3, not / actual 6
+def test_the_engine_passes_the_run_level_rate_and_divides_by_the_expected_cohort(tmp_path: Path) -> None:
+    event = privacy_event(CentralDP(clip_norm=1.0, noise_multiplier=1.0), cohort_size=3, population=10,
+                          contributions=3, sample_rate=0.3)
+    assert event == GaussianEvent(1.0, 0.3, 1)
+    config = smoke_config(*CENTRAL, "privacy.params.noise_multiplier=1.0", "run.sampling=poisson", "run.sample_rate=0.5")
+    server = FederatedServer(config, tmp_path / "run", transport="in-process")
+    assert server.pipeline.expected_contributions == 2.0  # q N: (sum + noise) / 2, not / the secret count
 
 
 def test_a_poisson_run_records_q_and_the_calibrated_z_and_an_insecure_seed_is_red(tmp_path: Path) -> None:

@@ -119,6 +119,27 @@ def test_the_pipeline_noises_the_uniform_mean_of_the_clipped_rows() -> None:
     np.testing.assert_allclose(outcome.state["w"], np.sum(rows, axis=0) / 3, rtol=1e-6)
 
 
+def test_the_released_mean_has_a_fixed_denominator_so_it_does_not_reveal_the_count() -> None:
+    """3 of 4 planned clients contribute: the delta is sum / 4 (not sum / 3) and the noise std z*C / 4."""
+    config = smoke_config(*CENTRAL, "privacy.params.noise_multiplier=0.0")
+    stages = Stages.from_config(config)
+    layout = Layout(("w",), ((3,),))
+    rows = [np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.5])]
+    buckets = [BucketSum({"w": r}, 1.0, (f"c{i}",)) for i, r in enumerate(rows)]
+    pipeline = ServerPipeline(stages, layout, expected_contributions=4)
+    outcome = pipeline.aggregate_buckets({"w": np.zeros(3, np.float32)}, buckets, num_contributions=3)
+    np.testing.assert_allclose(outcome.state["w"], np.sum(rows, axis=0) / 4, rtol=1e-6)
+    noisy = smoke_config(*CENTRAL, "privacy.params.noise_multiplier=2.0", "privacy.params.insecure_seed=5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stages = Stages.from_config(noisy)
+    pipeline = ServerPipeline(stages, Layout(("w",), ((20_000,),)), expected_contributions=4)
+    for contributors in (2, 3):  # the noise on the released mean is the same whatever the count
+        few = [BucketSum({"w": np.zeros(20_000)}, 1.0, (f"c{i}",)) for i in range(contributors)]
+        noise = pipeline.aggregate_buckets({"w": np.zeros(20_000, np.float32)}, few, num_contributions=contributors)
+        assert float(np.std(noise.state["w"])) == pytest.approx(2.0 * 1.0 / 4, rel=0.03)
+
+
 def test_privacy_event_is_one_gaussian_release_without_amplification() -> None:
     event = CentralDP(noise_multiplier=1.3).privacy_event(cohort_size=4, population=10, contributions=3)
     assert (event.noise_multiplier, event.sample_rate, event.steps) == (1.3, 1.0, 1)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from privacy.audit.empirical import ATTACK_CAVEAT
 from privacy.audit.plots import clients_plot, line_plot
 from privacy.audit.report import NO_RELEASE
 
@@ -67,9 +68,11 @@ def render_html(report: Mapping[str, Any]) -> str:
         _mechanism_section(_mapping(report.get("mechanism"))),
         _budget_section(_mapping(report.get("budget")), _mapping(report.get("sampling"))),
         _stages_section(_mapping(report.get("stages"))),
-        _epsilon_section(_mapping(report.get("epsilon")), accountants),
+        _epsilon_section(_mapping(report.get("epsilon")), accountants, sample_level=bool(report.get("sample_level"))),
         _clipping_section(_mapping(report.get("clipping"))),
-        _clients_section(_seq(report.get("clients")), accountants),
+        _sample_level_section(_mapping(report.get("sample_level")), _seq(report.get("clients")), accountants),
+        _empirical_section(_mapping(report.get("empirical_audit"))),
+        _clients_section(_seq(report.get("clients")), accountants, sample_level=bool(report.get("sample_level"))),
         _exclusions_section(_seq(report.get("exclusions"))),
         _accuracy_section(_seq(report.get("accuracy"))),
     ]
@@ -232,12 +235,21 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
     eps = ", ".join(f"{name} {_fmt_eps(final.get(name))}" for name in accountants if name in final)
     if _mapping(report.get("mechanism")).get("releases") == 0:
         eps = NO_RELEASE  # not "0.0000" next to a warning about unbounded releases
+    sample_level = _mapping(report.get("sample_level"))
+    level = "client-level " if sample_level else ""
     parts = [
         f"Rounds completed: {rounds}",
         f"Clients: {n_clients}",
         f"Final accuracy: {_MISSING if accuracy is None else f'{accuracy:.4f}'}",
-        f"Final ε at δ = {_fmt(delta)}: {eps or _MISSING}",
+        f"Final {level}ε at δ = {_fmt(delta)}: {eps or _MISSING}",
     ]
+    if sample_level:
+        worst = _mapping(sample_level.get("max_epsilon"))
+        shown = ", ".join(f"{name} {_fmt_eps(worst[name])}" for name in accountants if name in worst)
+        parts.append(f"Sample-level ε (DP-SGD, largest over clients): {shown or _MISSING}")
+    empirical = _mapping(report.get("empirical_audit"))
+    if _num(empirical.get("epsilon_lower_bound")) is not None:
+        parts.append(f"Empirical ε ≥ {_num(empirical['epsilon_lower_bound']):.4f} ({_confidence(empirical)} confidence)")
     summary = " · ".join(_esc(p) for p in parts)
     return f'<h1>Privacy audit report</h1>\n{meta}{banner}\n<p class="summary">{summary}</p>'
 
@@ -335,8 +347,11 @@ def _params_html(params: object) -> str:
     return "".join(f"<div><code>{_esc(key)} = {_esc(_json(value))}</code></div>" for key, value in sorted(entries.items()))
 
 
-def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> str:
-    """Epsilon per round: a plot of the finite values (or the unbounded notice) and a table."""
+def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str], *, sample_level: bool = False) -> str:
+    """Epsilon per round: a plot of the finite values (or the unbounded notice) and a table.
+
+    With DP-SGD in the run these are the client-level values, and the headings say so.
+    """
     by_round = [_mapping(r) for r in _seq(epsilon.get("by_round"))]
     if not by_round:
         return ""
@@ -345,13 +360,17 @@ def _epsilon_section(epsilon: Mapping[str, Any], accountants: Sequence[str]) -> 
         xs, ys = _xy((r.get("round"), _mapping(r.get("epsilon")).get(name)) for r in by_round)
         if xs:
             series[name] = (xs, ys)
+    level = "client-level " if sample_level else ""
     if series:
-        body = _img(line_plot(series, "epsilon"), "Epsilon per round for each accountant")
+        body = _img(line_plot(series, "epsilon"), f"{level.capitalize()}epsilon per round for each accountant")
+    elif sample_level:
+        body = ('<p class="unbounded">No client-level guarantee: the client-level epsilon is unbounded in every round '
+                "(each training example is protected by DP-SGD: see the sample-level section).</p>")
     else:
         body = '<p class="unbounded">No differential-privacy guarantee: epsilon is unbounded in every round.</p>'
     rows = [[_fmt(r.get("round")), *_eps_cells(r, accountants)] for r in by_round]
-    table = _table(["round", *[f"ε ({n})" for n in accountants]], rows)
-    return _section("Epsilon over rounds", body + "\n" + table)
+    table = _table(["round", *[f"{level}ε ({n})" for n in accountants]], rows)
+    return _section(f"{level.capitalize()}epsilon over rounds" if level else "Epsilon over rounds", body + "\n" + table)
 
 
 def _clipping_section(clipping: Mapping[str, Any]) -> str:
@@ -383,8 +402,40 @@ def _short(value: object) -> str:
     return _MISSING if number is None else f"{number:.4g}"
 
 
-def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
-    """Per-client participation and epsilon, with a stacked bar plot of the first clients."""
+def _sample_level_section(section: Mapping[str, Any], clients: Sequence[Any], accountants: Sequence[str]) -> str:
+    """DP-SGD: its settings, what it protects, the largest per-client sample-level ε and a per-client table."""
+    if not section:
+        return ""
+    worst = _mapping(section.get("max_epsilon"))
+    keys = ("guarantee", "noise_multiplier", "max_grad_norm", "local_steps", "batch_size", "sampling", "delta",
+            "clients_accounted", "unreleased_rounds", "protects", "does_not_protect")
+    rows = [[key, _fmt(section.get(key)) if section.get(key) != [] else "none"] for key in keys if key in section]
+    rows += [[f"largest sample-level ε ({name})", _fmt_eps(worst[name])] for name in accountants if name in worst]
+    client_rows = []
+    for client in map(_mapping, clients):
+        level = _mapping(client.get("sample_level"))
+        if not level.get("rounds"):
+            eps = [_NOT_RELEASED for _ in accountants]
+        else:
+            eps = _eps_cells(level, accountants)
+        rates = ", ".join(f"{q:.4g}" for q in map(_num, _seq(level.get("sample_rates"))) if q is not None)
+        client_rows.append([_fmt(client.get("client_id")), rates or _MISSING, _fmt(level.get("rounds")),
+                            _fmt(level.get("steps")), *eps])
+    headers = ["client", "sampling rate q", "rounds seen", "DP-SGD steps", *[f"sample-level ε ({n})" for n in accountants]]
+    note = (
+        '<p class="caption">Sample-level ε composes every DP-SGD step of the rounds in which the server saw the '
+        "client's output (each step a Poisson-subsampled Gaussian with the client's own q): the guarantee for any "
+        "one of its training examples, against everyone including the server.</p>"
+    )
+    body = _table(["parameter", "value"], rows) + "\n" + note + "\n" + _table(headers, client_rows)
+    return _section("Sample-level DP (DP-SGD)", body)
+
+
+def _clients_section(clients: Sequence[Any], accountants: Sequence[str], *, sample_level: bool = False) -> str:
+    """Per-client participation and epsilon, with a stacked bar plot of the first clients.
+
+    With DP-SGD in the run the epsilon columns are the client-level ones, and say so.
+    """
     entries = [_mapping(c) for c in clients]
     if not entries:
         return _section("Clients", "<p>No client took part.</p>")
@@ -394,7 +445,7 @@ def _clients_section(clients: Sequence[Any], accountants: Sequence[str]) -> str:
         keys.append("rounds_interrupted")
         headers.append("interrupted")
     rows = [[*_cells(c, ("client_id", *keys)), *_client_eps_cells(c, accountants)] for c in entries]
-    headers += [f"ε ({n})" for n in accountants]
+    headers += [f"{'client-level ' if sample_level else ''}ε ({n})" for n in accountants]
     shown = entries[:_MAX_PLOTTED_CLIENTS]
     caption = "Rounds per client: aggregated, excluded by the defense, dropped"
     if len(entries) > len(shown):
@@ -433,3 +484,44 @@ def _accuracy_section(accuracy: Sequence[Any]) -> str:
         return ""
     png = line_plot({"accuracy": (xs, ys)}, "accuracy")
     return _section("Accuracy over rounds", _img(png, "Global model accuracy per round"))
+
+
+def _confidence(empirical: Mapping[str, Any]) -> str:
+    """The audit's confidence as a percentage (``95 %``), or a dash."""
+    confidence = _num(empirical.get("confidence"))
+    return _MISSING if confidence is None else f"{100 * confidence:g} %"
+
+
+def _empirical_section(empirical: Mapping[str, Any]) -> str:
+    """The one-run empirical audit: the lower bound with its confidence next to the theoretical epsilon.
+
+    A bound above the theoretical epsilon (verdict ``violation``) is shown in a red box: it is a bug.
+    """
+    if not empirical:
+        return ""
+    bound = _num(empirical.get("epsilon_lower_bound"))
+    theory = _mapping(empirical.get("theoretical_epsilon"))
+    rows = [
+        ["empirical ε lower bound", _MISSING if bound is None else f"{bound:.4f}"],
+        ["confidence", _confidence(empirical)],
+        ["δ", _fmt(empirical.get("delta"))],
+        *[[f"theoretical ε of the audit run ({name})", _fmt_eps(value)] for name, value in theory.items()],
+        ["canaries (inserted)", f"{_fmt(empirical.get('canaries'))} ({_fmt(empirical.get('inserted'))})"],
+        ["guesses (correct)", f"{_fmt(empirical.get('guesses'))} ({_fmt(empirical.get('correct'))})"],
+        ["released rounds", _fmt(empirical.get("released_rounds"))],
+        ["audit run", _fmt(empirical.get("audit_run_dir"))],
+        ["verdict", _fmt(empirical.get("verdict"))],
+    ]
+    message = _esc(empirical.get("message", ""))
+    if empirical.get("verdict") == "violation":
+        verdict = f'<p class="banner">Empirical ε above the theoretical ε: this is a bug. {message}</p>'
+    else:
+        verdict = f"<p>{message}</p>"
+    intro = (
+        "<p>The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, "
+        f"<code>{_esc(empirical.get('paper', ''))}</code>) re-ran this configuration with canary clients, each "
+        "inserted with probability ½, and scored them from the released adapters alone; the lower bound holds "
+        "at the stated confidence.</p>"
+    )
+    caveat = f'<p class="caption">{_esc(ATTACK_CAVEAT)}</p>'
+    return _section("Empirical audit", intro + "\n" + verdict + "\n" + _table(["quantity", "value"], rows) + "\n" + caveat)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import Accountant, PrivacyEvent, available, create_accountant
+from privacy.audit.sample_level import sample_level_report, sample_level_threat_row, sample_level_warnings
 from privacy.errors import PrivacyError
 from privacy.ledger import epsilon_to_json, event_of
 
@@ -52,6 +53,7 @@ def build_report(
     run_dir: str | Path = "",
     version: str | None = None,
     unconfirmed_rounds: Sequence[int] = (),
+    empirical: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The audit report as a JSON-serialisable dict (see the module docstring for the inputs).
 
@@ -61,6 +63,9 @@ def build_report(
     no ledger line) is never counted as released, and raises the ``run-interrupted`` warning, as
     does ``"interrupted": true`` in ``run.json``. ``unconfirmed_rounds`` are ledger rounds with no
     metrics record (from `privacy.ledger.PrivacyLedger.verify`): counted as spent, flagged high.
+    ``empirical`` is the run's ``empirical_audit.json`` (`privacy.audit.empirical`), shown as the
+    ``empirical_audit`` section; a lower bound above the theoretical epsilon raises the high
+    ``empirical-above-theory`` warning (a bug).
     """
     stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in dict(run.get("stages", {})).items()}
     privacy_cfg = dict(config.get("privacy", {}))
@@ -92,6 +97,12 @@ def build_report(
             row["epsilon_notes"] = notes
             for name, note in notes.items():
                 fallbacks.setdefault(name, set()).add(f"per-client view of {row['client_id']}: {note}")
+    sample_level = sample_level_report(
+        stages=stages, ledger=ledger, metrics=metrics, clients=clients, accountants=known, delta=delta,
+    )
+    for row in clients:
+        for name, note in dict(row.get("sample_level", {}).get("epsilon_notes", {})).items():
+            fallbacks.setdefault(name, set()).add(f"sample-level view of {row['client_id']}: {note}")
     if fallbacks:
         warnings.append(_warn(
             "accountant-fallback", "medium",
@@ -122,6 +133,9 @@ def build_report(
     clipping = _clipping(mechanism_stage, metrics, ledger)
     if clipping:
         mechanism.update({"adaptive_clip": True, **{k: mechanism_stage.get(k) for k in _ADAPTIVE_KEYS}})
+    if sample_level is not None:
+        mechanism["sample_level"] = (f"dp-sgd on every client: noise_multiplier {sample_level['noise_multiplier']}, "
+                                     f"max_grad_norm {sample_level['max_grad_norm']} (see the sample-level section)")
     sampling = dict(run.get("sampling") or {})
     budget_info = dict(run.get("budget") or {})
     calibration = dict(budget_info.get("calibration") or {})
@@ -133,6 +147,9 @@ def build_report(
     budget = _budget(budget_info, run, final, delta, len(ledger))
     warnings.extend(_warnings(stages, mechanism, run, config, metrics))
     warnings.extend(_sampling_warnings(stages, mechanism, run, config, metrics, budget, final))
+    if sample_level is not None:
+        warnings.extend(sample_level_warnings(str(mechanism.get("mode")), sample_level))
+    empirical_section = _empirical(empirical, delta, warnings) if empirical is not None else None
     if ledger and ledger[-1].get("epsilon_notes"):
         epsilon_notes = {"notes": dict(ledger[-1]["epsilon_notes"])}
     else:
@@ -159,11 +176,12 @@ def build_report(
             "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),
         },
         "stages": stages,
-        "threat_model": _threat_model(stages, mechanism, run),
+        "threat_model": _threat_model(stages, mechanism, run, sample_level),
         "mechanism": mechanism,
         "epsilon": {"final": final, "by_round": by_round, **epsilon_notes},
         "budget": budget,
         "sampling": sampling,
+        **({"sample_level": sample_level} if sample_level is not None else {}),
         "clients": clients,
         "exclusions": [
             {"round": int(m["round"]), "client_id": str(c), "defense": str(dict(m.get("stages", {})).get("defense", ""))}
@@ -172,7 +190,42 @@ def build_report(
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
         **({"clipping": clipping} if clipping else {}),
         "warnings": warnings,
+        **({"empirical_audit": empirical_section} if empirical_section is not None else {}),
     }
+
+
+#: Keys of ``empirical_audit.json`` copied into the report's ``empirical_audit`` section.
+EMPIRICAL_KEYS = (
+    "epsilon_lower_bound", "confidence", "delta", "theoretical_epsilon", "theoretical_epsilon_min", "verdict",
+    "message", "caveat", "canaries", "inserted", "guesses", "correct", "released_rounds", "privacy_mode",
+    "audit_run_dir", "method", "paper",
+)  # fmt: skip
+
+
+def _empirical(empirical: Mapping[str, Any], delta: float, warnings: list[dict[str, str]]) -> dict[str, Any]:
+    """The report's ``empirical_audit`` section; adds the warnings it calls for to ``warnings``."""
+    section = {key: empirical.get(key) for key in EMPIRICAL_KEYS}
+    bound, theory = section["epsilon_lower_bound"], section["theoretical_epsilon_min"]
+    if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+        raise PrivacyError("empirical_audit.json has no numeric epsilon_lower_bound")
+    limit = float(theory) if isinstance(theory, (int, float)) and not isinstance(theory, bool) else math.inf
+    if section["verdict"] == "violation" or bound > limit + 1e-9:
+        section["verdict"] = "violation"
+        warnings.insert(0, _warn(
+            "empirical-above-theory", "high",
+            f"BUG: the empirical epsilon lower bound {float(bound):.4f} (confidence {section['confidence']}) exceeds "
+            f"the theoretical epsilon {limit:.4f} of the audit run at delta = {section['delta']}: the "
+            "implementation leaks more than it accounts for (a chance result only with probability "
+            "1 - confidence); do not rely on this configuration's epsilon until it is explained",
+        ))
+    audit_delta = section["delta"]
+    if isinstance(audit_delta, (int, float)) and not math.isclose(float(audit_delta), delta, rel_tol=1e-9):
+        warnings.append(_warn(
+            "empirical-delta-mismatch", "medium",
+            f"the empirical audit used delta = {audit_delta}, the report delta = {delta}: its lower bound and "
+            "this report's epsilon are not comparable",
+        ))
+    return section
 
 
 def write_report(report: Mapping[str, Any], report_dir: str | Path) -> tuple[Path, Path]:
@@ -343,7 +396,10 @@ HIDDEN_METADATA = (
 )
 
 
-def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any]) -> list[dict[str, str]]:
+def _threat_model(
+    stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[str, Any], run: Mapping[str, Any],
+    sample_level: Mapping[str, Any] | None = None,
+) -> list[dict[str, str]]:
     mode, params, reveals = _secure_mode(stages)
     dp_text = "nothing: no differential privacy" if _no_dp(mechanism) else (
         f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})"
@@ -379,6 +435,8 @@ def _threat_model(stages: Mapping[str, Mapping[str, Any]], mechanism: Mapping[st
         rows.append({"party": "a server that deviates from the protocol",
                      "sees": str(params.get("deviating_server") or "not stated by the protocol"),
                      "protected_by": "nothing: " + str(params["adversary_model"])})
+    if sample_level is not None:
+        rows.insert(0, sample_level_threat_row(sample_level))
     if run.get("transport") == "grpc":
         rows.append({
             "party": "network observer",

@@ -94,17 +94,27 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
     return float((noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5)
 
 
-def noised_unclipped_fraction(bits: np.ndarray, noise: float, *, contributions: int) -> float:
-    """``b~ = (sum_i b_i + noise) / m`` for the bits of the ``m = contributions`` clients.
+def noised_unclipped_fraction(
+    bits: np.ndarray, noise: float, *, contributions: int, denominator: float | None = None
+) -> float:
+    """``b~ = (sum_i (b_i - 1/2) + noise) / m + 1/2`` for the bits of the ``contributions`` clients.
 
-    ``bits`` are clamped to [0, 1] (a value in between, such as 1/2 for a client that sent no
-    bit, changes the centred count ``sum (b_i - 1/2)`` by at most 1/2, as a real bit does), and
-    ``noise`` is one draw of N(0, sigma_b^2), made by the caller from its CSPRNG.
+    ``m`` is ``denominator`` when given (the planned cohort size, a public constant, so b~ does
+    not reveal how many clients contributed), else ``contributions``; with ``m`` equal to the
+    number of bits this is ``(sum_i b_i + noise) / m``. ``bits`` are clamped to [0, 1] (a value in
+    between, such as 1/2 for a client that sent no bit, changes the centred count
+    ``sum (b_i - 1/2)`` by at most 1/2, as a real bit does), and ``noise`` is one draw of
+    N(0, sigma_b^2), made by the caller from its CSPRNG.
 
     >>> noised_unclipped_fraction(np.array([1.0, 1.0, 0.0, 0.0]), 0.0, contributions=4)
     0.5
+    >>> noised_unclipped_fraction(np.array([1.0, 1.0, 1.0]), 0.0, contributions=3, denominator=4)
+    0.875
     """
     if isinstance(contributions, bool) or not isinstance(contributions, int) or contributions < 1:
         raise ValueError(f"the unclipped fraction needs at least one contribution, got {contributions!r}")
+    m = float(contributions if denominator is None else denominator)
+    if not (math.isfinite(m) and m > 0):
+        raise ValueError(f"the unclipped fraction needs a positive denominator, got {denominator!r}")
     values = np.clip(np.asarray(bits, dtype=np.float64), 0.0, 1.0)
-    return float((values.sum() + noise) / contributions)
+    return float((float((values - 0.5).sum()) + noise) / m + 0.5)

@@ -119,8 +119,13 @@ class PrivacyMechanism(ABC):
         return dict(quantised)
 
     @abstractmethod
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
-        """Transform the aggregated update on the server before it is applied."""
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
+        """Transform the aggregated update on the server before it is applied.
+
+        ``delta`` is a mean with denominator ``num_contributions``: under client-level DP
+        (``uniform_weights``) the server pipeline divides the sum by the planned cohort size, a
+        public constant, so a mechanism that noises the mean scales its noise by the same number.
+        """
 
     @abstractmethod
     def privacy_event(
@@ -154,9 +159,9 @@ class PrivacyMechanism(ABC):
     def set_sampling(self, *, sample_rate: float, expected_cohort: float) -> None:
         """Called once before round 1: the run-level sampling rate and the expected cohort size.
 
-        A mechanism that releases a mean under Poisson sampling (``sample_rate < 1``) must divide
-        by the fixed ``expected_cohort``, not by the actual (secret, data-dependent) count, for
-        the release to be a post-processing of the noisy sum. Default: ignored.
+        The pipeline already divides the sum of a ``uniform_weights`` mechanism by the fixed
+        ``expected_cohort`` (not the secret, data-dependent count), so the release is a
+        post-processing of the noisy sum; a mechanism may record the sampling here. Default: ignored.
         """
 
     def describe(self) -> dict[str, Any]:
@@ -194,11 +199,14 @@ class PrivacyMechanism(ABC):
         """
         return {}
 
-    def end_round(self, reports: Sequence[Mapping[str, float]], *, num_contributions: int) -> dict[str, Any]:
+    def end_round(
+        self, reports: Sequence[Mapping[str, float]], *, num_contributions: int, denominator: float | None = None
+    ) -> dict[str, Any]:
         """Server, once the round's release is in the ledger: update the state from the contributors' reports.
 
         ``reports`` are the metrics of the ``num_contributions`` clients whose updates were
-        released. Returns what goes into the round's metrics line (default: nothing).
+        released; ``denominator`` is the fixed mean denominator of client-level DP (the planned
+        cohort size), ``None`` outside it. Returns what goes into the round's metrics line (default: nothing).
         """
         return {}
 

@@ -36,8 +36,8 @@ neither Poisson nor secret) no amplification by sampling is claimed: every relea
 (``[run] sampling = "poisson"``, each client selected independently with probability q from the
 OS CSPRNG) the engine passes ``sample_rate=q`` and the release is the sampled Gaussian mechanism
 ``GaussianEvent(z, q, 1)``, provided the released mean does not depend on the secret cohort size:
-`set_sampling` fixes the denominator to the expected cohort size ``m = q N`` (DP-FedAvg's
-fixed-denominator estimator), so the server releases ``(sum + N(0, (z C)^2)) / m``, a
+the pipeline divides by the expected cohort size ``m = q N`` (DP-FedAvg's fixed-denominator
+estimator; `secure_fl.server.pipeline`), so the server releases ``(sum + N(0, (z C)^2)) / m``, a
 post-processing of the noisy sum. ``target_epsilon`` calibrates z (`event_for`, `set_noise_multiplier`).
 
 Adaptive clipping (``adaptive_clip = true``; Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021,
@@ -244,7 +244,7 @@ class CentralDP(PrivacyMechanism):
         self.sends_client_reports = adaptive_clip
         self._rng: np.random.Generator | None = None
         self.sample_rate = 1.0
-        #: The fixed denominator under Poisson sampling (``None``: divide by the actual count).
+        #: The expected Poisson cohort (``None``: fixed-size cohorts), shown by `describe`.
         self.expected_cohort: float | None = None
         if insecure_seed is not None:
             warnings.warn(
@@ -322,30 +322,34 @@ class CentralDP(PrivacyMechanism):
             return self._rng.standard_normal(size)
         return secure_standard_normal(size)
 
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
         """Add N(0, (z C / n)^2) to each coordinate of the mean of n clipped updates (= N(0, (z C)^2) on the sum).
 
         With adaptive clipping the multiplier is z_delta (`update_noise_multiplier`) and C the round's.
-        Under Poisson sampling (`set_sampling` with ``sample_rate < 1``) the mean is rescaled to
-        ``sum / m`` with the fixed expected cohort size m, and the noise is ``N(0, (std / m)^2)``.
+        ``num_contributions`` is the mean's denominator: the pipeline's fixed, public m (the planned
+        cohort, or q N under Poisson sampling), so the release is ``(sum + noise) / m``.
         """
-        if isinstance(num_contributions, bool) or not isinstance(num_contributions, int) or num_contributions < 1:
-            raise ValueError(f"central DP needs at least one contribution, got num_contributions={num_contributions!r}")
+        if (isinstance(num_contributions, bool) or not isinstance(num_contributions, (int, float))
+                or not math.isfinite(num_contributions) or num_contributions <= 0):
+            raise ValueError(f"central DP needs a positive denominator, got num_contributions={num_contributions!r}")
         names = list(delta)
         std = self.noise_std
-        denominator = float(num_contributions) if self.expected_cohort is None else self.expected_cohort
-        rescale = num_contributions / denominator  # mean * n = the sum; divided by the fixed m under Poisson
-        if not names or (std == 0 and rescale == 1.0):
+        if not names or std == 0:
             return {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
         arrays = [np.asarray(delta[name]) for name in names]
         sizes = np.array([a.size for a in arrays])
-        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64) * rescale
-        noised = (flat + self.standard_normal(flat.size) * (std / denominator)).astype(np.float32)
+        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
+        noised = (flat + self.standard_normal(flat.size) * (std / num_contributions)).astype(np.float32)
         pieces = np.split(noised, np.cumsum(sizes)[:-1])
         return {name: piece.reshape(a.shape) for name, piece, a in zip(names, pieces, arrays)}
 
-    def end_round(self, reports: Sequence[Mapping[str, float]], *, num_contributions: int) -> dict[str, Any]:
+    def end_round(
+        self, reports: Sequence[Mapping[str, float]], *, num_contributions: int, denominator: float | None = None
+    ) -> dict[str, Any]:
         """Adaptive clipping, once the round is accounted: noise the unclipped count, move C for the next round.
+
+        ``denominator`` is the fixed, planned cohort size the fraction is taken over (as the
+        released mean's), so the next C does not reveal how many clients contributed.
 
         A contributor's bit is clamped to [0, 1]; one that sent none counts 1/2 (it adds nothing to
         the centred count, so the sensitivity stays 1/2). Returns the round's C, the noised
@@ -359,7 +363,7 @@ class CentralDP(PrivacyMechanism):
         given = [float(r[UNCLIPPED_METRIC]) for r in reports if UNCLIPPED_METRIC in r]
         bits[: len(given)] = given
         noise = float(self.standard_normal(1)[0]) * self._count_stddev()
-        fraction = noised_unclipped_fraction(bits, noise, contributions=num_contributions)
+        fraction = noised_unclipped_fraction(bits, noise, contributions=num_contributions, denominator=denominator)
         used = self.clip_norm
         self.clip_norm = next_clip_norm(
             used, fraction, target_quantile=self.target_unclipped_quantile, learning_rate=self.clip_learning_rate
@@ -431,7 +435,7 @@ class CentralDP(PrivacyMechanism):
         self.noise_multiplier = float(noise_multiplier)
 
     def set_sampling(self, *, sample_rate: float, expected_cohort: float) -> None:
-        """Under Poisson sampling (``sample_rate < 1``), divide the noisy sum by the fixed ``expected_cohort``."""
+        """Record the run's sampling for `describe` (the pipeline divides by the fixed ``expected_cohort``)."""
         if not (0 < sample_rate <= 1) or not expected_cohort > 0:
             raise ValueError(
                 f"sampling needs 0 < sample_rate <= 1 and expected_cohort > 0, got {sample_rate!r}, {expected_cohort!r}"

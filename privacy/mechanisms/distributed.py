@@ -257,7 +257,7 @@ class DistributedDP(PrivacyMechanism):
         return np.random.default_rng(int.from_bytes(key[:16], "little"))
 
     # ------------------------------------------------------------------ server steps
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
         """Nothing to add: the bucket sums already carry the clients' noise."""
         return {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
 

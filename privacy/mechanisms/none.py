@@ -21,7 +21,7 @@ class NoPrivacy(PrivacyMechanism):
         """Return the update unchanged."""
         return dict(update)
 
-    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: int) -> dict[str, np.ndarray]:
+    def server_transform(self, delta: Mapping[str, np.ndarray], *, num_contributions: float) -> dict[str, np.ndarray]:
         """Return the aggregate unchanged."""
         return dict(delta)
 

@@ -7,6 +7,7 @@ from privacy.mechanisms.base import PrivacyMechanism
 from privacy.mechanisms.central import CentralDP
 from privacy.mechanisms.distributed import DistributedDP
 from privacy.mechanisms.none import NoPrivacy
+from privacy.mechanisms.sample_level import SampleLevelOnly
 
 _MECHANISMS: Registry[PrivacyMechanism] = Registry(
     "privacy mode",
@@ -15,6 +16,7 @@ _MECHANISMS: Registry[PrivacyMechanism] = Registry(
         "none": NoPrivacy,
         "central": CentralDP,
         "distributed": DistributedDP,
+        "dp-sgd": SampleLevelOnly,
     },
 )
 

@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from privacy.dpsgd import DPSGD, DPSGDUnsupported, sample_rate
 from secure_fl.config import Config
 from secure_fl.data import TextDataset
+from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import BUILD_LOCK, AdaptedModel, load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg import AggregationRule, create_rule
 from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, rule_fingerprint, shape_model, sync_base, trained_shapes
-from secure_fl.stages import build_stage
+from secure_fl.stages import SAMPLE_RATE_INFO_KEY, build_sample_level, build_stage
 from secure_fl.tasks import train_steps
 from secure_fl.workload import Batches, TextClassification, Workload
 
@@ -54,6 +56,33 @@ def split_local(dataset: Any, fraction: float, *, seed: int) -> tuple[Any, Any |
     return Subset(dataset, kept.tolist()), Subset(dataset, held.tolist())
 
 
+#: The config keys a refusal of DP-SGD on a model names.
+DP_SGD_MODEL_KEYS = "privacy.mode / privacy.dp_sgd, peft.target_modules, peft.modules_to_save"
+
+
+def check_dp_sgd(dp_sgd: DPSGD, workload: Workload, adapted: AdaptedModel, data: Batches | None) -> None:
+    """Refuse, at start, a model whose trainable parameters opacus cannot give per-example gradients.
+
+    The static checks always run; with ``data`` (two of its examples) one forward/backward under
+    opacus proves every trainable tensor gets its per-example gradient, so a round never fails
+    halfway. Raises `ConfigError` naming the keys that decide what trains.
+    """
+    try:
+        with TRAIN_LOCK:
+            if data is not None and len(data) > 0:
+                index = torch.arange(min(2, len(data)))
+                dp_sgd.check_per_sample_gradients(adapted.model, workload.loss, data.batch(index))
+            else:
+                dp_sgd.check_model(adapted.model)
+    except DPSGDUnsupported as exc:
+        raise ConfigError(
+            f"DP-SGD (privacy.dp_sgd) cannot train this model: {exc}; opacus needs per-example gradients of every "
+            f"trainable tensor: change {DP_SGD_MODEL_KEYS} (LoRA on linear layers such as "
+            "target_modules = [\"query\", \"value\"] works), or turn DP-SGD off",
+            key="privacy.dp_sgd",
+        ) from None
+
+
 class LocalTrainer:
     """Holds a model and one client's prepared data; trains one round at a time.
 
@@ -72,6 +101,8 @@ class LocalTrainer:
         eval_data: Batches | None = None,
         eval_batch_size: int = 64,
         rule: AggregationRule | None = None,
+        dp_sgd: DPSGD | None = None,
+        dp_plan: tuple[int, int] | None = None,
     ) -> None:
         self.workload = workload
         self.adapted = adapted
@@ -82,6 +113,12 @@ class LocalTrainer:
         self.eval_batch_size = eval_batch_size
         #: The client half of ``peft.rule`` (its hooks); default: the base class's, i.e. FedIT's.
         self.rule: AggregationRule = rule if rule is not None else create_rule("fedit")
+        #: Sample-level DP-SGD (``privacy.dp_sgd``), or ``None`` for the ordinary training loop.
+        self.dp_sgd = dp_sgd
+        #: ``(local_steps, batch_size)`` this client's DP-SGD accounting is declared for.
+        self.dp_plan = dp_plan
+        if dp_sgd is not None and dp_plan is None:
+            raise ValueError("DP-SGD needs the (local_steps, batch_size) it is accounted for")
 
     @classmethod
     def create(
@@ -112,6 +149,9 @@ class LocalTrainer:
             raise ValueError("a client needs at least one training example")
         eval_data = workload.prepare(adapted, eval_part) if eval_part is not None else None
         keys = rule.update_keys(adapted.trainable_names)
+        dp_sgd = build_sample_level(config)
+        if dp_sgd is not None:
+            check_dp_sgd(dp_sgd, workload, adapted, data)
         return cls(
             workload,
             adapted,
@@ -121,6 +161,8 @@ class LocalTrainer:
             eval_data=eval_data,
             eval_batch_size=config.client.eval_batch_size,
             rule=rule,
+            dp_sgd=dp_sgd,
+            dp_plan=(config.client.local_steps, config.client.batch_size) if dp_sgd is not None else None,
         )
 
     @classmethod
@@ -135,9 +177,22 @@ class LocalTrainer:
         """The model fingerprint this client presents at Join (the rule's view of it)."""
         return rule_fingerprint(self.adapted.model, self.rule)
 
+    @property
+    def sample_rate(self) -> float | None:
+        """The Poisson sampling rate of this client's DP-SGD steps (``None`` without DP-SGD)."""
+        if self.dp_sgd is None or self.dp_plan is None:
+            return None
+        return sample_rate(self.dp_plan[1], self.num_examples)
+
     def join_info(self) -> dict[str, str]:
-        """The Join ``info``: the model's layout facts plus what the rule adds (e.g. the LoRA rank)."""
-        return {**model_info(self.adapted.model), **self.rule.join_info(self.adapted.model)}
+        """The Join ``info``: the model's layout facts plus what the rule adds (e.g. the LoRA rank).
+
+        Under DP-SGD also `SAMPLE_RATE_INFO_KEY`, the sampling rate the server records each round.
+        """
+        info = {**model_info(self.adapted.model), **self.rule.join_info(self.adapted.model)}
+        if self.sample_rate is not None:
+            info[SAMPLE_RATE_INFO_KEY] = repr(self.sample_rate)
+        return info
 
     def start_state(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float]) -> dict[str, np.ndarray]:
         """What training starts from: the global adapter in this client's shapes, after any base merge."""
@@ -161,17 +216,40 @@ class LocalTrainer:
                 evaluation = {f"eval_{k}": v for k, v in scores.items()}
                 evaluation["eval_examples"] = float(len(self.eval_data))
             torch.manual_seed(seed)
-            metrics = train_steps(
-                model,
-                self.workload,
-                self.data,
-                steps=int(plan["local_steps"]),
-                batch_size=int(plan["batch_size"]),
-                lr=float(plan["lr"]),
-                weight_decay=float(plan.get("weight_decay", 0.0)),
-                max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
-                seed=seed,
-            )
+            if self.dp_sgd is not None:
+                metrics = self._train_private(plan)
+            else:
+                metrics = train_steps(
+                    model,
+                    self.workload,
+                    self.data,
+                    steps=int(plan["local_steps"]),
+                    batch_size=int(plan["batch_size"]),
+                    lr=float(plan["lr"]),
+                    weight_decay=float(plan.get("weight_decay", 0.0)),
+                    max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
+                    seed=seed,
+                )
             local = trainable_state(model)
         message = self.rule.client_message(local, start, self.update_keys)
         return message, {**metrics, **evaluation}
+
+    def _train_private(self, plan: Mapping[str, float]) -> dict[str, Any]:
+        """DP-SGD for the steps and batch size this client declared; a plan asking for others is refused.
+
+        Returns no training metrics: the loss and the sampled batch sizes are functions of the
+        private examples that DP-SGD does not cover, so they never leave the client.
+        """
+        assert self.dp_sgd is not None and self.dp_plan is not None
+        steps, batch_size = self.dp_plan
+        asked = (int(plan["local_steps"]), int(plan["batch_size"]))
+        if asked != (steps, batch_size):
+            raise RunError(
+                f"the server's plan asks for local_steps={asked[0]}, batch_size={asked[1]}, but this client's DP-SGD "
+                f"is accounted for client.local_steps={steps}, client.batch_size={batch_size}; refusing to train"
+            )
+        self.dp_sgd.train(
+            self.adapted.model, self.workload.loss, self.data.batch, self.num_examples,
+            steps=steps, batch_size=batch_size, lr=float(plan["lr"]), weight_decay=float(plan.get("weight_decay", 0.0)),
+        )
+        return {}

@@ -130,7 +130,7 @@ class Config:
 
 
 #: The keys of a section that hold a plug-in's settings table (``--set section.params.key=value``).
-_PARAMS_TABLES = ("params", "rule_params")
+_PARAMS_TABLES = ("params", "rule_params", "dp_sgd_params")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

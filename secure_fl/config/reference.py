@@ -66,19 +66,29 @@ def _plugin_reference() -> list[str]:
         for name in registry.available():
             if not is_builtin_plugin(registry.plugin_class(name)):
                 continue  # built-ins only: the reference must not depend on what a process registered
-            settings = plugin_settings(registry.plugin_class(name))
-            if not settings:
-                lines += [f"- `{name}`: no settings", ""]
-                continue
-            lines += [f"- `{name}`:", "", "  | setting | type | default | meaning |", "  |---|---|---|---|"]
-            for setting in settings.values():
-                default = "required" if setting.required else "unset" if setting.default is None else (
-                    f"`{_toml_literal(_plain({'v': setting.default})['v'])}`"
-                )
-                kind = setting.type_name.replace(" | ", " or ")  # a bare | would split the table cell
-                lines.append(f"  | `{setting.name}` | `{kind}` | {default} | {setting.help} |")
-            lines.append("")
+            lines += _settings_table(name, registry.plugin_class(name))
+    from privacy.dpsgd import DPSGD
+
+    lines += ["### sample-level DP-SGD (`[privacy.dp_sgd_params]`)", "",
+              "Used with `privacy.mode = \"dp-sgd\"` or `privacy.dp_sgd = true`; compared at Join with "
+              "`client.local_steps` and `client.batch_size`.", ""]
+    lines += _settings_table("dp-sgd", DPSGD)
     return lines
+
+
+def _settings_table(name: str, cls: type) -> list[str]:
+    """The reference lines of one plug-in's settings (its keyword arguments)."""
+    settings = plugin_settings(cls)
+    if not settings:
+        return [f"- `{name}`: no settings", ""]
+    lines = [f"- `{name}`:", "", "  | setting | type | default | meaning |", "  |---|---|---|---|"]
+    for setting in settings.values():
+        default = "required" if setting.required else "unset" if setting.default is None else (
+            f"`{_toml_literal(_plain({'v': setting.default})['v'])}`"
+        )
+        kind = setting.type_name.replace(" | ", " or ")  # a bare | would split the table cell
+        lines.append(f"  | `{setting.name}` | `{kind}` | {default} | {setting.help} |")
+    return lines + [""]
 
 
 def explain_config(config: Config) -> str:

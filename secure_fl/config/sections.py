@@ -236,13 +236,46 @@ class PrivacyConfig:
                 "q = 1) would pass it is no longer selected"
     })
     params: Params = _params_field("privacy.params")
+    dp_sgd: bool = field(default=False, metadata={
+        "help": "also train every client with sample-level DP-SGD (opacus), on top of a client-level mode; "
+                "implied by mode = 'dp-sgd'"
+    })
+    dp_sgd_params: Params = field(
+        default_factory=Params,
+        metadata={"help": "DP-SGD settings (noise_multiplier, max_grad_norm), as a [privacy.dp_sgd_params] table"},
+    )
+    audit: bool = field(
+        default=False,
+        metadata={"help": "after `secure-fl simulate`, run the one-run empirical audit with canary clients "
+                          "(as `secure-fl audit RUN_DIR --empirical`)"},
+    )
+    audit_canaries: int = field(
+        default=100, metadata={"help": "canary clients of the empirical audit (each inserted with probability 1/2)"}
+    )
 
     def __post_init__(self) -> None:
         from privacy.accounting.registry import available as accountants
+        from privacy.dpsgd import DPSGD
         from privacy.mechanisms.registry import available, plugin_class
 
         _choice("privacy.mode", self.mode, available())
         _check_plugin_params(self, "params", "privacy.params", plugin_class(self.mode), f"privacy mode {self.mode!r}")
+        if not isinstance(self.dp_sgd, bool):
+            _fail("privacy.dp_sgd", f"must be true or false, got {self.dp_sgd!r}")
+        if self.mode == "dp-sgd":
+            object.__setattr__(self, "dp_sgd", True)  # the resolved config says so explicitly
+        elif self.dp_sgd and self.mode == "none":
+            _fail("privacy.dp_sgd", "is true with privacy.mode = 'none'; for sample-level DP alone use "
+                  "privacy.mode = 'dp-sgd', or pick a client-level mode to combine DP-SGD with")
+        if self.dp_sgd_params and not self.dp_sgd:
+            _fail("privacy.dp_sgd_params", "is set but DP-SGD is off; set privacy.mode = 'dp-sgd' or "
+                  "privacy.dp_sgd = true (or remove the table)")
+        _check_plugin_params(self, "dp_sgd_params", "privacy.dp_sgd_params", DPSGD, "DP-SGD")
+        try:
+            DPSGD(**dict(self.dp_sgd_params))
+        except ValueError as exc:
+            named = next((k for k in self.dp_sgd_params if str(exc).startswith(k)), None)
+            _fail(f"privacy.dp_sgd_params.{named}" if named else "privacy.dp_sgd_params", str(exc))
         _fraction("privacy.delta", self.delta, open_low=True, open_high=True)
         if not self.accountants:
             _fail("privacy.accountants", "needs at least one accountant, e.g. [\"rdp\"]")
@@ -255,6 +288,12 @@ class PrivacyConfig:
             if getattr(self, name) and self.mode == "none":
                 _fail(f"privacy.{name}", f"is {getattr(self, name)} but privacy.mode = 'none' releases without noise "
                       "(epsilon unbounded from round 1); choose a differential-privacy mode")
+        if not isinstance(self.audit, bool):
+            _fail("privacy.audit", f"must be true or false, got {self.audit!r}")
+        _positive_int("privacy.audit_canaries", self.audit_canaries)
+        if self.audit_canaries < 10:
+            _fail("privacy.audit_canaries", f"is {self.audit_canaries}; the audit needs at least 10 canaries "
+                  "to bound anything (100 or more for a bound above 1)")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from protocols.errors import MalformedMessage, Refused, StaleMessage
 from protocols.wire import serde
 from protocols.wire.limits import PROTOCOL_VERSION, check_client_id, check_metrics, shown
 from protocols.wire.v1 import federation_pb2 as pb
+from privacy.dpsgd import parse_sample_rate
+from secure_fl.stages import CONFIG_TABLES, DP_SGD_TABLES, SAMPLE_RATE_INFO_KEY
 
 __all__ = ["Admission", "ClientRecord"]
 
@@ -27,6 +29,8 @@ class ClientRecord:
     num_examples: int
     joined_at: float
     last_seen: float = field(default_factory=time.monotonic)
+    #: The Poisson sampling rate of its DP-SGD steps, declared at Join (``None`` without DP-SGD).
+    sample_rate: float | None = None
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Admission:
     stage_fingerprints: Mapping[str, str]
     max_weight: float
     spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None
+    #: Whether clients train with DP-SGD and must declare their sampling rate at Join.
+    sample_level: bool = False
 
     def check(self, request: pb.JoinRequest) -> tuple[str, int, dict[str, serde.TensorSpec] | None]:
         """Return ``(client id, declared examples, own upload spec)``; raise naming what does not match.
@@ -69,6 +75,23 @@ class Admission:
             )
         return client_id, declared, self._own_spec(client_id, info)
 
+    def sample_rate(self, request: pb.JoinRequest) -> float | None:
+        """The DP-SGD sampling rate a joining client declares (``None`` when the run has no DP-SGD).
+
+        Under DP-SGD it is required: the ledger records each client's sample-level spend with it.
+        """
+        if not self.sample_level:
+            return None
+        who = f"client {request.envelope.client_id!r}"
+        text = dict(request.info).get(SAMPLE_RATE_INFO_KEY)
+        if text is None:
+            raise Refused(f"{who} declared no {SAMPLE_RATE_INFO_KEY} at Join; this run trains with DP-SGD "
+                          "(privacy.dp_sgd) and records every client's sampling rate: run a secure-fl client that sends it")
+        try:
+            return parse_sample_rate(text)
+        except ValueError as exc:
+            raise MalformedMessage(f"{who}: Join info {SAMPLE_RATE_INFO_KEY}: {shown(str(exc), 100)}") from None
+
     def _own_spec(self, client_id: str, info: Mapping[str, str]) -> dict[str, serde.TensorSpec] | None:
         """The joining client's upload specs from ``spec_for``; ``None`` without it. Refuses what it cannot fit."""
         if self.spec_for is None:
@@ -92,7 +115,9 @@ class Admission:
                     "compares stage settings at Join: run a secure-fl client that sends them"
                 )
             if theirs != ours:
-                tables = {"rule": "[peft] rule and [peft.rule_params]"}.get(stage, f"[{stage}] and [{stage}.params]")
+                tables = CONFIG_TABLES.get(stage, f"[{stage}] and [{stage}.params]")
+                if stage == "privacy" and (self.sample_level or SAMPLE_RATE_INFO_KEY in info):
+                    tables = tables.replace(" and ", ", ") + f", {DP_SGD_TABLES}"
                 return (
                     f"client {client_id!r} runs {stage} with other settings than the server: "
                     f"use the same {tables} on both sides"

@@ -57,6 +57,7 @@ class Coordinator:
         weights_in_clear: bool = True,
         spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None,
         stage_fingerprints: Mapping[str, str] | None = None,
+        sample_level: bool = False,
     ) -> None:
         self.run_id = run_id
         #: The upload spec of `open_round`'s one-phase rounds (the engine's phases carry their own).
@@ -77,6 +78,7 @@ class Coordinator:
         self.admission = Admission(
             run_id=run_id, model_fingerprint=model_fingerprint, model_info=dict(model_info or {}),
             stage_fingerprints=dict(stage_fingerprints or {}), max_weight=float(max_weight), spec_for=spec_for,
+            sample_level=sample_level,
         )
         self._cond = threading.Condition()
         self._clients: dict[str, ClientRecord] = {}
@@ -106,6 +108,7 @@ class Coordinator:
         with RESOURCE_EXHAUSTED.
         """
         client_id, declared, own_spec = self.admission.check(request)
+        rate = self.admission.sample_rate(request)
         now = time.monotonic()
         with self._cond:
             if self._finished is not None:
@@ -124,7 +127,7 @@ class Coordinator:
                         f"parties joined; client {client_id!r} was not admitted",
                         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                     )
-            self._clients[client_id] = ClientRecord(client_id, declared, time.time(), last_seen=now)
+            self._clients[client_id] = ClientRecord(client_id, declared, time.time(), last_seen=now, sample_rate=rate)
             if own_spec is not None:
                 self._client_specs[client_id] = own_spec
             self._cond.notify_all()
@@ -279,6 +282,12 @@ class Coordinator:
         with self._cond:
             responsive = sorted(c for c, r in self._clients.items() if now - r.last_seen <= self.liveness_timeout)
             return responsive, sorted(set(self._clients) - set(responsive))
+
+    def sample_rates(self, clients: Iterable[str]) -> dict[str, float]:
+        """The DP-SGD sampling rate each of ``clients`` declared at Join (clients without one are left out)."""
+        with self._cond:
+            records = [self._clients.get(c) for c in clients]
+            return {r.client_id: r.sample_rate for r in records if r is not None and r.sample_rate is not None}
 
     def wait_for_clients(self, count: int, timeout: float) -> list[str]:
         """Block until ``count`` clients joined or ``timeout`` passed; return who is there."""

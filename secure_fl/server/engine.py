@@ -25,6 +25,7 @@ from protocols.wire import serde
 from protocols.wire.serde import TensorSpec
 from secure_fl.budget import BudgetGuard, SamplingPlan, poisson_cohort, skip_probability
 from secure_fl.config import Config
+from secure_fl.client.trainer import check_dp_sgd
 from secure_fl.data.sources import load_eval_set
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import load_trainable_state, model_info, trainable_state
@@ -136,9 +137,18 @@ class FederatedServer:
         self.workload = workload
         self.adapted = build_for_rule(workload, self.stages.rule, seed=config.run.seed)
         self.eval_data = workload.prepare(self.adapted, eval_dataset) if eval_dataset is not None else None
+        if self.stages.sample_level is not None:  # refuse a model opacus cannot wrap before any round
+            check_dp_sgd(self.stages.sample_level, workload, self.adapted, self.eval_data)
         self.global_state = trainable_state(self.adapted.model)
         update_keys = self.stages.rule.update_keys(self.adapted.trainable_names)
-        self.pipeline = ServerPipeline(self.stages, Layout.of({k: self.global_state[k] for k in update_keys}))
+        # Client-level DP releases sum / m for the planned cohort m (public), not sum / n.
+        planned = min(config.run.clients_per_round, config.run.num_clients)
+        if self.sampling.mode == "poisson":  # q N: the expected cohort, fixed before any draw
+            planned = self.sampling.expected_cohort
+        self.pipeline = ServerPipeline(
+            self.stages, Layout.of({k: self.global_state[k] for k in update_keys}),
+            expected_contributions=float(planned) if self.stages.privacy.uniform_weights else None,
+        )
         if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
             self.stages.bind_update(num_values=self.pipeline.layout.size, cohort_size=self._expected_cohort)
         if self.sampling.mode == "poisson":
@@ -162,6 +172,7 @@ class FederatedServer:
             model_info=model_info(self.adapted.model),
             spec_for=self._client_payload_spec if self.stages.rule.accepts_client_shapes else None,
             stage_fingerprints=self.stages.fingerprint(),
+            sample_level=self.stages.sample_level is not None,
         )
         #: Global adapters released so far (the ones a merging rule folds into the base).
         self.releases = 0
@@ -368,16 +379,18 @@ class FederatedServer:
         if skip is not None:
             skipped = self._record_skipped(number, cohort, skip, unresponsive)
             return skipped, self.observer.on_round_end(skipped) is True
+        rates = self.coordinator.sample_rates(cohort) if self.stages.sample_level is not None else {}
         start = self.start_state()
         manifest, payload = serde.pack_tensors(self.global_state)
         started = time.perf_counter()
         self.observer.on_round_start(number, cohort)
         state, buckets, abort = self._run_phases(number, cohort, manifest, payload, rng)
         if state.interrupted is not None:
-            self._record_interrupted(number, cohort, state, started)
+            self._record_interrupted(number, cohort, state, started, self._sample_level(rates, [], state))
             raise RunInterrupted(f"round {number} was interrupted ({state.interrupted}); nothing of it was released")
         contributors = sorted({member for bucket in buckets for member in bucket.members})
         dropped = sorted(set(cohort) - set(contributors))
+        sample_level = self._sample_level(rates, contributors, state)
         uploads, client_metrics = state.received, state.client_metrics
         record: dict[str, Any] = {
             "round": number,
@@ -417,6 +430,8 @@ class FederatedServer:
             record["train_loss"] = None
             for key in [k for k in record if k.startswith("fed_eval_")]:
                 del record[key]
+            if sample_level:  # the server saw these DP-SGD outputs although it released nothing
+                record["sample_level"] = sample_level
         else:
             event = privacy_event(
                 self.stages.privacy, cohort_size=len(cohort), population=len(available),
@@ -438,13 +453,15 @@ class FederatedServer:
                     **({"noise_multiplier_calibrated": self.stages.calibration.calibrated}
                        if self.stages.calibration is not None else {}),
                     **self.stages.privacy.ledger_details(),
+                    **({"sample_level": sample_level} if sample_level else {}),
                 },
             )
             self.budget.record_release(event, contributors)
             # Only now, with the round's cost on record, may the mechanism use what the clients
             # reported (adaptive clipping: the noised unclipped count moves C for the next round).
             record.update(self.stages.privacy.end_round(
-                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors)
+                [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors),
+                denominator=self.pipeline.expected_contributions,
             ))
             self.global_state = outcome.state
             self.releases += 1
@@ -495,7 +512,29 @@ class FederatedServer:
             return state, [], abort
         return state, server_round.result(), None
 
-    def _record_interrupted(self, number: int, cohort: Sequence[str], state: RoundState, started: float) -> None:
+    def _sample_level(
+        self, rates: Mapping[str, float], contributors: Sequence[str], state: RoundState
+    ) -> dict[str, dict[str, float | int]]:
+        """Client -> its DP-SGD steps of this round ``{noise_multiplier, sample_rate, steps}``, for every
+        client whose DP-SGD output the server saw: the members of the sums it learned, and under a
+        secure mode that reveals individual updates every upload that arrived. Empty without DP-SGD.
+        """
+        dp_sgd = self.stages.sample_level
+        if dp_sgd is None:
+            return {}
+        seen = set(contributors)
+        if self.stages.secure.reveals_individual_updates:
+            seen |= set(state.received)
+        unknown = sorted(seen - set(rates))
+        if unknown:
+            raise RunError(f"client(s) {', '.join(unknown)} trained with DP-SGD but declared no sampling rate at Join")
+        steps = self.config.client.local_steps
+        return {c: {"noise_multiplier": dp_sgd.noise_multiplier, "sample_rate": rates[c], "steps": steps} for c in sorted(seen)}
+
+    def _record_interrupted(
+        self, number: int, cohort: Sequence[str], state: RoundState, started: float,
+        sample_level: Mapping[str, Any] | None = None,
+    ) -> None:
         """Write the metrics line of a round cut short; nothing derived from it is released."""
         record: dict[str, Any] = {
             "round": number,
@@ -512,6 +551,7 @@ class FederatedServer:
             "bytes_down": state.bytes_down,
             "stages": self.stages.names(),
             "seconds": round(time.perf_counter() - started, 3),
+            **({"sample_level": dict(sample_level)} if sample_level else {}),
         }
         self.run_dir.append_metrics(record)
         self._mark_interrupted()

@@ -36,9 +36,13 @@ class AggregationOutcome:
 class ServerPipeline:
     """Runs the server stages over one round's contributions."""
 
-    def __init__(self, stages: Stages, update_layout: Layout) -> None:
+    def __init__(self, stages: Stages, update_layout: Layout, *, expected_contributions: float | None = None) -> None:
         self.stages = stages
         self.layout = update_layout
+        #: Client-level DP (``uniform_weights``): the public, fixed denominator of the released mean
+        #: (the planned cohort size), so the adapter does not reveal how many clients contributed.
+        #: ``None``: the actual number of contributions (the v0.1 behaviour).
+        self.expected_contributions = expected_contributions
 
     def payload_spec(self) -> dict[str, TensorSpec]:
         """What every upload must look like (validated before any stage sees it)."""
@@ -59,11 +63,18 @@ class ServerPipeline:
         """Turn the protocol's bucket sums into the next global adapter state (rows aligned by the rule)."""
         rows = self.layout.stack([self.stages.rule.align(bucket.mean(), self.layout) for bucket in buckets])
         weights = np.asarray([bucket.weight for bucket in buckets], dtype=np.float64)
-        if getattr(self.stages.privacy, "uniform_weights", False):  # client-level DP: each clipped update counts once
+        uniform = bool(getattr(self.stages.privacy, "uniform_weights", False))
+        if uniform:  # client-level DP: each clipped update counts once
             weights = np.asarray([len(bucket.members) for bucket in buckets], dtype=np.float64)
         defended = self.stages.defense.aggregate(rows, weights)
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
-        delta = self.stages.privacy.server_transform(self.layout.unflatten(delta_vector), num_contributions=num_contributions)
+        denominator: float = num_contributions
+        if uniform and self.expected_contributions is not None:
+            # Fixed denominator (McMahan et al. 2018): release sum / m for the planned m, not sum / n.
+            # Dividing by the actual n would let the noise scale z C / n tell n from n + 1.
+            denominator = float(self.expected_contributions)
+            delta_vector = delta_vector * (float(np.sum(defended.weights)) / denominator)
+        delta = self.stages.privacy.server_transform(self.layout.unflatten(delta_vector), num_contributions=denominator)
         excluded = tuple(member for i in defended.excluded for member in buckets[i].members)
         info: dict[str, Any] = {"buckets": len(buckets), **defended.info}
         return AggregationOutcome(self.stages.rule.apply(global_state, delta), excluded, info)

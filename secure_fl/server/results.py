@@ -66,6 +66,8 @@ class RunResult:
     stopped_early: bool = False
     #: Why the run ended before ``run.rounds`` (e.g. "stopped early by a callback after round 2 of 5"), else ``None``.
     stop_reason: str | None = None
+    #: ``empirical_audit.json`` when ``privacy.audit = true`` ran the empirical audit after the run, else ``None``.
+    empirical_audit: Path | None = None
 
     @property
     def ledger_path(self) -> Path:
