@@ -165,6 +165,13 @@ def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration 
             "unclipped count by the actual (secret) cohort size, which Poisson accounting does not cover; "
             "use run.sampling = 'fixed' or a fixed clip norm", key="run.sampling",
         )
+    if plan.mode == "poisson" and getattr(mechanism, "client_noise", False):
+        raise ConfigError(
+            f"run.sampling = 'poisson' with privacy.mode = {privacy.mode!r}: the clients' noise shares and the "
+            "release's accounted event follow the actual buckets, whose sizes depend on the secret cohort; an "
+            "event conservative over every cohort size is not built yet, so use run.sampling = 'fixed'",
+            key="run.sampling",
+        )
     mechanism.set_sampling(sample_rate=plan.sample_rate, expected_cohort=plan.expected_cohort)
     if not privacy.target_epsilon:
         return None

@@ -293,3 +293,6 @@ def test_distributed_takes_a_target_as_a_cap_only() -> None:
     assert info.value.key == "privacy.target_epsilon" and "noise_multiplier" in str(info.value)
     stages = Stages.from_config(smoke_config(*base, "privacy.params.noise_multiplier=1.0"))
     assert not stages.calibration.calibrated and stages.calibration.planned_epsilon is None
+    with pytest.raises(ConfigError) as info:  # its noise follows the actual (secret) buckets
+        Stages.from_config(smoke_config(*base, "privacy.params.noise_multiplier=1.0", "run.sampling=poisson"))
+    assert info.value.key == "run.sampling"

@@ -290,10 +290,8 @@ class DistributedDP(PrivacyMechanism):
         """One distributed discrete Gaussian release of this cohort's bucket sums, ``sample_rate = 1``.
 
         With fixed-size cohorts (a seeded generator, neither Poisson nor secret) no amplification
-        is claimed. The engine's Poisson ``sample_rate`` is ignored as well: the PEFT rule divides
-        the bucket sums by the actual number of survivors, which depends on the secret cohort, so
-        the release is not a post-processing of the noisy sums alone (a fixed denominator would be
-        needed, as `CentralDP.set_sampling` does); ``q = 1`` is conservative.
+        is claimed; ``sample_rate`` is ignored (``run.sampling = "poisson"`` is refused with this
+        mode by `secure_fl.budget.prepare_privacy`: the event follows the actual buckets).
         """
         return self.event_for(cohort_size)
 
