@@ -219,6 +219,37 @@ def prepare_privacy(config: Config, mechanism: PrivacyMechanism) -> Calibration 
                        plan.sample_rate, z, spent, calibrated=not explicit)
 
 
+def confirm_calibration(calibration: Calibration | None, mechanism: PrivacyMechanism) -> Calibration | None:
+    """Re-check a calibrated z with the mechanism's exact event, once the server bound it (distributed DP).
+
+    Before the update size is known, distributed DP is calibrated on the Gaussian curve its discrete
+    event equals up to the tau terms (`privacy.mechanisms.distributed.DistributedDP.calibration_event`).
+    Once bound, the planned rounds are composed with the exact event: a target they would pass is
+    refused (`ConfigError` naming ``privacy.target_epsilon``) instead of stopping the run early.
+    Returns the calibration with the exact planned epsilon.
+    """
+    if calibration is None or not calibration.calibrated:
+        return calibration
+
+    def exact(z: float) -> Any:
+        return mechanism.calibration_event(noise_multiplier=z, sample_rate=calibration.sample_rate)
+
+    try:
+        spent = planned_epsilon(exact, calibration.noise_multiplier, accountant_factory=lambda: create_accountant(
+            calibration.accountant), delta=calibration.delta, steps=calibration.rounds)
+    except PrivacyError as exc:
+        raise ConfigError(f"privacy.target_epsilon: {exc}", key="privacy.target_epsilon") from None
+    if spent > calibration.target_epsilon:
+        raise ConfigError(
+            f"privacy.target_epsilon = {calibration.target_epsilon:g}: the calibrated noise_multiplier "
+            f"{calibration.noise_multiplier:g} spends {spent:.6g} over {calibration.rounds} round(s) with the exact "
+            f"{mechanism.name} event (the discrete noise is too small for the Gaussian calibration to hold); "
+            "set privacy.params.noise_multiplier explicitly, or lower secure.params.precision",
+            key="privacy.target_epsilon",
+        )
+    return dataclasses.replace(calibration, planned_epsilon=spent)
+
+
 def unamplified(event: Any) -> Any:
     """The per-client (participation known) view of a run-level event: the same release at ``q = 1``."""
     if (dataclasses.is_dataclass(event) and not isinstance(event, type)

@@ -48,18 +48,22 @@ def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
     steps: int,
-    tolerance: float = 1e-4,
+    epsilon_tolerance: float = 0.01,
 ) -> float:
-    """The smallest z (within ``tolerance``) such that ``steps`` releases of ``event_for(z)`` spend <= ``target_epsilon``.
+    """A z such that ``steps`` releases of ``event_for(z)`` spend at most ``target_epsilon``, within ``epsilon_tolerance``.
 
-    Returns the fitting end of the final bracket: its epsilon is at most the target and within
-    0.01 % of it (or the bracket is narrower than ``tolerance``).
+    The search is opacus's ``get_noise_multiplier`` (bracket [0, 10], doubled until the upper end
+    fits, then bisection until the fitting end's epsilon is within ``epsilon_tolerance`` below the
+    target), over any ``z -> event`` and any accountant, so with the RDP accountant and a
+    Gaussian event it returns opacus's value (target 3, q = 0.01, 1000 steps, delta 1e-5:
+    0.865479, epsilon 2.9918). The returned z never overshoots: its epsilon lies in
+    ``[target - epsilon_tolerance, target]``.
 
     Raises
     ------
     PrivacyError
-        For a target that is not finite and > 0, ``steps`` < 1, or a target that even
-        `MAX_NOISE_MULTIPLIER` does not meet.
+        For a target that is not finite and > 0, ``steps`` < 1, a tolerance that is not > 0, or a
+        target that even `MAX_NOISE_MULTIPLIER` does not meet.
     """
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
         0 < target_epsilon < math.inf
@@ -67,52 +71,27 @@ def calibrate_noise_multiplier(
         raise PrivacyError(f"calibration: target_epsilon must be a finite number > 0, got {target_epsilon!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrivacyError(f"calibration: steps must be an integer >= 1, got {steps!r}")
-    if not tolerance > 0:
-        raise PrivacyError(f"calibration: tolerance must be > 0, got {tolerance!r}")
+    if not epsilon_tolerance > 0:
+        raise PrivacyError(f"calibration: epsilon_tolerance must be > 0, got {epsilon_tolerance!r}")
 
-    def excess(z: float) -> float:  # log(epsilon / target): <= 0 when z fits
-        eps = planned_epsilon(event_for, z, accountant_factory=accountant_factory, delta=delta, steps=steps)
-        return math.inf if math.isinf(eps) else math.log(max(eps, 1e-300) / target_epsilon)
+    def spent(z: float) -> float:
+        return planned_epsilon(event_for, z, accountant_factory=accountant_factory, delta=delta, steps=steps)
 
-    low, high = 0.0, 1.0
-    f_high = excess(high)
-    if f_high <= 0:
-        low = high / 2
-        f_low = excess(low)
-        while f_low <= 0:  # shrink until the lower end overshoots the target
-            high, f_high, low = low, f_low, low / 2
-            if low <= tolerance:
-                return high
-            f_low = excess(low)
-    else:
-        while f_high > 0:
-            low, high = high, high * 2
-            if high > MAX_NOISE_MULTIPLIER:
-                raise PrivacyError(
-                    f"calibration: target_epsilon={target_epsilon} at delta={delta} over {steps} release(s) needs a "
-                    f"noise multiplier above {MAX_NOISE_MULTIPLIER:g}; raise the target or plan fewer rounds"
-                )
-            f_high = excess(high)
-        f_low = excess(low) if low > 0 else math.inf
-    # Bracket [low, high]: low overshoots, high fits. Illinois-style false position on log(epsilon / target)
-    # (a bisection step whenever an end is infinite), stopped when the fitting end is within
-    # `relative` of the target or the bracket is narrower than `tolerance`.
-    relative, side = 1e-4, 0
-    while high - low > tolerance and f_high < -relative:
-        if math.isinf(f_low):
-            middle = (low + high) / 2
+    low, high = 0.0, 10.0
+    eps_high = spent(high)
+    while eps_high > target_epsilon:
+        low, high = high, high * 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(
+                f"calibration: target_epsilon={target_epsilon} at delta={delta} over {steps} release(s) needs a "
+                f"noise multiplier above {MAX_NOISE_MULTIPLIER:g}; raise the target or plan fewer rounds"
+            )
+        eps_high = spent(high)
+    while target_epsilon - eps_high > epsilon_tolerance:
+        middle = (low + high) / 2
+        eps = spent(middle)
+        if eps < target_epsilon:
+            high, eps_high = middle, eps
         else:
-            middle = high - f_high * (high - low) / (f_high - f_low)
-            middle = min(max(middle, low + tolerance / 4), high - tolerance / 4)
-        f_middle = excess(middle)
-        if f_middle <= 0:
-            high, f_high = middle, f_middle
-            if side == 1:
-                f_low /= 2
-            side = 1
-        else:
-            low, f_low = middle, f_middle
-            if side == -1:
-                f_high /= 2
-            side = -1
+            low = middle
     return high

@@ -46,6 +46,7 @@ Randomness: a NumPy generator seeded from `secrets.randbits(128)` on every call,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -55,7 +56,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from privacy.accounting import DiscreteGaussianEvent
+from privacy.accounting import DiscreteGaussianEvent, GaussianEvent, PrivacyEvent
 from privacy.errors import PrivacyError
 from privacy.mechanisms.base import MechanismContext, PrivacyMechanism
 from privacy.mechanisms.central import clip_update
@@ -294,6 +295,38 @@ class DistributedDP(PrivacyMechanism):
         mode by `secure_fl.budget.prepare_privacy`: the event follows the actual buckets).
         """
         return self.event_for(cohort_size)
+
+    calibratable: ClassVar[bool] = True
+
+    def calibration_event(self, *, noise_multiplier: float, sample_rate: float) -> PrivacyEvent:
+        """What one release costs at noise multiplier ``noise_multiplier`` (for ``privacy.target_epsilon``).
+
+        Once the server bound the update size and buckets (`bind`), the exact
+        `DiscreteGaussianEvent` of the planned cohort. Before that (on the clients, and on the
+        server inside ``Stages.from_config``) the update size is unknown, and the event is the
+        Gaussian ``GaussianEvent(z, q)``: every bucket sum carries std ``z * D2`` for sensitivity
+        ``D2``, so the discrete curve is the Gaussian ``alpha / (2 z^2)`` plus the tau terms, which
+        vanish in double precision for useful noise (s above a few integer steps). The server
+        re-checks the calibrated z with the exact event once it is bound and refuses the run if
+        the planned rounds would then pass the target (`secure_fl.server.engine`), and the budget
+        check before every round composes the exact event.
+        """
+        if self._step is not None and self._buckets is not None and self._num_values is not None \
+                and self._cohort_size is not None:
+            saved = self.noise_multiplier
+            self.noise_multiplier = float(noise_multiplier)
+            try:
+                event = self.event_for(self._cohort_size)
+            finally:
+                self.noise_multiplier = saved
+            return dataclasses.replace(event, sample_rate=float(sample_rate))
+        return GaussianEvent(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate), steps=1)
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Use the calibrated z from now on (server and clients compute the same value from the config)."""
+        if isinstance(noise_multiplier, bool) or not (0 <= noise_multiplier < math.inf):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        self.noise_multiplier = float(noise_multiplier)
 
     def describe(self) -> dict[str, Any]:
         """Settings plus what the report needs: who adds the noise, its size per bucket, what the server sees."""

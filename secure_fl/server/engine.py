@@ -23,7 +23,7 @@ from privacy.accounting import create_accountant
 from privacy.ledger import PrivacyLedger, ReleaseAccounting
 from protocols.wire import serde
 from protocols.wire.serde import TensorSpec
-from secure_fl.budget import BudgetGuard, SamplingPlan, poisson_cohort, skip_probability
+from secure_fl.budget import BudgetGuard, SamplingPlan, confirm_calibration, poisson_cohort, skip_probability
 from secure_fl.config import Config
 from secure_fl.client.trainer import check_dp_sgd
 from secure_fl.data.sources import load_eval_set
@@ -151,11 +151,12 @@ class FederatedServer:
         )
         if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
             self.stages.bind_update(num_values=self.pipeline.layout.size, cohort_size=self._expected_cohort)
+            self.stages.calibration = confirm_calibration(self.stages.calibration, self.stages.privacy)
         if self.sampling.mode == "poisson":
             self.skip_probability = skip_probability(config.run.num_clients, self.sampling.sample_rate, self._runnable)
             self._check_secure(self._expected_cohort)  # the scan above re-planned the buckets; plan the expected cohort
         info = self.run_dir.read_run_info()
-        self.run_dir.write_run_info({**info, "stages": self.stages.describe(),
+        self.run_dir.write_run_info({**info, "stages": self.stages.describe(), "budget": self._budget_info(),
                                      "sampling": {**info["sampling"], "skip_probability": self.skip_probability}})
         self.coordinator = Coordinator(
             run_id=self.run_id,
