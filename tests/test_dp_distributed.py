@@ -327,6 +327,9 @@ def test_a_smoke_run_under_secagg_plus_spends_a_finite_epsilon_and_reports_clien
     assert result.report_json is not None
     report = json.loads(result.report_json.read_text())
     assert report["mechanism"]["mode"] == "distributed" and "against the server" in report["mechanism"]["guarantee"]
+    assert report["mechanism"]["noise_added_by"] == "clients"
+    assert "on each bucket sum" in report["mechanism"]["noise_std_per_sum"]  # the report's noise per bucket
+    assert "small-buckets" in {w["code"] for w in report["warnings"]}  # 4 clients in one bucket
     params = report["stages"]["privacy"]["params"]
     assert params["noise_added_by"] == "clients" and params["buckets"][0]["n_min"] == 3
     assert math.isfinite(result.metrics[-1]["accuracy"])

@@ -136,6 +136,7 @@ def build_report(
     if sample_level is not None:
         mechanism["sample_level"] = (f"dp-sgd on every client: noise_multiplier {sample_level['noise_multiplier']}, "
                                      f"max_grad_norm {sample_level['max_grad_norm']} (see the sample-level section)")
+    mechanism.update(_noise_facts(mechanism_stage))
     sampling = dict(run.get("sampling") or {})
     budget_info = dict(run.get("budget") or {})
     calibration = dict(budget_info.get("calibration") or {})
@@ -373,6 +374,21 @@ def _secure_mode(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str
     secure = dict(stages.get("secure", {}))
     params = dict(secure.get("params", {}))
     return str(secure.get("name", "unknown")), params, bool(params.get("server_sees_individual_updates", True))
+
+
+def _noise_facts(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """Who adds the noise, its std on each sum the server learns (update units), what the server sees, the RNG."""
+    out: dict[str, Any] = {}
+    if stage.get("noise_added_by"):
+        out["noise_added_by"] = stage["noise_added_by"]
+    per_sum = stage.get("noise_std_on_each_sum_in_update_units", stage.get("noise_std_on_sum"))
+    if isinstance(per_sum, (int, float)):
+        where = "each bucket sum" if stage.get("noise_added_by") == "clients" else "the sum of the clipped updates"
+        out["noise_std_per_sum"] = f"{per_sum:.6g} per coordinate on {where}"
+    for key in ("server_sees", "randomness"):
+        if stage.get(key):
+            out[key] = stage[key]
+    return out
 
 
 #: Buckets below this many clients raise the ``small-buckets`` warning.
