@@ -206,7 +206,7 @@ def test_a_client_with_other_settings_is_refused_over_grpc(grpc_server) -> None:
     from secure_fl.errors import TransportError
     from secure_fl.transport.grpc_client import GrpcTransport
 
-    server_config = smoke_config("privacy.mode=scaled-clip", "privacy.params.clip_norm=1.0", "run.join_timeout=2")
+    server_config = smoke_config("privacy.mode=scaled-clip", "privacy.params.clip_norm=1.0", "run.join_timeout=30")
     running = grpc_server(server_config)
     client_config = server_config.with_overrides(["privacy.params.clip_norm=0.5"])
     trainer = LocalTrainer.from_config(client_config, client_dataset(client_config, 0))

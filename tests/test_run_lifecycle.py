@@ -93,7 +93,7 @@ def test_ctrl_c_during_simulate_releases_only_complete_rounds(tmp_path: Path) ->
 
 
 def test_fewer_clients_than_configured_is_said(grpc_server, caplog) -> None:
-    config = smoke_config("run.num_clients=3", "run.clients_per_round=3", "run.rounds=1", "run.join_timeout=1.5")
+    config = smoke_config("run.num_clients=3", "run.clients_per_round=3", "run.rounds=1", "run.join_timeout=6")
     running = grpc_server(config)
     clients = [make_client(config, i, GrpcTransport(running.address)) for i in range(2)]
     threads = [threading.Thread(target=c.run, kwargs={"connect_timeout": 30}) for c in clients]
