@@ -118,6 +118,7 @@ def test_without_dp_sgd_noise_the_canary_examples_are_found_and_the_report_shows
     page = (run / "report" / "privacy_report.html").read_text(encoding="utf-8")
     assert "<h2>Empirical audit</h2>" in page and "sample (each training example, DP-SGD)" in page
     assert "canary examples (white-box DP-SGD gradients) (inserted)" in page and f"{bound:.4f}" in page
+    assert f"Empirical sample-level ε ≥ {bound:.4f}" in page
 
 
 def test_with_strong_dp_sgd_noise_the_bound_is_small_and_below_the_hosts_sample_level_epsilon(tmp_path: Path) -> None:

@@ -249,7 +249,8 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
         parts.append(f"Sample-level ε (DP-SGD, largest over clients): {shown or _MISSING}")
     empirical = _mapping(report.get("empirical_audit"))
     if _num(empirical.get("epsilon_lower_bound")) is not None:
-        parts.append(f"Empirical ε ≥ {_num(empirical['epsilon_lower_bound']):.4f} ({_confidence(empirical)} confidence)")
+        level = "Empirical sample-level ε" if empirical.get("level") == "sample" else "Empirical ε"
+        parts.append(f"{level} ≥ {_num(empirical['epsilon_lower_bound']):.4f} ({_confidence(empirical)} confidence)")
     summary = " · ".join(_esc(p) for p in parts)
     return f'<h1>Privacy audit report</h1>\n{meta}{banner}\n<p class="summary">{summary}</p>'
 
