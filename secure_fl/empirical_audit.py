@@ -1,4 +1,4 @@
-"""``secure-fl audit RUN_DIR --empirical``: the one-run empirical privacy audit with canary clients.
+"""``secure-fl audit RUN_DIR --empirical``: the one-run empirical privacy audit with canary clients or examples.
 
 Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS 2023,
 https://arxiv.org/abs/2305.08846), at the user level: the auditor re-runs RUN_DIR's config in
@@ -310,11 +310,15 @@ def check_auditable(config: Config) -> None:
 def run_empirical_audit(
     run_dir: str | Path, *, canaries: int | None = None, confidence: float = 0.95, progress: bool = True
 ) -> EmpiricalAudit:
-    """Re-run ``run_dir``'s config with canary clients and write ``run_dir/empirical_audit.json``.
+    """Re-run ``run_dir``'s config with canaries and write ``run_dir/empirical_audit.json``.
+
+    Canary clients for the client-level modes, canary examples in DP-SGD for ``privacy.mode =
+    "dp-sgd"`` (`audit_level`); the JSON's ``level`` says which.
 
     Raises `RunError` when ``run_dir`` is not a run directory (no ``config.toml``) or already holds
-    an audit run, and `ConfigError` when its config cannot be read or its privacy mode cannot be
-    audited with canary clients. The run's privacy report is rebuilt with the result.
+    an audit run, and `ConfigError` when its config cannot be read or cannot be audited (too few
+    canaries, a rule whose messages are not the trained tensors under DP-SGD). The run's privacy
+    report is rebuilt with the result.
     """
     path = Path(run_dir)
     config_path = path / "config.toml"
