@@ -186,6 +186,7 @@ class DPSGD:
         lr: float,
         weight_decay: float = 0.0,
         on_step: Callable[[Sequence[Any]], None] | None = None,
+        canaries: np.ndarray | None = None,
     ) -> dict[str, float]:
         """Run ``steps`` DP-SGD steps on ``model``'s trainable parameters; return local diagnostics.
 
@@ -194,6 +195,15 @@ class DPSGD:
         still adds the noise (and counts). ``on_step(params)`` is called after every step's noised
         gradient is in ``p.grad``, before the optimizer applies it (diagnostics, tests). The returned
         ``sampled_examples`` and ``empty_steps`` are functions of the private data: keep them local.
+
+        ``canaries`` (only the sample-level empirical audit, `secure_fl.empirical_audit.CanaryExamples`):
+        a ``(k, D)`` array, one row per canary example of this client, D the trainable parameters
+        flattened in ``model.parameters()`` order. Each row is that example's per-example gradient:
+        it is clipped to ``max_grad_norm`` like every other example's, and every step includes each
+        canary independently with the same Poisson rate ``q`` as the real examples (from the same
+        secret generator), adding it to the sum of clipped gradients before the noise. ``q`` and the
+        normalising ``q * num_examples`` stay those of the real examples: a canary is one more
+        example of a neighbouring data set, covered by the same (z, q, steps) accounting.
         """
         import torch
 
@@ -214,6 +224,7 @@ class DPSGD:
         )
         if on_step is not None:
             optimizer.attach_step_hook(lambda _: on_step(params))
+        extra = _canary_rows(canaries, params, self.max_grad_norm)
         sampled = empty = 0
         with _per_sample(model) as wrapped:
             model.train()
@@ -230,12 +241,30 @@ class DPSGD:
                     missing = [p for p in params if getattr(p, "grad_sample", None) is None]
                     if missing:
                         raise DPSGDUnsupported("opacus computed no per-example gradient for some trainable parameters")
+                    if extra is not None:  # the sampled canaries' clipped gradients join the sum before the noise
+                        chosen = torch.from_numpy((rng.random(extra.shape[0]) < rate).astype(np.float64))
+                        optimizer.canary_sum = chosen.to(extra.dtype) @ extra
                     optimizer.step()
                     sampled += len(index)
             finally:
                 optimizer.zero_grad(set_to_none=True)
                 model.eval()
         return {"sampled_examples": float(sampled), "empty_steps": float(empty), "sample_rate": rate}
+
+
+def _canary_rows(canaries: np.ndarray | None, params: Sequence[Any], clip: float) -> Any:
+    """The canary gradients as a float64 torch matrix, each row clipped to ``clip`` (``None`` without canaries)."""
+    if canaries is None:
+        return None
+    import torch
+
+    rows = np.asarray(canaries, dtype=np.float64)
+    size = sum(int(p.numel()) for p in params)
+    if rows.ndim != 2 or rows.shape[1] != size or not np.isfinite(rows).all():
+        raise ValueError(f"canaries must be a finite (k, {size}) array (one row per canary), got shape {rows.shape}")
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows = rows * np.minimum(1.0, clip / np.maximum(norms, 1e-300))  # the per-example clip, as for real examples
+    return torch.from_numpy(rows)
 
 
 def _trainable(model: Any) -> list[Any]:
@@ -289,9 +318,15 @@ def _secure_dp_optimizer() -> type:
         def __init__(self, optimizer: Any, *, rng: np.random.Generator, **kwargs: Any) -> None:
             super().__init__(optimizer, **kwargs)
             self.rng = rng
+            #: The sampled canaries' summed gradients (flat, `DPSGD.train`'s audit), added before the noise once.
+            self.canary_sum: Any = None
 
         def add_noise(self) -> None:
             sums = [p.summed_grad for p in self.params]
+            if self.canary_sum is not None:
+                pieces = torch.split(self.canary_sum, [int(s.numel()) for s in sums])
+                sums = [s + piece.to(s.dtype).view_as(s) for s, piece in zip(sums, pieces)]
+                self.canary_sum = None
             std = self.noise_multiplier * self.max_grad_norm
             total = sum(int(s.numel()) for s in sums)
             noise = torch.from_numpy(self.rng.standard_normal(total) * std) if std > 0 else torch.zeros(total)

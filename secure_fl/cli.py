@@ -78,7 +78,7 @@ def _print_empirical(path: Path) -> int:
     data = json.loads(path.read_text(encoding="utf-8"))
     theory = data["theoretical_epsilon_min"]
     print(
-        f"empirical audit: epsilon >= {data['epsilon_lower_bound']:.4f} at {100 * data['confidence']:g}% confidence "
+        f"empirical audit ({data.get('level', 'client')} level): epsilon >= {data['epsilon_lower_bound']:.4f} at {100 * data['confidence']:g}% confidence "
         f"({data['canaries']} canaries, {data['correct']}/{data['guesses']} guesses correct); theoretical epsilon "
         f"{'inf' if theory is None else f'{theory:.4f}'} at delta={data['delta']:g}; verdict: {data['verdict']}; wrote {path}"
     )
@@ -170,10 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     aud.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
     aud.add_argument(
         "--empirical", action="store_true",
-        help="first re-run the config in simulation with canary clients (in RUN_DIR/empirical-audit) and write the "
+        help="first re-run the config in simulation with canary clients (canary examples in DP-SGD for "
+             "privacy.mode = dp-sgd; in RUN_DIR/empirical-audit) and write the "
              "one-run empirical epsilon lower bound to RUN_DIR/empirical_audit.json (exit 3 if it exceeds the theory)",
     )
-    aud.add_argument("--canaries", type=int, metavar="N", help="canary clients (default: privacy.audit_canaries)")
+    aud.add_argument("--canaries", type=int, metavar="N", help="canaries (default: privacy.audit_canaries)")
     aud.add_argument("--confidence", type=float, metavar="P", help="confidence of the lower bound (default 0.95)")
     aud.set_defaults(fn=_audit)
     show = sub.add_parser("config", help="print the resolved config as TOML (--explain: with meanings and defaults)")

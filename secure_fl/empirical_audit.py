@@ -1,4 +1,4 @@
-"""``secure-fl audit RUN_DIR --empirical``: the one-run empirical privacy audit with canary clients.
+"""``secure-fl audit RUN_DIR --empirical``: the one-run empirical privacy audit with canary clients or examples.
 
 Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS 2023,
 https://arxiv.org/abs/2305.08846), at the user level: the auditor re-runs RUN_DIR's config in
@@ -22,8 +22,26 @@ epsilon is a bug (it happens by chance with probability at most beta), and is re
 Cohorts: every party of the audit run is counted in ``run.num_clients``; with full participation
 (``clients_per_round = num_clients``) so is the audit, otherwise the cohort grows in proportion,
 keeping the sampling rate. Every mechanism of the `PrivacyMechanism` interface clips and noises
-whole client updates, so canary clients test it; the sample-level modes (`SAMPLE_LEVEL_MODES`,
-DP-SGD) need canary examples, which are not built, and are refused.
+whole client updates, so canary clients test it.
+
+Sample level (`SAMPLE_LEVEL_MODES`, ``privacy.mode = "dp-sgd"``): the guarantee is per training
+example, so the canaries are **canary examples** (`CanaryExamples`, white-box gradient canaries):
+each of the ``m`` canaries is inserted with probability 1/2 and hosted by one honest party drawn
+at random (`secrets`-seeded). An inserted canary is one more example of its host whose per-example
+gradient is the fixed secret direction ``-C u_i`` (C = ``max_grad_norm``, so it sits on the clip
+bound; the minus sign makes a descent step move the adapter along ``+u_i``): every DP-SGD step of
+the host includes it independently with the host's Poisson rate q, and adds it to the sum of
+clipped gradients before the noise (`privacy.dpsgd.DPSGD.train`). The host's q, its steps and its
+normalising ``q n`` stay those of its n real examples, so its accounted sample-level epsilon is
+exactly the guarantee for each canary (one more example of a neighbouring data set); no party is
+added. The score and the bound are as above; the theoretical epsilon is the largest sample-level
+epsilon of the parties that host an inserted canary (the audit run's report, per accountant; the
+smallest accountant is compared). AdamW's per-coordinate scaling comes after the noise
+(post-processing): it can only weaken the attack, and the bound stays valid.
+
+Combined DP (a client-level mode with ``privacy.dp_sgd = true``) is audited at the client level,
+with canary clients (which do not train, so DP-SGD does not touch them), against the client-level
+epsilon; a sample-level audit of a combined run is not offered.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from privacy.audit.empirical import ATTACK_CAVEAT, EMPIRICAL_FILE, EMPIRICAL_SCHEMA, PAPER, one_run_audit
+from privacy.dpsgd import DPSGD
 from privacy.errors import PrivacyError
 from privacy.ledger import PrivacyLedger, epsilon_from_json, epsilon_to_json
 from secure_fl.audit import AuditReport, audit
@@ -51,15 +70,15 @@ from secure_fl.errors import ConfigError, RunError
 from secure_fl.stages import settings_of
 
 __all__ = [
-    "AUDIT_DIR", "SAMPLE_LEVEL_MODES", "AUDIT_FILE", "SCHEMA", "CanaryClients", "CanaryTrainer", "EmpiricalAudit",
-    "audit_config", "check_auditable", "run_empirical_audit",
+    "AUDIT_DIR", "SAMPLE_LEVEL_MODES", "AUDIT_FILE", "SCHEMA", "CanaryClients", "CanaryExamples", "CanaryTrainer",
+    "EmpiricalAudit", "audit_config", "audit_level", "check_auditable", "run_empirical_audit",
 ]  # fmt: skip
 
 SCHEMA = EMPIRICAL_SCHEMA
 #: The audit run's directory and the result file, inside RUN_DIR.
 AUDIT_DIR = "empirical-audit"
 AUDIT_FILE = EMPIRICAL_FILE
-#: Privacy modes whose guarantee is per training example: canary *clients* do not test them.
+#: Privacy modes whose guarantee is per training example: audited with canary *examples* (`CanaryExamples`).
 SAMPLE_LEVEL_MODES = ("dp-sgd",)
 #: The canaries' norm when the mechanism does not clip (``privacy.mode = none``).
 UNCLIPPED_NORM = 1.0
@@ -164,6 +183,87 @@ class CanaryClients(Callback):
         return None
 
 
+class CanaryExamples(CanaryClients):
+    """``m`` canary examples for a DP-SGD run: white-box gradient canaries inside honest parties' training.
+
+    Pass it to `secure_fl.simulation.simulate` as ``extra_parties`` (it adds no party: `build`
+    hands each honest trainer its inserted canaries' gradients, `LocalTrainer.canaries`) and as a
+    callback (the scores, as for canary clients: ``sum_t <Delta_t, u_i>`` over the released
+    update tensors). Canary i's per-example gradient is ``-norm * u_i``, ``u_i`` a secret unit
+    direction over the update tensors (zero on trainable tensors that do not travel), so a descent
+    step moves the released adapter along ``+u_i``.
+
+    Parameters
+    ----------
+    canaries:
+        m, the number of canaries (inserted or not).
+    norm:
+        The L2 norm of each canary's gradient: DP-SGD's ``max_grad_norm`` C (the per-example clip bound).
+    inserted:
+        The coins (testing only); by default each canary is inserted with probability 1/2 from `secrets`.
+    """
+
+    def __init__(self, canaries: int, *, norm: float, inserted: Sequence[bool] | None = None) -> None:
+        super().__init__(canaries, norm=norm, inserted=inserted)
+        #: No extra parties: the canaries live inside the honest parties.
+        self.count = 0
+        #: The honest party (its index, ``client-<i>``) that hosts each canary, inserted or not.
+        self.hosts = np.zeros(canaries, dtype=np.int64)
+
+    def build(self, server: Any, honest: Sequence[LocalTrainer]) -> list[CanaryTrainer]:
+        """Draw every canary's direction and host; give each host its inserted canaries' gradients; no trainers.
+
+        Raises `ConfigError` when a party does not train with DP-SGD, or when the rule's messages
+        are not the model's trainable tensors (a canary gradient would have no released image).
+        """
+        if not honest:
+            raise RunError("the sample-level empirical audit needs at least one party to host its canaries")
+        template = honest[0]
+        if any(t.dp_sgd is None for t in honest):
+            raise ConfigError("canary examples need DP-SGD on every party", key="privacy.dp_sgd")
+        names = [n for n, p in template.adapted.model.named_parameters() if p.requires_grad]
+        sizes = np.array([int(p.numel()) for p in template.adapted.model.parameters() if p.requires_grad])
+        state = server.global_state
+        travel = set(template.update_keys)
+        if not travel <= set(names) or any(np.size(state[k]) != sizes[names.index(k)] for k in travel):
+            raise ConfigError(
+                f"peft.rule = {template.rule.name!r} sends tensors other than the trained ones "
+                f"({sorted(travel - set(names))[:3]}): canary examples need a rule whose messages are the trained "
+                "tensors (fedit)", key="peft.rule",
+            )
+        self._server, self._keys = server, [n for n in names if n in travel]
+        mask = np.repeat([n in travel for n in names], sizes)  # the trainable coordinates that are released
+        raw = self._rng.standard_normal((self.scores.size, int(mask.sum())))
+        raw /= np.linalg.norm(raw, axis=1, keepdims=True)
+        self._directions = raw.astype(np.float32)  # unit u_i over the released tensors, in `_keys` order
+        self._previous = self._flat(state)
+        self.hosts = self._rng.integers(len(honest), size=self.scores.size)
+        gradients = np.zeros((self.scores.size, int(sizes.sum())))
+        gradients[:, mask] = -self.norm * raw
+        for index, trainer in enumerate(honest):
+            rows = gradients[self.inserted & (self.hosts == index)]
+            trainer.canaries = rows if len(rows) else None
+        return []
+
+    def host_epsilon(self, report_json: Path | None) -> dict[str, float]:
+        """Per accountant, the largest sample-level epsilon over the parties hosting an inserted canary.
+
+        Read from the audit run's report (each client row's ``sample_level.epsilon``); a host
+        without accounted steps is skipped, an unbounded epsilon (``noise_multiplier = 0``) is inf.
+        """
+        if report_json is None or not report_json.is_file():
+            raise RunError("the audit run wrote no privacy report: its sample-level epsilon is unknown")
+        report = json.loads(report_json.read_text(encoding="utf-8"))
+        hosts = {f"client-{int(h)}" for h in self.hosts[self.inserted]}
+        worst: dict[str, float] = {}
+        for row in report.get("clients", []):
+            if str(row.get("client_id")) not in hosts or not dict(row.get("sample_level") or {}).get("steps"):
+                continue
+            for name, value in dict(row["sample_level"].get("epsilon", {})).items():
+                worst[name] = max(worst.get(name, -math.inf), epsilon_from_json(value))
+        return worst
+
+
 @dataclass(frozen=True)
 class EmpiricalAudit:
     """The result of `run_empirical_audit`: the parsed ``empirical_audit.json`` and where it is."""
@@ -191,26 +291,34 @@ def audit_config(config: Config, inserted: int) -> Config:
     return config.replace(run=replace(run, num_clients=total, clients_per_round=cohort), privacy=privacy)
 
 
+def audit_level(config: Config) -> str:
+    """``"sample"`` for the sample-level modes (canary examples), ``"client"`` for every other mode (canary clients)."""
+    return "sample" if config.privacy.mode in SAMPLE_LEVEL_MODES else "client"
+
+
 def check_auditable(config: Config) -> None:
-    """Refuse a config whose privacy mode canary clients cannot audit (`ConfigError` naming ``privacy.mode``)."""
-    mode = config.privacy.mode
-    if mode in SAMPLE_LEVEL_MODES:
-        raise ConfigError(
-            f"privacy.mode = {mode!r} protects training examples, not clients: canary clients do not test it, "
-            "and canary examples (the sample-level audit) are not built; audit a client-level mode "
-            "(none, central, distributed) instead",
-            key="privacy.mode",
-        )
+    """Refuse a config the empirical audit cannot re-run (`ConfigError` naming the key).
+
+    Every privacy mode is auditable: the client-level ones with canary clients, ``dp-sgd`` with
+    canary examples; the checks that depend on the model (a rule whose messages are not the
+    trained tensors) run when the audit run is built.
+    """
+    if audit_level(config) == "sample" and not config.privacy.dp_sgd:  # the resolved config always sets it
+        raise ConfigError(f"privacy.mode = {config.privacy.mode!r} without DP-SGD", key="privacy.dp_sgd")
 
 
 def run_empirical_audit(
     run_dir: str | Path, *, canaries: int | None = None, confidence: float = 0.95, progress: bool = True
 ) -> EmpiricalAudit:
-    """Re-run ``run_dir``'s config with canary clients and write ``run_dir/empirical_audit.json``.
+    """Re-run ``run_dir``'s config with canaries and write ``run_dir/empirical_audit.json``.
+
+    Canary clients for the client-level modes, canary examples in DP-SGD for ``privacy.mode =
+    "dp-sgd"`` (`audit_level`); the JSON's ``level`` says which.
 
     Raises `RunError` when ``run_dir`` is not a run directory (no ``config.toml``) or already holds
-    an audit run, and `ConfigError` when its config cannot be read or its privacy mode cannot be
-    audited with canary clients. The run's privacy report is rebuilt with the result.
+    an audit run, and `ConfigError` when its config cannot be read or cannot be audited (too few
+    canaries, a rule whose messages are not the trained tensors under DP-SGD). The run's privacy
+    report is rebuilt with the result.
     """
     path = Path(run_dir)
     config_path = path / "config.toml"
@@ -229,20 +337,32 @@ def run_empirical_audit(
     out = path / AUDIT_DIR
     if (out / "metrics.jsonl").exists() or (out / "ledger.jsonl").exists():
         raise RunError(f"{out} already holds an audit run; move or delete it to audit {path} again")
-    settings = settings_of(config, "privacy")
-    clip_norm = settings.get("clip_norm")
-    norm = float(clip_norm) if isinstance(clip_norm, (int, float)) and not isinstance(clip_norm, bool) else UNCLIPPED_NORM
-    design = CanaryClients(m, norm=norm, per_tensor=settings.get("clip") == "per-tensor")
     from secure_fl.simulation import simulate
 
-    if progress:
-        print(f"empirical audit of {path}: {m} canary clients ({design.count} inserted) next to "
-              f"{config.run.num_clients} parties; audit run in {out}", flush=True)
-    result = simulate(audit_config(config, design.count), out, extra_parties=design, callbacks=[design], progress=progress)
+    design: CanaryClients
+    if audit_level(config) == "sample":
+        norm = float(DPSGD(**dict(config.privacy.dp_sgd_params)).max_grad_norm)
+        design = CanaryExamples(m, norm=norm)
+        if progress:
+            print(f"empirical audit of {path}: {m} canary examples ({int(design.inserted.sum())} inserted) in the "
+                  f"DP-SGD of {config.run.num_clients} parties; audit run in {out}", flush=True)
+        result = simulate(audit_config(config, 0), out, extra_parties=design, callbacks=[design], progress=progress)
+    else:
+        settings = settings_of(config, "privacy")
+        clip_norm = settings.get("clip_norm")
+        norm = float(clip_norm) if isinstance(clip_norm, (int, float)) and not isinstance(clip_norm, bool) else UNCLIPPED_NORM
+        design = CanaryClients(m, norm=norm, per_tensor=settings.get("clip") == "per-tensor")
+        if progress:
+            print(f"empirical audit of {path}: {m} canary clients ({design.count} inserted) next to "
+                  f"{config.run.num_clients} parties; audit run in {out}", flush=True)
+        result = simulate(audit_config(config, design.count), out, extra_parties=design, callbacks=[design], progress=progress)
     if design.released_rounds == 0:
         raise RunError(f"the audit run in {out} released no round, so there is nothing to audit")
     stats = one_run_audit(design.scores, design.inserted, delta=config.privacy.delta, beta=1.0 - confidence)
-    theory = result.epsilon
+    if isinstance(design, CanaryExamples):
+        theory = design.host_epsilon(result.report_json)
+    else:
+        theory = result.epsilon
     data = _summary(stats, theory, config, design, path)
     target = path / AUDIT_FILE
     tmp = target.with_suffix(".json.tmp")
@@ -256,23 +376,28 @@ def _summary(stats: Any, theory: Mapping[str, float], config: Config, design: Ca
     """The JSON record of one audit (see `run_empirical_audit`)."""
     eps_lb = stats.epsilon_lower_bound
     bound = min(theory.values()) if theory else math.inf
+    level = "sample-level " if isinstance(design, CanaryExamples) else ""
     if eps_lb > bound + 1e-9:
         verdict = "violation"
         message = (
-            f"BUG: the empirical lower bound {eps_lb:.4f} exceeds the theoretical epsilon {bound:.4f} at delta = "
+            f"BUG: the empirical lower bound {eps_lb:.4f} exceeds the theoretical {level}epsilon {bound:.4f} at delta = "
             f"{stats.delta:g}: the run leaks more than its accounting says (or, with probability at most "
             f"{stats.beta:g}, a fluke of the canaries' coins); do not trust this configuration's epsilon."
         )
     elif math.isinf(bound):
         verdict = "no-guarantee"
-        message = (f"No differential-privacy guarantee (theoretical epsilon unbounded); the canaries show at least "
+        message = (f"No {level}differential-privacy guarantee (theoretical epsilon unbounded); the canaries show at least "
                    f"epsilon {eps_lb:.4f}.")
     else:
         verdict = "consistent"
-        message = f"The lower bound {eps_lb:.4f} is at most the theoretical epsilon {bound:.4f}, as it must be."
+        message = f"The lower bound {eps_lb:.4f} is at most the theoretical {level}epsilon {bound:.4f}, as it must be."
+    examples = isinstance(design, CanaryExamples)
     return {
         "schema": SCHEMA,
-        "method": "one-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023) with canary clients",
+        "method": "one-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023) with "
+                  + ("white-box gradient canary examples in DP-SGD" if examples else "canary clients"),
+        "level": "sample" if examples else "client",
+        "canary_kind": "gradient-example" if examples else "client",
         "paper": PAPER,
         "epsilon_lower_bound": eps_lb,
         "confidence": stats.confidence,
@@ -291,7 +416,10 @@ def _summary(stats: Any, theory: Mapping[str, float], config: Config, design: Ca
         "guesses_out": stats.guesses_out,
         "guess_grid": [list(pair) for pair in stats.grid],
         "canary_norm": design.norm,
-        "canary_clip": "per-tensor" if design.per_tensor else "flat",
+        "canary_clip": "per-example" if examples else "per-tensor" if design.per_tensor else "flat",
+        "theoretical_epsilon_of": ("the largest sample-level epsilon over the parties hosting an inserted canary"
+                                   if examples else "the audit run's client-level epsilon"),
+        **({"canary_hosts": [f"client-{int(h)}" for h in design.hosts]} if isinstance(design, CanaryExamples) else {}),
         "released_rounds": design.released_rounds,
         "privacy_mode": config.privacy.mode,
         "audit_run_dir": AUDIT_DIR,

@@ -249,7 +249,8 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
         parts.append(f"Sample-level ε (DP-SGD, largest over clients): {shown or _MISSING}")
     empirical = _mapping(report.get("empirical_audit"))
     if _num(empirical.get("epsilon_lower_bound")) is not None:
-        parts.append(f"Empirical ε ≥ {_num(empirical['epsilon_lower_bound']):.4f} ({_confidence(empirical)} confidence)")
+        level = "Empirical sample-level ε" if empirical.get("level") == "sample" else "Empirical ε"
+        parts.append(f"{level} ≥ {_num(empirical['epsilon_lower_bound']):.4f} ({_confidence(empirical)} confidence)")
     summary = " · ".join(_esc(p) for p in parts)
     return f'<h1>Privacy audit report</h1>\n{meta}{banner}\n<p class="summary">{summary}</p>'
 
@@ -501,12 +502,16 @@ def _empirical_section(empirical: Mapping[str, Any]) -> str:
         return ""
     bound = _num(empirical.get("epsilon_lower_bound"))
     theory = _mapping(empirical.get("theoretical_epsilon"))
+    sample = empirical.get("level") == "sample"
+    label = "theoretical sample-level ε of the canaries' host clients (largest" if sample else "theoretical ε of the audit run ("
+    kind = "canary examples (white-box DP-SGD gradients)" if sample else "canary clients"
     rows = [
+        ["level", "sample (each training example, DP-SGD)" if sample else "client (each client's data as a whole)"],
         ["empirical ε lower bound", _MISSING if bound is None else f"{bound:.4f}"],
         ["confidence", _confidence(empirical)],
         ["δ", _fmt(empirical.get("delta"))],
-        *[[f"theoretical ε of the audit run ({name})", _fmt_eps(value)] for name, value in theory.items()],
-        ["canaries (inserted)", f"{_fmt(empirical.get('canaries'))} ({_fmt(empirical.get('inserted'))})"],
+        *[[f"{label}, {name})" if sample else f"{label}{name})", _fmt_eps(value)] for name, value in theory.items()],
+        [f"{kind} (inserted)", f"{_fmt(empirical.get('canaries'))} ({_fmt(empirical.get('inserted'))})"],
         ["guesses (correct)", f"{_fmt(empirical.get('guesses'))} ({_fmt(empirical.get('correct'))})"],
         ["released rounds", _fmt(empirical.get("released_rounds"))],
         ["audit run", _fmt(empirical.get("audit_run_dir"))],
@@ -517,11 +522,16 @@ def _empirical_section(empirical: Mapping[str, Any]) -> str:
         verdict = f'<p class="banner">Empirical ε above the theoretical ε: this is a bug. {message}</p>'
     else:
         verdict = f"<p>{message}</p>"
+    if sample:
+        how = ("with canary examples: each inserted with probability ½ into the DP-SGD of one client drawn at random, "
+               "as one more example whose clipped per-example gradient is a secret random direction, sampled at the "
+               "client's own rate; it")
+    else:
+        how = "with canary clients, each inserted with probability ½, and"
     intro = (
         "<p>The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, "
-        f"<code>{_esc(empirical.get('paper', ''))}</code>) re-ran this configuration with canary clients, each "
-        "inserted with probability ½, and scored them from the released adapters alone; the lower bound holds "
-        "at the stated confidence.</p>"
+        f"<code>{_esc(empirical.get('paper', ''))}</code>) re-ran this configuration {how} scored the canaries from "
+        "the released adapters alone; the lower bound holds at the stated confidence.</p>"
     )
     caveat = f'<p class="caption">{_esc(ATTACK_CAVEAT)}</p>'
     return _section("Empirical audit", intro + "\n" + verdict + "\n" + _table(["quantity", "value"], rows) + "\n" + caveat)

@@ -199,13 +199,15 @@ def build_report(
 EMPIRICAL_KEYS = (
     "epsilon_lower_bound", "confidence", "delta", "theoretical_epsilon", "theoretical_epsilon_min", "verdict",
     "message", "caveat", "canaries", "inserted", "guesses", "correct", "released_rounds", "privacy_mode",
-    "audit_run_dir", "method", "paper",
+    "audit_run_dir", "method", "paper", "level", "canary_kind", "theoretical_epsilon_of",
 )  # fmt: skip
 
 
 def _empirical(empirical: Mapping[str, Any], delta: float, warnings: list[dict[str, str]]) -> dict[str, Any]:
     """The report's ``empirical_audit`` section; adds the warnings it calls for to ``warnings``."""
     section = {key: empirical.get(key) for key in EMPIRICAL_KEYS}
+    section["level"] = section["level"] or "client"  # audits written before the sample-level audit existed
+    section["canary_kind"] = section["canary_kind"] or "client"
     bound, theory = section["epsilon_lower_bound"], section["theoretical_epsilon_min"]
     if not isinstance(bound, (int, float)) or isinstance(bound, bool):
         raise PrivacyError("empirical_audit.json has no numeric epsilon_lower_bound")
@@ -215,7 +217,8 @@ def _empirical(empirical: Mapping[str, Any], delta: float, warnings: list[dict[s
         warnings.insert(0, _warn(
             "empirical-above-theory", "high",
             f"BUG: the empirical epsilon lower bound {float(bound):.4f} (confidence {section['confidence']}) exceeds "
-            f"the theoretical epsilon {limit:.4f} of the audit run at delta = {section['delta']}: the "
+            f"the theoretical {'sample-level ' if section['level'] == 'sample' else ''}epsilon {limit:.4f} of the "
+            f"audit run at delta = {section['delta']}: the "
             "implementation leaks more than it accounts for (a chance result only with probability "
             "1 - confidence); do not rely on this configuration's epsilon until it is explained",
         ))

@@ -119,6 +119,9 @@ class LocalTrainer:
         self.dp_plan = dp_plan
         if dp_sgd is not None and dp_plan is None:
             raise ValueError("DP-SGD needs the (local_steps, batch_size) it is accounted for")
+        #: Canary examples' gradients for the sample-level empirical audit (`privacy.dpsgd.DPSGD.train`);
+        #: set only by `secure_fl.empirical_audit.CanaryExamples` in an audit run.
+        self.canaries: np.ndarray | None = None
 
     @classmethod
     def create(
@@ -251,5 +254,6 @@ class LocalTrainer:
         self.dp_sgd.train(
             self.adapted.model, self.workload.loss, self.data.batch, self.num_examples,
             steps=steps, batch_size=batch_size, lr=float(plan["lr"]), weight_decay=float(plan.get("weight_decay", 0.0)),
+            canaries=self.canaries,
         )
         return {}

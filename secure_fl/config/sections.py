@@ -247,10 +247,10 @@ class PrivacyConfig:
     audit: bool = field(
         default=False,
         metadata={"help": "after `secure-fl simulate`, run the one-run empirical audit with canary clients "
-                          "(as `secure-fl audit RUN_DIR --empirical`)"},
+                          "(canary examples in DP-SGD for mode dp-sgd; as `secure-fl audit RUN_DIR --empirical`)"},
     )
     audit_canaries: int = field(
-        default=100, metadata={"help": "canary clients of the empirical audit (each inserted with probability 1/2)"}
+        default=100, metadata={"help": "canaries (clients, or DP-SGD examples for mode dp-sgd) of the empirical audit (each inserted with probability 1/2)"}
     )
 
     def __post_init__(self) -> None:
