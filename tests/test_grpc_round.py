@@ -101,7 +101,7 @@ def _pull_until_train(client: FederatedClient, timeout: float = 30.0) -> tuple[p
 
 
 def test_client_vanishing_mid_round_is_dropped_and_late_update_refused(grpc_server) -> None:
-    config = smoke_config("run.num_clients=3", "run.clients_per_round=3", "run.rounds=2", "run.round_timeout=3.0")
+    config = smoke_config("run.num_clients=3", "run.clients_per_round=3", "run.rounds=2", "run.round_timeout=12.0")
     running = grpc_server(config)
     ghost = make_client(config, 2, GrpcTransport(running.address))
     ghost.join()

@@ -30,7 +30,7 @@ def test_simulation_is_deterministic(tmp_path: Path) -> None:
 
 def test_round_below_min_updates_fails_and_keeps_the_model(grpc_server) -> None:
     config = smoke_config(
-        "run.num_clients=2", "run.clients_per_round=2", "run.min_updates=2", "run.rounds=1", "run.round_timeout=2.0"
+        "run.num_clients=2", "run.clients_per_round=2", "run.min_updates=2", "run.rounds=1", "run.round_timeout=10.0"
     )
     running = grpc_server(config)
     ghost = make_client(config, 1, GrpcTransport(running.address))

@@ -148,7 +148,7 @@ def test_client_says_at_once_what_it_waits_for() -> None:
     port = _free_port()
     proc = subprocess.Popen(
         [str(BIN / "secure-fl-client"), "--server", f"127.0.0.1:{port}", "--preset", "smoke", "--client-id", "client-0",
-         "--set", "transport.connect_timeout=60"],
+         "--set", "transport.connect_timeout=300"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     started = time.monotonic()
@@ -159,8 +159,8 @@ def test_client_says_at_once_what_it_waits_for() -> None:
                 break
         else:
             pytest.fail("the client never said what it waits for")
-        assert time.monotonic() - started < 45, "said only after most of the connect timeout"
-        assert f"127.0.0.1:{port}" in line and "retrying until" in line and "connect_timeout=60" in line
+        assert time.monotonic() - started < 150, "said only after most of the connect timeout"
+        assert f"127.0.0.1:{port}" in line and "retrying until" in line and "connect_timeout=300" in line
     finally:
         proc.kill()
         proc.wait(10)

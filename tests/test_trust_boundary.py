@@ -141,7 +141,7 @@ def test_silent_streams_cannot_starve_join_and_health(grpc_server) -> None:
     assert party.join().envelope.run_id
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="secure_fl.v1.Federation"), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # generous: two test workers share two cores
     codes = [call.exception().code() for call in calls]  # every silent stream ends, none hangs
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 36
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -174,7 +174,7 @@ def test_declared_size_is_checked_before_memory_is_reserved(grpc_server) -> None
     error = _refused(lambda: party.stub.PushUpdate(header_then_silence(), timeout=20))
     stop.set()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "total_bytes" in error.details()
-    assert time.monotonic() - started < 5, "refused on the header, without waiting for chunks"
+    assert time.monotonic() - started < 12, "refused on the header, without waiting for chunks (timeout 20 s)"
     party.channel.close()
 
 
@@ -291,7 +291,7 @@ def test_duplicate_join_is_refused_and_a_client_reports_it(grpc_server, caplog) 
     started = time.monotonic()
     with caplog.at_level("WARNING", logger="secure_fl"), pytest.raises(RunError, match="already taken"):
         impostor.run(connect_timeout=2)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20
     assert any("its id is taken" in r.getMessage() for r in caplog.records)
     first.channel.close()
 
