@@ -150,6 +150,20 @@ def _flat_and_norms(arrays: Sequence[np.ndarray], *, per_tensor: bool) -> tuple[
     return flat, np.array([math.sqrt(float(squares.sum()))])
 
 
+def check_client_level_settings(clip_norm: object, noise_multiplier: object, clip: object, insecure_seed: object) -> None:
+    """Refuse (ValueError naming the setting) what no client-level mechanism (central, distributed) accepts."""
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (0 < clip_norm < math.inf):
+        raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
+        0 <= noise_multiplier < math.inf
+    ):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if clip not in ("flat", "per-tensor"):
+        raise ValueError(f"clip must be 'flat' or 'per-tensor', got {clip!r}")
+    if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
+        raise ValueError(f"insecure_seed must be an integer or unset, got {insecure_seed!r}")
+
+
 def secure_standard_normal(size: int) -> np.ndarray:
     """``size`` independent N(0, 1) draws from the OS CSPRNG (Box-Muller on 53-bit uniforms in (0, 1))."""
     pairs = (size + 1) // 2
@@ -207,16 +221,7 @@ class CentralDP(PrivacyMechanism):
         clip_learning_rate: float = DEFAULT_CLIP_LEARNING_RATE,
         clip_count_stddev: float | None = None,
     ) -> None:
-        if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (0 < clip_norm < math.inf):
-            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
-        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
-            0 <= noise_multiplier < math.inf
-        ):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if clip not in ("flat", "per-tensor"):
-            raise ValueError(f"clip must be 'flat' or 'per-tensor', got {clip!r}")
-        if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
-            raise ValueError(f"insecure_seed must be an integer or unset, got {insecure_seed!r}")
+        check_client_level_settings(clip_norm, noise_multiplier, clip, insecure_seed)
         if not isinstance(adaptive_clip, bool):
             raise ValueError(f"adaptive_clip must be true or false, got {adaptive_clip!r}")
         if not _number(target_unclipped_quantile) or not 0 < target_unclipped_quantile < 1:

@@ -59,7 +59,7 @@ import numpy as np
 from privacy.accounting import DiscreteGaussianEvent, GaussianEvent, PrivacyEvent
 from privacy.errors import PrivacyError
 from privacy.mechanisms.base import MechanismContext, PrivacyMechanism
-from privacy.mechanisms.central import clip_update
+from privacy.mechanisms.central import check_client_level_settings, clip_update
 
 PAPER = "https://arxiv.org/abs/2102.06387"
 #: Chance (log2) that any coordinate of a bucket's summed noise leaves the plan's headroom.
@@ -150,16 +150,7 @@ class DistributedDP(PrivacyMechanism):
         clip: str = "flat",
         insecure_seed: int | None = None,
     ) -> None:
-        if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (0 < clip_norm < math.inf):
-            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
-        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
-            0 <= noise_multiplier < math.inf
-        ):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if clip not in ("flat", "per-tensor"):
-            raise ValueError(f"clip must be 'flat' or 'per-tensor', got {clip!r}")
-        if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
-            raise ValueError(f"insecure_seed must be an integer or unset, got {insecure_seed!r}")
+        check_client_level_settings(clip_norm, noise_multiplier, clip, insecure_seed)
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.clip_mode = clip
