@@ -191,10 +191,26 @@ def test_mechanism_contract(name: str) -> None:
 
 @pytest.mark.parametrize("name", _case("attack"))
 def test_attack_contract(name: str) -> None:
+    """``apply`` with a round's context keeps names, shapes and float dtypes; a white-box attack
+    refuses ``perturb`` (no honest updates) with a `RobustnessError`; settings are described."""
+    from robustness.attacks import AttackContext
+    from robustness.errors import RobustnessError
+
     attack = attack_registry.create_attack(name)
-    update = {"a": np.ones((2, 3), np.float32)}
-    out = attack.perturb(update, rng=np.random.default_rng(0))
-    assert {k: np.shape(v) for k, v in out.items()} == {"a": (2, 3)}
+    assert isinstance(type(attack).paper, str) and (name == "none" or type(attack).paper.startswith("https://"))
+    rng = np.random.default_rng(0)
+    update = {"a": np.ones((2, 3), np.float32), "b": np.full(4, -0.5, np.float32)}
+    honest = tuple({"a": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)} for _ in range(4))
+    context = AttackContext(1, "client-0", honest, num_attackers=1, cohort_size=5)
+    out = attack.apply(update, rng=np.random.default_rng(0), context=context)
+    assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in out.items()} == {"a": ((2, 3), np.float32), "b": ((4,), np.float32)}
+    assert all(np.isfinite(v).all() for v in out.values())
+    try:
+        plain = attack.perturb(update, rng=np.random.default_rng(0))
+    except RobustnessError:
+        assert attack.white_box or name == "backdoor"  # the backdoor's default boost n / eta needs the context
+    else:
+        assert not attack.white_box and {k: np.shape(v) for k, v in plain.items()} == {"a": (2, 3), "b": (4,)}
 
 
 @pytest.mark.parametrize("name", list(accountant_registry.available()))
