@@ -182,6 +182,12 @@ def run_client(
             "a seeded noise generator gives no privacy; remove privacy.params.insecure_seed",
             key="privacy.params.insecure_seed",
         )
+    if config.attack.kind != "none":
+        raise ConfigError(
+            f"attack.kind={config.attack.kind!r}: simulated attacks run only in simulation (secure-fl simulate); "
+            "a gRPC client never builds one; set attack.kind = 'none'",
+            key="attack.kind",
+        )
     if dataset is None:
         if workload is not None:
             raise ConfigError("a custom workload needs this client's dataset: pass dataset=...")

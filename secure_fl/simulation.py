@@ -149,7 +149,12 @@ def simulate(
         client_datasets = client_partitions(honest_config, train)
     shared = server.workload.build(seed=config.run.seed)
     attackers = attacker_indices(honest_config)
-    board = HonestBoard(keep=bool(attackers))  # white-box attackers read the round's honest updates
+    # white-box attackers read the round's honest updates and know the defense (FedAvg: server lr 1)
+    board = HonestBoard(keep=bool(attackers), defense=config.robustness.defense,
+                        defense_settings=server.stages.settings.get("defense", {}), server_lr=1.0)
+    trigger = server.stages.attack.trigger_set(server.eval_dataset) if server.eval_dataset is not None else None
+    if trigger is not None:  # a backdoor: its success on the held-out set, every round, next to accuracy
+        server.attack_evaluations["backdoor_accuracy"] = server.workload.prepare(server.adapted, trigger)
     clients = []
     for index, dataset in enumerate(client_datasets):
         stages = ClientStages.from_config(config, malicious=index in attackers)
@@ -176,15 +181,23 @@ def simulate(
             )
             client.join()
             clients.append(client)
-    # honest clients step first in every pass, so an attacker of the round sees their updates
+    # honest clients step first in every pass, and an attacker only once every honest member of the
+    # round's cohort uploaded, so all attackers of a round see the same honest updates
     clients.sort(key=lambda c: c.stages.attack is not None)
+    honest_ids = {c.client_id for c in clients if c.stages.attack is None}
 
     rounds = BackgroundRun(server, name="secure-fl-server")
     try:
         while rounds.is_alive() and not all(c.finished for c in clients):
             progressed = False
             for client in clients:
-                if not client.finished and client.step() in ("trained", "answered"):
+                if client.finished:
+                    continue
+                if client.stages.attack is None:
+                    outcome: str | None = client.step()
+                else:
+                    outcome = server.coordinator.step_after(honest_ids, client.step)
+                if outcome in ("trained", "answered"):
                     progressed = True
             if not progressed:
                 time.sleep(0.01)

@@ -13,9 +13,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -84,11 +84,18 @@ class HonestBoard:
     """The honest clipped updates of each round, shared by simulated clients (white-box attacks).
 
     Only a simulation with attackers shares a keeping board among its clients; every other client
-    has a board that keeps nothing.
+    has a board that keeps nothing. The board also tells white-box attackers what the server does
+    with the updates: its ``defense`` (name and effective settings) and its learning rate.
     """
 
-    def __init__(self, *, keep: bool = False) -> None:
+    def __init__(
+        self, *, keep: bool = False, defense: str = "none", defense_settings: Mapping[str, Any] | None = None,
+        server_lr: float = 1.0,
+    ) -> None:
         self.keep = keep
+        self.defense = defense
+        self.defense_settings = dict(defense_settings or {})
+        self.server_lr = server_lr
         self._updates: dict[int, list[dict[str, np.ndarray]]] = {}
         self._lock = threading.Lock()
 
@@ -105,6 +112,15 @@ class HonestBoard:
         """The honest updates of ``round_number`` posted so far."""
         with self._lock:
             return list(self._updates.get(round_number, []))
+
+    def context(self, round_number: int, client_id: str, *, cohort_size: int, bucket_size: int) -> AttackContext:
+        """What attacker ``client_id`` knows in ``round_number``: the honest updates posted, and f = n - their count."""
+        honest = tuple(self.honest(round_number))
+        return AttackContext(
+            round_number, client_id, honest, num_attackers=max(1, cohort_size - len(honest)), cohort_size=cohort_size,
+            defense=self.defense, defense_settings=dict(self.defense_settings), bucket_size=bucket_size,
+            server_lr=self.server_lr,
+        )
 
 
 class FederatedClient:
@@ -248,7 +264,7 @@ class FederatedClient:
             mechanism_context=context,
             phase_data=PhaseData(blobs=dict(header.blobs)),
             attack=self.stages.attack,
-            attack_context=AttackContext(round_number, self.client_id, tuple(self.board.honest(round_number)))
+            attack_context=self.board.context(round_number, self.client_id, cohort_size=cohort, bucket_size=context.bucket_size)
             if self.stages.attack is not None else None,
             rng=self._rng,
         )

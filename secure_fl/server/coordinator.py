@@ -15,6 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -33,7 +34,7 @@ __all__ = ["PROTOCOL_VERSION", "ClientRecord", "Coordinator", "RoundState"]
 
 #: Default bound on an update's weight (its example count), whatever a client declares.
 DEFAULT_MAX_WEIGHT = 1e9
-
+T = TypeVar("T")
 
 
 class Coordinator:
@@ -282,6 +283,29 @@ class Coordinator:
         with self._cond:
             responsive = sorted(c for c, r in self._clients.items() if now - r.last_seen <= self.liveness_timeout)
             return responsive, sorted(set(self._clients) - set(responsive))
+
+    def awaiting_training(self) -> set[str]:
+        """Clients owed an update in the open training phase that have not sent it (nor left).
+
+        A simulation uses it to run white-box attackers only after the honest clients of the round.
+        """
+        with self._cond:
+            current = self._round
+            if current is None or current.closed or current.phase is None:
+                return set()
+            phase = current.phase
+            if phase.closed or not phase.phase.trains:
+                return set()
+            return set(phase.phase.participants) - set(phase.received) - current.left
+
+    def step_after(self, clients: set[str], step: Callable[[], T]) -> T | None:
+        """Call ``step`` (a simulated attacker's poll) unless one of ``clients`` still owes the open
+        training phase; ``None`` then. Check and call hold the coordinator's (re-entrant) lock, so no
+        round can open in between."""
+        with self._cond:
+            if clients & self.awaiting_training():
+                return None
+            return step()
 
     def sample_rates(self, clients: Iterable[str]) -> dict[str, float]:
         """The DP-SGD sampling rate each of ``clients`` declared at Join (clients without one are left out)."""

@@ -76,6 +76,12 @@ class FederatedServer:
                 f"so a {transport} server refuses it; remove privacy.params.insecure_seed",
                 key="privacy.params.insecure_seed",
             )
+        if transport != "in-process" and config.attack.kind != "none":
+            raise ConfigError(
+                f"attack.kind={config.attack.kind!r}: simulated attacks run only in simulation (secure-fl simulate or "
+                f"secure_fl.simulate); a {transport} server never builds one; set attack.kind = 'none'",
+                key="attack.kind",
+            )
         self.stages = Stages.from_config(config)
         self.sampling = SamplingPlan.from_config(config)
         expected = min(config.run.clients_per_round, config.run.num_clients)
@@ -137,6 +143,11 @@ class FederatedServer:
         self.workload = workload
         self.adapted = build_for_rule(workload, self.stages.rule, seed=config.run.seed)
         self.eval_data = workload.prepare(self.adapted, eval_dataset) if eval_dataset is not None else None
+        #: The raw held-out set (a simulated attack derives its trigger set from it).
+        self.eval_dataset = eval_dataset
+        #: Simulation only: metric name -> prepared held-out data whose accuracy `evaluate` also reports
+        #: (``backdoor_accuracy`` on a backdoor's trigger set); a deployed server has none.
+        self.attack_evaluations: dict[str, Any] = {}
         if self.stages.sample_level is not None:  # refuse a model opacus cannot wrap before any round
             check_dp_sgd(self.stages.sample_level, workload, self.adapted, self.eval_data)
         self.global_state = trainable_state(self.adapted.model)
@@ -213,7 +224,11 @@ class FederatedServer:
         if self.eval_data is None:
             return {}
         load_trainable_state(self.adapted.model, state)
-        return self.workload.evaluate(self.adapted.model, self.eval_data, batch_size=self.config.client.eval_batch_size)
+        size = self.config.client.eval_batch_size
+        metrics = self.workload.evaluate(self.adapted.model, self.eval_data, batch_size=size)
+        for key, data in self.attack_evaluations.items():
+            metrics[key] = self.workload.evaluate(self.adapted.model, data, batch_size=size)["accuracy"]
+        return metrics
 
     def run(self) -> RunResult:
         """Run every round, tell the clients the run is finished, and write the audit report.
