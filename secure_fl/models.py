@@ -215,6 +215,10 @@ def save_adapter(
     """
     directory.mkdir(parents=True, exist_ok=True)
     peft_model: Any = adapted.model
+    from secure_fl.peft_agg import supermask
+
+    if supermask.is_supermasked(peft_model):  # rank voting: save W * M as plain weights (reloads as any peft adapter)
+        peft_model = supermask.baked_copy(peft_model)
     if model_cfg.name == "tiny-bert":
         base_dir = directory.parent / "base_model"
         if not base_dir.exists():
