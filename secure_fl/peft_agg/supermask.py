@@ -18,9 +18,10 @@ by edge index (`order`). The mask, the client's ranking and the server's re-assi
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -123,27 +124,45 @@ def attach(module: torch.nn.Linear, name: str, *, seed: int, gain: float, sparsi
     parametrize.register_parametrization(module, "weight", Supermask(constants, kept_edges(module.weight.numel(), sparsity)))
 
 
+def _parametrized(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself holds parametrizations (peft's wrappers forward attribute lookups)."""
+    return "parametrizations" in module._modules
+
+
 def is_supermasked(model: torch.nn.Module) -> bool:
     """Whether any layer of ``model`` carries a `Supermask`."""
-    return any(parametrize.is_parametrized(m) for m in model.modules())
+    return any(_parametrized(m) for m in model.modules())
 
 
-def baked_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``model`` in which every parametrized weight is a plain frozen ``W * M``.
+@contextmanager
+def baked(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, every supermasked layer of ``model`` holds a plain frozen ``weight = W * M``.
 
-    What a saved adapter must hold, so it reloads as an ordinary peft adapter. ``model`` is not
-    changed: torch's ``remove_parametrizations`` would delete the property from the class that the
-    copy shares with the original, so the copy's layers are given back their plain class instead.
+    What a saved adapter must hold, so it reloads as an ordinary peft adapter. The layers are put
+    back as they were when the block ends. Done in place: a deep copy does not work (peft's
+    ``ModulesToSaveWrapper`` forwards ``__deepcopy__`` to the wrapped layer and is lost), and
+    torch's ``remove_parametrizations`` would edit the layer class. Hold the model's lock.
     """
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in clone.modules():
-            if not parametrize.is_parametrized(module):
-                continue
-            names = list(module.parametrizations)  # type: ignore[union-attr]
-            values = {name: getattr(module, name).detach().clone() for name in names}
-            module.__class__ = type(module).__bases__[0]  # the copy's layer only; the shared class is untouched
-            del module._modules["parametrizations"]
-            for name, value in values.items():
-                module.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-    return clone
+    undo: list[tuple[torch.nn.Module, type, torch.nn.Module, list[str]]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not _parametrized(module):
+                    continue
+                parametrizations = module._modules["parametrizations"]
+                assert parametrizations is not None
+                names = list(parametrizations._modules)
+                values = {name: getattr(module, name).detach().clone() for name in names}
+                cls = type(module)
+                module.__class__ = cls.__bases__[0]  # this layer only: the parametrized class is untouched
+                del module._modules["parametrizations"]
+                undo.append((module, cls, parametrizations, names))
+                for name, value in values.items():
+                    module.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        yield model
+    finally:
+        for module, cls, parametrizations, names in reversed(undo):
+            for name in names:
+                module._parameters.pop(name, None)
+            module._modules["parametrizations"] = parametrizations
+            module.__class__ = cls
