@@ -134,8 +134,8 @@ class RankVote(AggregationRule):
         n = round(voters)
         if abs(voters - n) > 1e-6:
             raise ValueError(f"rank-vote needs whole client counts as weights, got {weights.tolist()}")
-        raw = weights @ updates.astype(np.float64)
-        votes = np.rint(raw)
+        raw = np.asarray(weights @ updates.astype(np.float64), dtype=np.float64)
+        votes: np.ndarray = np.rint(raw)
         sizes = np.asarray(layout.sizes, dtype=np.int64)
         if n * (int(sizes.max(initial=1)) - 1) >= _EXACT:
             raise ValueError(f"rank-vote: {n} votes over {int(sizes.max())} edges exceed 2^24, the exact float32 range")

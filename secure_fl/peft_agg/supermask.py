@@ -66,7 +66,7 @@ class TopKMask(torch.autograd.Function):
     """Forward: the 0/1 mask of the ``kept`` highest scores (stable order); backward: straight through."""
 
     @staticmethod
-    def forward(ctx: object, scores: torch.Tensor, kept: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: object, scores: torch.Tensor, kept: int) -> torch.Tensor:
         """The mask (same shape as ``scores``)."""
         flat = scores.detach().reshape(-1)
         ranked = torch.argsort(flat, stable=True)
@@ -75,7 +75,7 @@ class TopKMask(torch.autograd.Function):
         return mask.reshape(scores.shape)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         """The gradient w.r.t. the mask goes to the scores unchanged."""
         return grad, None
 
