@@ -22,6 +22,9 @@ from protocols.secagg.plain import PlainAggregation
 from protocols.secagg.secaggplus import SecAggPlus
 from protocols.wire.serde import TensorSpec
 from robustness.defenses.none import NoDefense
+from secure_fl.client.client import ClientStages, FederatedClient
+from secure_fl.client.trainer import LocalTrainer
+from secure_fl.data.sources import client_dataset
 from secure_fl.errors import ConfigError, TransportError
 from secure_fl.models import load_adapter
 from secure_fl.peft_agg import create_rule, supermask
@@ -34,7 +37,6 @@ from secure_fl.tensors import Layout
 from secure_fl.transport.inprocess import InProcessTransport
 from tests.conftest import smoke_config
 from tests.harness import drive
-from tests.test_grpc_round import make_client
 
 RANK_VOTE = ("peft.rule='rank-vote'", "client.lr=0.1")
 ORACLE_SCORES = np.array([[0.1, 0.4, 0.3, 0.2], [0.2, 0.1, 0.4, 0.3], [0.4, 0.3, 0.2, 0.1]])
@@ -154,7 +156,15 @@ def test_non_permutation_vote_is_rejected_with_client_and_tensor_named(tmp_path:
     """Through the server's admission path: the bad upload is refused, the round goes on with the others."""
     config = smoke_config(*RANK_VOTE, "run.rounds=1")
     server = FederatedServer(config, tmp_path / "run", transport="in-process")
-    clients = [make_client(config, i, InProcessTransport(server.coordinator)) for i in range(4)]
+    shared = server.workload.build(seed=config.run.seed)  # one model for the four clients (they train in turn)
+    clients = [
+        FederatedClient(
+            f"client-{i}", InProcessTransport(server.coordinator),
+            LocalTrainer.from_config(config, client_dataset(config, i), adapted=shared),
+            ClientStages.from_config(config), seed=config.run.seed,
+        )
+        for i in range(4)
+    ]
     bad = clients[3]
     honest = bad.trainer.rule.client_message
     target = bad.trainer.update_keys[-1]
@@ -187,6 +197,14 @@ def test_non_permutation_vote_is_rejected_with_client_and_tensor_named(tmp_path:
     assert "client 'client-3'" in str(refused[0]) and f"tensor {target!r}" in str(refused[0])
     assert "not a permutation" in str(refused[0])
     assert record["status"] == "ok" and record["clients"] == 3 and record["dropped"] == ["client-3"]
+
+
+def test_votes_are_validated_only_where_the_server_sees_them(tmp_path: Path) -> None:
+    plain = FederatedServer(smoke_config(*RANK_VOTE), tmp_path / "plain", transport="in-process")
+    assert plain.coordinator.validate_update == plain.stages.rule.validate_update
+    secure = FederatedServer(smoke_config(*RANK_VOTE, "secure.mode='secagg+'"), tmp_path / "secagg", transport="in-process")
+    assert secure.coordinator.validate_update is None  # only bucket sums arrive: validity is unchecked
+    assert secure.stages.secure.integer_inputs and "integer_inputs" in secure.stages.secure.describe()
 
 
 # ------------------------------------------------------------------------------ SecAgg+
