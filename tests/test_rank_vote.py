@@ -140,6 +140,35 @@ def test_settings_are_validated(kwargs: dict) -> None:
         RankVote(**kwargs)
 
 
+def test_supermask_forward_uses_w_times_mask_and_the_gradient_goes_straight_to_the_scores() -> None:
+    layer = torch.nn.Linear(6, 3, bias=False)
+    supermask.attach(layer, "layer.weight", seed=5, gain=2.0, sparsity=0.5)
+    scores = layer.parametrizations.weight.original
+    constants = supermask.signed_constants("layer.weight", (3, 6), seed=5, gain=2.0)
+    assert torch.unique(constants.abs()).tolist() == [pytest.approx(2.0 / 6**0.5)]
+    assert {-1.0, 1.0} == set(torch.sign(constants).unique().tolist())
+    mask = torch.tensor(supermask.mask_of(scores.detach().numpy(), 9))
+    assert torch.equal(layer.weight, constants * mask) and int(mask.sum()) == 9
+    x = torch.randn(4, 6)
+    layer(x).sum().backward()
+    expected = torch.ones(3, 1) @ x.sum(0, keepdim=True) * constants  # dL/d(W M) * W, mask skipped
+    torch.testing.assert_close(scores.grad, expected)
+    assert sorted(scores.detach().reshape(-1).tolist()) == pytest.approx([(i + 1) / 18 for i in range(18)])
+
+
+def test_only_scores_train_and_the_constants_are_in_the_fingerprint() -> None:
+    from secure_fl.peft_agg.hooks import build_for_rule, rule_fingerprint
+    from secure_fl.workload import TextClassification
+
+    config = smoke_config(*RANK_VOTE)
+    workload = TextClassification(config.model, config.peft, ["a", "b", "c", "d"])
+    one = build_for_rule(workload, RankVote(gain=1.0), seed=0)
+    other = build_for_rule(workload, RankVote(gain=0.5), seed=0)
+    assert one.trainable_names and all(n.endswith(supermask.SCORES_SUFFIX) for n in one.trainable_names)
+    assert len(one.trainable_names) == 9  # 2 layers x (query, value) x (A, B) + the head
+    assert rule_fingerprint(one.model, RankVote()) != rule_fingerprint(other.model, RankVote())
+
+
 # ------------------------------------------------------------------------------ validation
 
 
@@ -150,6 +179,19 @@ def test_validate_update_accepts_permutations_and_names_the_tensor() -> None:
     for bad in ([0, 0, 2, 3], [0, 1, 2, 4], [0, 1.5, 2, 3], [-1, 1, 2, 3]):
         with pytest.raises(ValueError, match=r"tensor 'a': the vote is not a permutation of 0\.\.3"):
             rule.validate_update({"a": np.array(bad, np.float32).reshape(2, 2), "b": good["b"]})
+
+
+@settings(max_examples=50, deadline=None)
+@given(m=hs.integers(2, 60), seed=hs.integers(0, 2**31 - 1), kind=hs.sampled_from(["dup", "range", "frac"]))
+def test_every_tampered_permutation_is_refused(m: int, seed: int, kind: str) -> None:
+    rng = np.random.default_rng(seed)
+    vote = rng.permutation(m).astype(np.float32)
+    RankVote().validate_update({"t": vote})
+    i, j = rng.choice(m, size=2, replace=False)
+    bad = vote.copy()
+    bad[i] = {"dup": bad[j], "range": m, "frac": bad[i] + 0.5}[kind]
+    with pytest.raises(ValueError, match="tensor 't'"):
+        RankVote().validate_update({"t": bad})
 
 
 def test_non_permutation_vote_is_rejected_with_client_and_tensor_named(tmp_path: Path) -> None:
