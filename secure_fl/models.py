@@ -215,6 +215,8 @@ def save_adapter(
     """
     directory.mkdir(parents=True, exist_ok=True)
     peft_model: Any = adapted.model
+    from secure_fl.peft_agg import supermask
+
     if model_cfg.name == "tiny-bert":
         base_dir = directory.parent / "base_model"
         if not base_dir.exists():
@@ -231,8 +233,10 @@ def save_adapter(
     for owner, attr in named:
         setattr(owner, attr, _base_reference(model_cfg))
     try:
-        # never resized embeddings: without this, peft looks the base name up (even on the Hub)
-        peft_model.save_pretrained(str(directory), save_embedding_layers=False)
+        # never resized embeddings: without this, peft looks the base name up (even on the Hub);
+        # rank voting: supermasked layers are saved as plain weights W * M (reloads as any peft adapter)
+        with BUILD_LOCK, supermask.baked(peft_model):
+            peft_model.save_pretrained(str(directory), save_embedding_layers=False)
     finally:
         for owner, attr, value in saved_names:
             setattr(owner, attr, value)

@@ -157,6 +157,9 @@ class Stages:
         )
         if stages.sample_level is not None:
             stages.settings["sample_level"] = sample_level_settings(config, stages.sample_level)
+        stages.rule.check_config(config)
+        if stages.rule.integer_message and not stages.secure.reveals_individual_updates:
+            _wire_integer_inputs(config, stages)
         if stages.rule.needs_individual_updates and not stages.secure.reveals_individual_updates:
             raise ConfigError(
                 f"peft.rule={config.peft.rule!r} needs every client's adapter, but secure.mode="
@@ -281,6 +284,18 @@ def _check_server_noise(config: Config, stages: Stages) -> None:
             "privacy.params.clip_norm; use robustness.defense='none'",
             key="robustness.defense",
         )
+
+
+def _wire_integer_inputs(config: Config, stages: Stages) -> None:
+    """A rule whose messages are integers (votes) under a secure mode: that mode must sum them exactly."""
+    enable = getattr(stages.secure, "enable_integer_inputs", None)
+    if enable is None:
+        raise ConfigError(
+            f"peft.rule={config.peft.rule!r} sends integers whose exact sum it needs, but secure.mode="
+            f"{config.secure.mode!r} cannot sum integers exactly; use secure.mode='secagg+' or 'plain'",
+            key="secure.mode",
+        )
+    enable()
 
 
 def _wire_client_noise(config: Config, stages: Stages) -> None:

@@ -37,7 +37,7 @@ def _page(out: Path) -> str:
 def test_every_example_is_covered() -> None:
     assert EXAMPLES == [
         "custom_accountant.py", "custom_defense.py", "custom_rule.py", "custom_secure_mode.py", "frozen_a_rule.py",
-        "loopback_server_clients.py", "own_model_simulation.py",
+        "loopback_server_clients.py", "own_model_simulation.py", "rank_vote.py",
     ]
 
 
@@ -155,3 +155,12 @@ def test_user_secure_mode_and_privacy_mechanism(tmp_path: Path) -> None:
 def test_example_has_docstring_and_fast_flag(name: str) -> None:
     text = (ROOT / "examples" / name).read_text()
     assert text.startswith('"""') and "--fast" in text
+
+
+def test_rank_vote(tmp_path: Path) -> None:
+    done = _run("rank_vote.py", tmp_path)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["same_model"] is True and summary["accuracy"] == summary["secagg_accuracy"] > 0.5
+    plain, secure = _metrics(tmp_path / "plain"), _metrics(tmp_path / "secagg")
+    assert [r["stages"]["rule"] for r in plain + secure] == ["rank-vote"] * 4
+    assert {r["stages"]["secure"] for r in secure} == {"secagg+"}

@@ -105,7 +105,14 @@ def test_rule_contract(name: str) -> None:
     rule = rule_registry.create_rule(name)
     layout = Layout(("a", "b"), ((2, 3), (4,)))
     rng = np.random.default_rng(1)
-    rows = rng.normal(size=(3, layout.size)).astype(np.float32)
+    # the rows are what the rule's clients send (a delta for FedIT, rank positions for rank-vote)
+    start = {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    messages = []
+    for _ in range(3):
+        local = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in start.items()}
+        messages.append(rule.client_message(local, start, ["a", "b"]))
+        rule.validate_update(messages[-1])
+    rows = layout.stack(messages)
     assert set(rule.update_keys(["a", "b"])) <= {"a", "b"}
     delta = rule.aggregate(rows, np.array([1.0, 2.0, 3.0]), layout)
     assert delta.shape == (layout.size,) and np.isfinite(delta).all()

@@ -147,6 +147,7 @@ class SecAggPlus(SecureAggregation):
         self._planned: tuple[int, ...] = (bucket_size,) if bucket_size else ()
         self._headroom: NoiseHeadroom | None = None  # set by `enable_distributed_noise`
         self._uniform_weights = False
+        self._integer = False  # set by `enable_integer_inputs`
         try:
             self.plan(bucket_size or st.MIN_BUCKET)
         except ValueError as exc:
@@ -202,6 +203,39 @@ class SecAggPlus(SecureAggregation):
         self._headroom = headroom
         self._uniform_weights = bool(uniform_weights)
 
+    # ------------------------------------------------------------------ integer inputs (votes)
+    def enable_integer_inputs(self) -> None:
+        """Sum integer inputs exactly: every value is an integer in ``[0, d - 1]``, every weight 1.
+
+        Called once, before any round, by ``secure_fl.stages`` for a PEFT rule whose messages are
+        integers (rank votes, ``integer_message``). With ``d`` the update's number of values, each
+        plan then uses ``clip_range = c``, the smallest power of two ``>= d - 1``, and ``precision = 1``,
+        so ``Q = 2c`` and the step is exactly 1: an integer ``x`` quantises to ``x + c`` (stochastic
+        rounding has nothing to round) and the bucket sum decodes to the exact integer sum. The
+        ``clip_range`` and ``precision`` settings are not used; weights are all 1 (raw counts).
+
+        Raises
+        ------
+        ValueError
+            Together with distributed noise (noise would make the sum inexact).
+        """
+        if self._headroom is not None:
+            raise ValueError("secagg+: integer inputs (an exact integer sum) cannot carry distributed noise")
+        self._integer = True
+        self._uniform_weights = True
+
+    @property
+    def integer_inputs(self) -> bool:
+        """Whether plans sum integers exactly (`enable_integer_inputs` was called)."""
+        return self._integer
+
+    def _range(self, num_values: int | None) -> tuple[float, float]:
+        """``(clip_range, precision)`` of a plan for an update of ``num_values`` values."""
+        if not self._integer:
+            return self.clip_range, self.precision
+        bound = max(1, (num_values or 2) - 1)  # the largest integer input
+        return float(1 << (bound - 1).bit_length()), 1.0
+
     @property
     def noise_enabled(self) -> bool:
         """Whether clients add distributed noise (`enable_distributed_noise` was called)."""
@@ -246,6 +280,14 @@ class SecAggPlus(SecureAggregation):
                     f"secagg+: a cohort of {size} split into buckets of at most {self.bucket_size or size} gives "
                     f"buckets of {n} clients; a bucket needs at least {st.MIN_BUCKET}"
                 )
+            if self._integer and num_values is not None:
+                try:
+                    self.plan(n, num_values)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"secagg+: a bucket of {n} clients summing integers below {num_values} needs more than 32-bit "
+                        f"words ({exc}); lower [secure] bucket_size"
+                    ) from None
             if self.noise_enabled and num_values is not None:
                 if self.min_survivors(n) < 1:
                     raise ValueError(
@@ -277,8 +319,9 @@ class SecAggPlus(SecureAggregation):
         With distributed noise and ``num_values`` (the update's size) given, the plan reserves the
         mechanism's noise headroom for that bucket; without noise ``num_values`` is ignored.
         """
+        clip_range, precision = self._range(num_values)
         plan = QuantizationPlan.for_precision(
-            clip_range=self.clip_range, precision=self.precision, bucket_size=bucket, max_weight=self.weight_bound
+            clip_range=clip_range, precision=precision, bucket_size=bucket, max_weight=self.weight_bound
         )
         if self._headroom is None or num_values is None:
             return plan
@@ -338,6 +381,11 @@ class SecAggPlus(SecureAggregation):
         }
         if self._planned:  # the planned bucket sizes, once `check_cohort` has seen the cohort size
             facts["bucket_parameters"] = [self.parameters(n).describe() for n in self._planned]
+        if self._integer:
+            facts["integer_inputs"] = (
+                "exact integer sums (rank votes): step 1, values in [0, d - 1], every client's weight 1; "
+                "the server cannot check that a client's input is a valid vote"
+            )
         if self.noise_enabled:
             facts["distributed_noise"] = (
                 "clients add integer noise before masking; plans reserve its headroom; a bucket with fewer "

@@ -14,7 +14,11 @@ through the same functions:
 * per-client shapes (heterogeneous ranks): `accepts_client_shapes`, `join_info`,
   `client_spec`, `to_client` and `align`;
 * the base weights: `merges_into_base` and `merge_into_base` (FLoRA-style: fold the released
-  adapter into the base weights between rounds and restart the adapter).
+  adapter into the base weights between rounds and restart the adapter);
+* votes and other integer messages (rank voting): `uniform_weights` (every client counts once,
+  whatever its example count), `integer_message` (a secure mode must sum the messages exactly
+  as integers), `validate_update` (the server checks each plaintext upload) and `check_config`
+  (refuse settings the rule cannot run under).
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ class AggregationRule(ABC):
         so it is refused under a secure mode that reveals only sums.
     merges_into_base:
         True if every party calls `merge_into_base` on each newly released global adapter.
+    uniform_weights:
+        True if every bucket's row is weighted by its number of clients instead of their example
+        counts, so each client counts once (a vote); ``aggregate`` then gets raw counts as weights.
+    integer_message:
+        True if `client_message` returns integers in ``[0, size - 1]`` of each tensor and
+        `aggregate` needs their exact sum: a secure mode must then sum integers exactly (SecAgg+
+        plans a step-1 integer range, `protocols.secagg.secaggplus.SecAggPlus.enable_integer_inputs`),
+        and one that cannot is refused at start.
     """
 
     name: ClassVar[str]
@@ -58,6 +70,14 @@ class AggregationRule(ABC):
     needs_individual_updates: ClassVar[bool] = False
     accepts_client_shapes: ClassVar[bool] = False
     merges_into_base: ClassVar[bool] = False
+    uniform_weights: ClassVar[bool] = False
+    integer_message: ClassVar[bool] = False
+
+    def check_config(self, config: Any) -> None:
+        """Refuse, when the stages are built, a run configuration this rule cannot run under.
+
+        Raise `secure_fl.errors.ConfigError` naming the key (default: every configuration is fine).
+        """
 
     # ------------------------------------------------------------------ the model
     def prepare_model(self, model: Any, *, seed: int) -> None:
@@ -94,6 +114,15 @@ class AggregationRule(ABC):
         returns is what `aggregate` combines and `apply` applies.
         """
         return {key: (local[key] - start[key]).astype(np.float32) for key in keys}
+
+    def validate_update(self, update: Mapping[str, np.ndarray]) -> None:
+        """Check one client's plaintext upload when it arrives; raise ``ValueError`` naming the tensor.
+
+        Called by the server for every upload of the training phase in a secure mode that reveals
+        individual updates (``plain``), after the wire checks (names, shapes, finite values). A
+        refused upload is rejected like any malformed one: the client is named, the round goes on
+        without it. Under a mode that reveals only sums it cannot run (default: accept everything).
+        """
 
     @abstractmethod
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
@@ -149,6 +178,7 @@ class AggregationRule(ABC):
         what the server applies the next aggregate to. Default: no merge.
         """
         return dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         """State kept across rounds, saved with every round's checkpoint (default: none).
 

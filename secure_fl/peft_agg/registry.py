@@ -5,12 +5,14 @@ from __future__ import annotations
 from protocols._registry import Registry
 from secure_fl.peft_agg.base import AggregationRule
 from secure_fl.peft_agg.fedit import FedIT
+from secure_fl.peft_agg.rank_vote import RankVote
 
 _RULES: Registry[AggregationRule] = Registry(
     "PEFT aggregation rule",
     "peft.rule",
     {
         "fedit": FedIT,
+        "rank-vote": RankVote,
     },
 )
 

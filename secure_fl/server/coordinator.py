@@ -59,6 +59,7 @@ class Coordinator:
         spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None,
         stage_fingerprints: Mapping[str, str] | None = None,
         sample_level: bool = False,
+        validate_update: Callable[[Mapping[str, np.ndarray]], None] | None = None,
     ) -> None:
         self.run_id = run_id
         #: The upload spec of `open_round`'s one-phase rounds (the engine's phases carry their own).
@@ -73,6 +74,8 @@ class Coordinator:
         #: False under a secure mode that hides updates: uploads then carry no weight and no
         #: metrics in the clear (the protocol carries the weight inside the masked payload).
         self.weights_in_clear = weights_in_clear
+        #: The PEFT rule's check of one plaintext upload (``ValueError`` naming the tensor), or ``None``.
+        self.validate_update = validate_update
         #: A client's own upload specs (rules with per-client shapes), from ``spec_for`` at Join.
         self._client_specs: dict[str, dict[str, serde.TensorSpec]] = {}
         #: What a joining client must match: model and stage fingerprints, weight bound, own specs.
@@ -239,6 +242,11 @@ class Coordinator:
         for name, value in tensors.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise MalformedMessage(f"{where}: tensor {name!r} contains NaN or infinite values")
+        if trains and self.validate_update is not None:
+            try:
+                self.validate_update(tensors)
+            except ValueError as exc:
+                raise MalformedMessage(f"{where}: {exc}") from None
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
             if phase_for_answer(current, header.envelope.phase, client_id) is not phase:

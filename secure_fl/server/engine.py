@@ -163,6 +163,11 @@ class FederatedServer:
         if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
             self.stages.bind_update(num_values=self.pipeline.layout.size, cohort_size=self._expected_cohort)
             self.stages.calibration = confirm_calibration(self.stages.calibration, self.stages.privacy)
+        if self.stages.rule.integer_message and not self.stages.secure.reveals_individual_updates:
+            try:  # exact integer sums (votes): refuse buckets whose integer plan needs more than 32-bit words
+                self._check_secure(self._expected_cohort)
+            except ValueError as exc:
+                raise ConfigError(f"[secure] with peft.rule={config.peft.rule!r}: {exc}", key="secure.bucket_size") from None
         if self.sampling.mode == "poisson":
             self.skip_probability = skip_probability(config.run.num_clients, self.sampling.sample_rate, self._runnable)
             self._check_secure(self._expected_cohort)  # the scan above re-planned the buckets; plan the expected cohort
@@ -183,6 +188,8 @@ class FederatedServer:
             liveness_timeout=config.transport.liveness_timeout,
             model_info=model_info(self.adapted.model),
             spec_for=self._client_payload_spec if self.stages.rule.accepts_client_shapes else None,
+            # plaintext uploads are checked by the rule as they arrive (rank votes: permutations)
+            validate_update=self.stages.rule.validate_update if self.stages.secure.reveals_individual_updates else None,
             stage_fingerprints=self.stages.fingerprint(),
             sample_level=self.stages.sample_level is not None,
         )
@@ -327,7 +334,8 @@ class FederatedServer:
 
     def _check_secure(self, size: int) -> None:
         """The secure mode's `check_cohort` for a cohort of ``size`` (with the update size when clients add noise)."""
-        if getattr(self.stages.privacy, "client_noise", False):
+        integer = self.stages.rule.integer_message and not self.stages.secure.reveals_individual_updates
+        if getattr(self.stages.privacy, "client_noise", False) or integer:
             self.stages.secure.check_cohort(size, num_values=self.pipeline.layout.size)  # type: ignore[call-arg]
         else:
             self.stages.secure.check_cohort(size)

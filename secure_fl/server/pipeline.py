@@ -64,7 +64,7 @@ class ServerPipeline:
         rows = self.layout.stack([self.stages.rule.align(bucket.mean(), self.layout) for bucket in buckets])
         weights = np.asarray([bucket.weight for bucket in buckets], dtype=np.float64)
         uniform = bool(getattr(self.stages.privacy, "uniform_weights", False))
-        if uniform:  # client-level DP: each clipped update counts once
+        if uniform or self.stages.rule.uniform_weights:  # client-level DP, votes: each client counts once
             weights = np.asarray([len(bucket.members) for bucket in buckets], dtype=np.float64)
         defended = self.stages.defense.aggregate(rows, weights)
         delta_vector = self.stages.rule.aggregate(defended.updates, defended.weights, self.layout)
