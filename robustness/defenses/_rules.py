@@ -90,7 +90,7 @@ def norm_bound(updates: Any, bound: float) -> tuple[np.ndarray, int]:
         raise ValueError(f"norm_bound: bound must be a finite number > 0, got {bound!r}")
     x = as_updates(updates, "norm_bound")
     norms = _norms(x)
-    scale = np.minimum(1.0, bound / np.maximum(norms, np.finfo(np.float64).tiny))
+    scale = bound / np.maximum(norms, bound)  # min(1, bound / |x|) without dividing by 0
     clipped = int((scale < 1.0).sum())
     return np.multiply(x, scale[:, None].astype(np.float32)), clipped
 
@@ -151,12 +151,29 @@ def _distances(x: np.ndarray) -> np.ndarray:
         x64 = x.astype(np.float64)
         diff = x64[:, None, :] - x64[None, :, :]
         return np.einsum("ijk,ijk->ij", diff, diff)
-    dist, sq = _gram_distances(x, None)
-    typical = float(np.median(dist[~np.eye(n, dtype=bool)])) if n > 1 else 0.0
-    if n > 1 and sq.max() > 1e3 * max(typical, np.finfo(np.float64).tiny):
-        central = int(np.argmin(np.median(dist, axis=1)))  # an honest-majority row: re-centre on it
-        dist, _ = _gram_distances(x, x[central].copy())
+    with np.errstate(over="ignore", invalid="ignore"):
+        dist, sq = _gram_distances(x, None)
+        typical = float(np.median(dist[~np.eye(n, dtype=bool)]))
+        if not np.isfinite(dist).all() or sq.max() > 1e3 * max(typical, np.finfo(np.float64).tiny):
+            central = int(np.argmin(np.median(np.nan_to_num(dist, nan=np.inf), axis=1)))  # an honest-majority row
+            dist, sq = _gram_distances(x, x[central].copy())
+    overflow = np.flatnonzero(~np.isfinite(dist).all(axis=1))
+    if overflow.size:  # float32 products overflowed (rows near 1e19 or beyond): exact float64 rows
+        exact = _exact_rows(x, overflow)
+        dist[overflow, :] = exact
+        dist[:, overflow] = exact.T
     return dist
+
+
+def _exact_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared distances from ``x[rows]`` to every row in float64, one pass per block of coordinates."""
+    out = np.zeros((len(rows), x.shape[0]))
+    for start in range(0, x.shape[1], _GRAM_BLOCK):
+        block = x[:, start : start + _GRAM_BLOCK].astype(np.float64)
+        for k, i in enumerate(rows):  # a loop over the (few) overflowing rows, vectorised inside
+            diff = block - block[i]
+            out[k] += np.einsum("ij,ij->i", diff, diff)
+    return out
 
 
 def _scores_from(dist: np.ndarray, f: int) -> np.ndarray:
@@ -275,7 +292,7 @@ def centered_clip(
     for _ in range(iterations):  # a few iterations, each vectorised over rows and coordinates
         diff = x - v.astype(np.float32)
         norms = _norms(diff)
-        scale = w * np.minimum(1.0, tau / np.maximum(norms, np.finfo(np.float64).tiny))
+        scale = w * (tau / np.maximum(norms, tau))  # w min(1, tau / |x - v|)
         v = v + (scale.astype(np.float32) @ diff).astype(np.float64)
     return v.astype(np.float32)
 
