@@ -99,12 +99,18 @@ def ranked_reduce(
         return np.asarray(reduce(list(ordered)), dtype=np.float32)
     comparators, final = _plan(tuple(classes))
     out = np.empty(d, dtype=np.float32)
+    scratch = np.empty((n + 2, min(BLOCK, d)), dtype=np.float32)  # n rows + 2 spare, recycled
     for start in range(0, d, BLOCK):
         stop = min(start + BLOCK, d)
-        buffers = [x[i, start:stop] for i in index]
+        block = scratch[:, : stop - start]
+        np.take(x[:, start:stop], index, axis=0, out=block[:n])
+        buffers = list(block[:n])
+        spare_low, spare_high = block[n], block[n + 1]
         for a, b in comparators:
             low, high = buffers[a], buffers[b]
-            buffers[a], buffers[b] = np.minimum(low, high), np.maximum(low, high)
+            np.minimum(low, high, out=spare_low)
+            np.maximum(low, high, out=spare_high)
+            buffers[a], buffers[b], spare_low, spare_high = spare_low, spare_high, low, high
         out[start:stop] = reduce([buffers[final[r]] for r in range(n)])
     return out
 

@@ -68,7 +68,8 @@ def check_weights(weights: Any, n: int, rule: str) -> np.ndarray:
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    norms: np.ndarray = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return norms
 
 
 def row_norms(updates: Any) -> np.ndarray:
@@ -150,7 +151,8 @@ def _distances(x: np.ndarray) -> np.ndarray:
     if n * n * d <= _DIRECT_LIMIT:
         x64 = x.astype(np.float64)
         diff = x64[:, None, :] - x64[None, :, :]
-        return np.einsum("ijk,ijk->ij", diff, diff)
+        exact: np.ndarray = np.einsum("ijk,ijk->ij", diff, diff)
+        return exact
     with np.errstate(over="ignore", invalid="ignore"):
         dist, sq = _gram_distances(x, None)
         typical = float(np.median(dist[~np.eye(n, dtype=bool)]))
@@ -180,7 +182,8 @@ def _scores_from(dist: np.ndarray, f: int) -> np.ndarray:
     n = dist.shape[0]
     k = n - f - 2
     others = np.where(np.eye(n, dtype=bool), np.inf, dist)
-    return np.sort(others, axis=1)[:, :k].sum(axis=1)
+    scores: np.ndarray = np.sort(others, axis=1)[:, :k].sum(axis=1)
+    return scores
 
 
 def _krum_check(rule: str, updates: Any, f: Any) -> tuple[np.ndarray, int]:
@@ -217,7 +220,7 @@ def multi_krum(updates: Any, f: int, m: int | None = None, weights: Any = None) 
     """
     x, f = _krum_check("multi-krum", updates, f)
     n = x.shape[0]
-    m = n - f if m is None else check_count("multi-krum: m", m, minimum=1)
+    m = n - f if m is None else check_count("multi-krum: m", m, 1)
     if m > n - f:
         raise InsufficientHonestClients(f"multi-krum needs m <= n - f, got m={m} with n={n}, f={f}")
     chosen = np.argsort(_scores_from(_distances(x), f), kind="stable")[:m]
@@ -281,7 +284,7 @@ def centered_clip(
     """
     if isinstance(tau, bool) or not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"centered-clip: tau must be a finite number > 0, got {tau!r}")
-    iterations = check_count("centered-clip: iterations", iterations, minimum=1)
+    iterations = check_count("centered-clip: iterations", iterations, 1)
     x = as_updates(updates, "centered-clip")
     n, d = x.shape
     v = np.asarray(center, dtype=np.float64)
@@ -328,10 +331,10 @@ def bucket_means(
     n = x.shape[0]
     w = check_weights(weights, n, "bucketing")
     if groups is None:
-        size = check_count("bucketing: bucket_size", bucket_size, minimum=1)
+        size = check_count("bucketing: bucket_size", bucket_size, 1)
         gen = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         order = gen.permutation(n)
-        groups = [order[i : i + size] for i in range(0, n, size)]
+        groups = [order[i : i + size].tolist() for i in range(0, n, size)]
     buckets = _check_groups(groups, n)
     member = np.zeros((len(buckets), n))
     for g, bucket in enumerate(buckets):  # one row per bucket (k <= n), not per coordinate
