@@ -50,4 +50,4 @@ class MultiKrum(Defense):
         if not w.sum() > 0:
             raise ValueError("multi-krum: the selected rows all have weight 0")
         excluded = tuple(sorted(set(range(x.shape[0])) - set(chosen.tolist())))
-        return DefenseResult(x[chosen], w, excluded, {"krum_selected": float(m)})
+        return DefenseResult(x[chosen], w, excluded, {"multi_krum_selected": float(m)})
