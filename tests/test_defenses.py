@@ -165,7 +165,7 @@ def test_config_accepts_the_defenses_and_their_settings() -> None:
 # ------------------------------------------------------------------------------ fast paths agree with the definitions
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 16, 33, 50, 64, 65, 130])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 16, 33, 50, 64, 65, 130, 257])
 def test_sorting_network_median_and_trimmed_mean_match_numpy(n: int) -> None:
     x = np.random.default_rng(n).normal(size=(n, 300)).astype(np.float32)
     x[:, :5] = np.round(x[:, :5])  # ties
@@ -183,6 +183,16 @@ def test_bulyan_coordinate_step_matches_the_definition(n: int, f: int) -> None:
     median = np.median(chosen_rows, axis=0)
     closest = np.argsort(np.abs(chosen_rows - median), axis=0, kind="stable")[: n - 4 * f]
     np.testing.assert_allclose(row, np.take_along_axis(chosen_rows, closest, 0).mean(0), atol=1e-5)
+
+
+def test_sort_fallback_for_many_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_order, "NETWORK_MAX_ROWS", 4)
+    x = np.random.default_rng(2).normal(size=(11, 50)).astype(np.float32)
+    np.testing.assert_allclose(_rules.coordinate_median(x), np.median(x, axis=0), atol=1e-6)
+    np.testing.assert_allclose(_rules.trimmed_mean(x, 0.2), np.sort(x, axis=0)[2:9].mean(0), atol=1e-6)
+    row, chosen = _rules.bulyan(x, 2)
+    monkeypatch.setattr(_order, "NETWORK_MAX_ROWS", 1024)
+    np.testing.assert_allclose(row, _rules.bulyan(x, 2)[0], atol=1e-6)
 
 
 def test_block_boundaries_of_the_network() -> None:

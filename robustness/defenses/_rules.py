@@ -342,7 +342,5 @@ def bucket_means(
     totals = member.sum(axis=1)
     if not (totals > 0).all():
         raise ValueError(f"bucketing: bucket(s) {np.flatnonzero(totals <= 0).tolist()} have total weight 0")
-    import torch
-
-    means = torch.from_numpy((member / totals[:, None]).astype(np.float32)) @ torch.from_numpy(x)
-    return means.numpy(), totals, buckets
+    means = (member / totals[:, None]).astype(np.float32) @ x  # one BLAS pass over x
+    return means, totals, buckets
