@@ -122,6 +122,9 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="shape"):
         _rules.coordinate_median(np.zeros(3))
     assert _rules.coordinate_median(x[:1]).tolist() == [0.0, 0.0]
+    for rule in (_rules.coordinate_median, lambda u: _rules.trimmed_mean(u, 0.1), lambda u: _rules.norm_bound(u, 1.0)):
+        with pytest.raises(InsufficientHonestClients, match="n=0"):
+            rule(np.zeros((0, 2), np.float32))
 
 
 @pytest.mark.parametrize(

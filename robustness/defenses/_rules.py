@@ -32,9 +32,14 @@ _GRAM_BLOCK = 65536  # coordinates per Gram block (50 x 65536 float32 = 13 MB)
 
 
 def as_updates(updates: Any, rule: str) -> np.ndarray:
-    """``updates`` as a C-contiguous finite float32 ``(n, d)`` array with ``n >= 1`` (else ValueError)."""
+    """``updates`` as a C-contiguous finite float32 ``(n, d)`` array (ValueError otherwise).
+
+    No rows at all is `InsufficientHonestClients`: every rule needs at least one.
+    """
     x = np.ascontiguousarray(updates, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+    if x.ndim == 2 and x.shape[0] == 0:
+        raise InsufficientHonestClients(f"{rule} needs n >= 1 inputs, got n=0")
+    if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"{rule}: updates must be an (n, d) matrix with n >= 1 and d >= 1, got shape {x.shape}")
     if not np.isfinite(x).all():
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])

@@ -15,7 +15,8 @@ class TrimmedMean(Defense):
     """Coordinate-wise mean after dropping the ``b = floor(trim_fraction n)`` largest and smallest values.
 
     Unweighted by definition; one row is returned with the sum of the input weights. Tolerates up
-    to ``b`` Byzantine rows per coordinate.
+    to ``b`` Byzantine rows per coordinate (so choose ``trim_fraction >= f / n``). Its precondition
+    ``2b < n`` holds for every n because ``trim_fraction < 0.5``: `min_rows` is 1.
 
     Parameters
     ----------
