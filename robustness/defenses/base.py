@@ -47,6 +47,15 @@ class Defense(ABC):
     def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> DefenseResult:
         """Apply the defense to ``updates`` (shape ``(n, d)``) with ``weights`` (shape ``(n,)``)."""
 
+    def min_rows(self) -> int:
+        """The fewest input rows this defense's precondition accepts with its settings (default 1).
+
+        The server compares it with the rows a round can deliver (clients, or buckets) and refuses
+        a config at start instead of failing in the first round. Krum-type rules need ``2f + 3``,
+        Bulyan ``4f + 3``.
+        """
+        return 1
+
     def state_dict(self) -> dict[str, Any]:
         """State kept across rounds, saved with every round's checkpoint (default: none).
 

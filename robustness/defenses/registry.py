@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from robustness._registry import Registry
 from robustness.defenses.base import Defense
+from robustness.defenses.bulyan import Bulyan
+from robustness.defenses.centered_clip import CenteredClip
+from robustness.defenses.krum import Krum
+from robustness.defenses.median import CoordinateMedian
+from robustness.defenses.multi_krum import MultiKrum
 from robustness.defenses.none import NoDefense
+from robustness.defenses.norm_bound import NormBound
+from robustness.defenses.trimmed_mean import TrimmedMean
 
 _DEFENSES: Registry[Defense] = Registry(
     "defense",
     "robustness.defense",
     {
         "none": NoDefense,
+        "norm-bound": NormBound,
+        "median": CoordinateMedian,
+        "trimmed-mean": TrimmedMean,
+        "krum": Krum,
+        "multi-krum": MultiKrum,
+        "bulyan": Bulyan,
+        "centered-clip": CenteredClip,
     },
 )
 
