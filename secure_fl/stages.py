@@ -284,6 +284,14 @@ def _check_server_noise(config: Config, stages: Stages) -> None:
             "privacy.params.clip_norm; use robustness.defense='none'",
             key="robustness.defense",
         )
+    if config.robustness.reputation:
+        raise ConfigError(
+            f"robustness.reputation re-weights rows by how they agree with the other clients, so privacy.mode="
+            f"{mode!r} could not bound one client's influence on the noised sum by privacy.params.clip_norm; "
+            "set robustness.reputation = false (or use privacy.mode='distributed' under secagg+, where the "
+            "reputation only post-processes noised bucket sums)",
+            key="robustness.reputation",
+        )
 
 
 def _wire_integer_inputs(config: Config, stages: Stages) -> None:

@@ -307,7 +307,7 @@ BAD_VALUES = [
     (["client.batch_size=0"], "client.batch_size", [">= 1"]),
     (["secure.mode=secagg-plus"], "secure.mode", ["'secagg-plus'", "plain"]),
     (["privacy.mode=dp"], "privacy.mode", ["'dp'", "none"]),
-    (["robustness.defense=krum"], "robustness.defense", ["'krum'", "none"]),
+    (["robustness.defense=geomed"], "robustness.defense", ["'geomed'", "krum"]),
     (["attack.kind=signflip"], "attack.kind", ["'signflip'", "none"]),
     (["attack.fraction=0.2"], "attack.fraction", ["attack.kind = 'none'"]),
     (["attack.fraction=1.0"], "attack.fraction", ["[0, 1)"]),
@@ -430,3 +430,23 @@ def test_cli_prints_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_refuses_bad_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--preset", "smoke", "--set", "run.rounds=0"]) == 2
     assert "run.rounds" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ robustness shorthand
+
+
+def test_defense_settings_may_sit_directly_in_the_robustness_table(tmp_path: Path) -> None:
+    from tests.conftest import smoke_config
+
+    short = smoke_config("robustness.defense='krum'", "robustness.f=1")
+    assert short.robustness.params["f"] == 1
+    assert short == smoke_config("robustness.defense='krum'", "robustness.params.f=1")
+    path = tmp_path / "c.toml"
+    path.write_text(short.to_toml(), encoding="utf-8")
+    assert load_config(path) == short  # stored under [robustness.params]
+    with pytest.raises(ConfigError, match=r"robustness.f is 1 but robustness.params.f is 2"):
+        smoke_config("robustness.defense='krum'", "robustness.f=1", "robustness.params.f=2")
+    with pytest.raises(ConfigError, match=r"unknown key 'robustness.trim_fraction'"):
+        smoke_config("robustness.defense='krum'", "robustness.trim_fraction=0.1")  # not a Krum setting
+    with pytest.raises(ConfigError, match=r"robustness.reputation_alpha"):
+        smoke_config("robustness.reputation=true", "robustness.reputation_alpha=1.0")

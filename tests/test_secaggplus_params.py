@@ -169,7 +169,7 @@ def test_bucket_size_is_a_top_level_secure_key(tmp_path: Path) -> None:
     assert load_config(path) == config
     with pytest.raises(ConfigError, match=r"secure.bucket_size: is 8 but secure.params.bucket_size is 6"):
         smoke_config("secure.mode='secagg+'", "secure.bucket_size=8", "secure.params.bucket_size=6")
-    with pytest.raises(ConfigError, match=r"secure.bucket_size: secure mode 'plain' does not split the cohort"):
-        smoke_config("secure.bucket_size=4")
+    plain = smoke_config("secure.bucket_size=4")  # plain mode: the server buckets the updates (bucketing)
+    assert plain.secure.bucket_size == 4 and "bucket_size" not in plain.secure.params
     with pytest.raises(ConfigError, match=r"secure.bucket_size"):
         smoke_config("secure.mode='secagg+'", "secure.bucket_size=-1")

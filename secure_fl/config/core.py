@@ -177,6 +177,7 @@ def _build_section(section: str, cls: type, values: Mapping[str, Any]) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}
+    values = _move_shorthand(section, cls, values, known)
     for key, value in values.items():
         full = f"{section}.{key}"
         if key not in known:
@@ -192,3 +193,25 @@ def _build_section(section: str, cls: type, values: Mapping[str, Any]) -> Any:
             kwargs[key] = _coerce(full, hints[key], value)
     return cls(**kwargs)
 
+
+
+def _move_shorthand(section: str, cls: type, values: Mapping[str, Any], known: set[str]) -> Mapping[str, Any]:
+    """Move plug-in settings written directly in a section (``[robustness] f = 2``) into its ``params``."""
+    shorthand = getattr(cls, "shorthand_settings", None)
+    if shorthand is None:
+        return values
+    names = set(shorthand(values)) - known
+    moved = {key: value for key, value in values.items() if key in names}
+    if not moved:
+        return values
+    params = values.get("params", {})
+    if not isinstance(params, Mapping):
+        return values  # the params check names the problem
+    for key, value in moved.items():
+        if key in params and params[key] != value:
+            raise ConfigError(
+                f"{section}.{key} is {value!r} but {section}.params.{key} is {params[key]!r}; set one of them",
+                key=f"{section}.{key}",
+            )
+    rest = {key: value for key, value in values.items() if key not in moved}
+    return {**rest, "params": {**params, **moved}}

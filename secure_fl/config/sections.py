@@ -192,7 +192,9 @@ class SecureConfig:
     mode: str = field(default="plain", metadata={"help": "secure-aggregation mode"})
     bucket_size: int = field(default=0, metadata={
         "help": "most clients per bucket: the cohort is split at random into buckets whose sums the server "
-                "learns (0: one bucket, the whole cohort); modes that split the cohort only (secagg+)"
+                "learns (0: one bucket, the whole cohort) under secagg+; in plain mode the server averages random "
+                "buckets of the individual updates before the defense (bucketing, Karimireddy et al. 2022; 0 or 1: "
+                "no bucketing)"
     })
     params: Params = _params_field("secure.params")
 
@@ -205,7 +207,9 @@ class SecureConfig:
         _non_negative_int("secure.bucket_size", self.bucket_size)
         cls = plugin_class(self.mode)
         in_params = Params(self.params).get("bucket_size")
-        if self.bucket_size:
+        if self.bucket_size and getattr(cls, "reveals_individual_updates", False):
+            pass  # plain mode: the server buckets the revealed updates itself (secure_fl.server.pipeline)
+        elif self.bucket_size:
             if "bucket_size" not in inspect.signature(cls).parameters:
                 _fail("secure.bucket_size", f"secure mode {self.mode!r} does not split the cohort into buckets; "
                       "use secure.mode='secagg+' (or leave bucket_size at 0)")
@@ -298,16 +302,54 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class RobustnessConfig:
-    """``[robustness]``: the Byzantine defense."""
+    """``[robustness]``: the Byzantine defense and the per-client reputation (RFFL).
 
-    defense: str = field(default="none", metadata={"help": "robust aggregation rule"})
+    A setting of the selected defense may also be written directly in ``[robustness]``
+    (``f = 2`` for ``[robustness.params] f = 2``); it is stored under ``params``.
+    """
+
+    defense: str = field(default="none", metadata={
+        "help": "robust aggregation rule, run across the rows the server sees (client updates in plain mode, "
+                "bucket means when secure.bucket_size splits the cohort)"
+    })
     params: Params = _params_field("robustness.params")
+    reputation: bool = field(default=False, metadata={
+        "help": "keep a reputation per client (RFFL, Xu and Lyu 2021): cosine agreement of what the client took "
+                "part in with the aggregate, smoothed over rounds; rows are weighted by it and clients below the "
+                "threshold are removed for the rest of the run"
+    })
+    reputation_alpha: float = field(default=0.95, metadata={
+        "help": "smoothing of the reputation: r <- alpha r + (1 - alpha) cosine score (RFFL uses 0.95)"
+    })
+    reputation_threshold: float = field(default=1.0 / 3.0, metadata={
+        "help": "a client whose normalised reputation falls below threshold / (reputable clients) is removed"
+    })
+    reputation_warmup: int = field(default=10, metadata={
+        "help": "rounds of reputation updates before any client may be removed (RFFL: 10)"
+    })
 
     def __post_init__(self) -> None:
         from robustness.defenses.registry import available, plugin_class
 
         _choice("robustness.defense", self.defense, available())
         _check_plugin_params(self, "params", "robustness.params", plugin_class(self.defense), f"defense {self.defense!r}")
+        if not isinstance(self.reputation, bool):
+            _fail("robustness.reputation", f"must be true or false, got {self.reputation!r}")
+        _fraction("robustness.reputation_alpha", self.reputation_alpha, open_high=True)
+        _fraction("robustness.reputation_threshold", self.reputation_threshold, open_high=True)
+        _non_negative_int("robustness.reputation_warmup", self.reputation_warmup)
+
+    @staticmethod
+    def shorthand_settings(values: Any) -> tuple[str, ...]:
+        """The keys of ``[robustness]`` that are settings of its defense (moved into ``params``)."""
+        from robustness.defenses.registry import available, plugin_class
+
+        from secure_fl.config.params import plugin_settings
+
+        name = values.get("defense", "none") if hasattr(values, "get") else "none"
+        if not isinstance(name, str) or name not in available():
+            return ()
+        return tuple(plugin_settings(plugin_class(name)))
 
 
 @dataclass(frozen=True)

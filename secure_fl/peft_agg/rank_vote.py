@@ -77,6 +77,18 @@ class RankVote(AggregationRule):
                 "the vote bounds every client's influence itself: use robustness.defense='none'",
                 key="robustness.defense",
             )
+        if getattr(config.robustness, "reputation", False):
+            raise ConfigError(
+                "peft.rule='rank-vote' counts every client's vote once, but robustness.reputation re-weights the "
+                "rows by reputation (fractional votes); set robustness.reputation = false",
+                key="robustness.reputation",
+            )
+        if config.secure.bucket_size > 1 and config.secure.mode == "plain":
+            raise ConfigError(
+                "peft.rule='rank-vote' validates every vote as a permutation in plain mode; server-side bucketing "
+                "(secure.bucket_size in plain mode) would average votes first: set secure.bucket_size = 0",
+                key="secure.bucket_size",
+            )
 
     # ------------------------------------------------------------------ the model
     def prepare_model(self, model: Any, *, seed: int) -> None:

@@ -31,6 +31,7 @@ from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, build_for_rule, rule_fingerprint, sync_base
 from protocols.errors import ProtocolAbort
+from robustness.errors import RobustnessError
 from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
 from secure_fl.server.checkpoint import Checkpoint, restore
 from secure_fl.server.coordinator import Coordinator
@@ -39,6 +40,7 @@ from secure_fl.server.pipeline import AggregationOutcome, ServerPipeline, Stages
 from secure_fl.server.results import (
     BackgroundRun, RoundObserver, RunInterrupted, RunResult, SilentObserver, new_run_id,
 )
+from secure_fl.server.robust import build_reputation, check_defense_rows, restore_reputation
 from secure_fl.server.rundir import RunDirectory
 from secure_fl.tensors import Layout
 from secure_fl.workload import TextClassification, Workload
@@ -156,10 +158,14 @@ class FederatedServer:
         planned = min(config.run.clients_per_round, config.run.num_clients)
         if self.sampling.mode == "poisson":  # q N: the expected cohort, fixed before any draw
             planned = self.sampling.expected_cohort
+        #: RFFL reputations (``[robustness] reputation``), saved to ``reputation.json`` every released round.
+        self.reputation = build_reputation(config)
         self.pipeline = ServerPipeline(
             self.stages, Layout.of({k: self.global_state[k] for k in update_keys}),
             expected_contributions=float(planned) if self.stages.privacy.uniform_weights else None,
+            bucket_size=config.secure.bucket_size, reputation=self.reputation,
         )
+        check_defense_rows(self.stages, self.pipeline, config, self._expected_cohort)
         if getattr(self.stages.privacy, "client_noise", False):  # distributed DP: noise and headroom depend on d
             self.stages.bind_update(num_values=self.pipeline.layout.size, cohort_size=self._expected_cohort)
             self.stages.calibration = confirm_calibration(self.stages.calibration, self.stages.privacy)
@@ -371,6 +377,13 @@ class FederatedServer:
                                 f"({run_min_cohort(self.config)}, or the secure mode's buckets refuse it)")
             self._check_secure(len(cohort))  # plan this round's buckets
             return cohort, None
+        if self.reputation is not None:
+            eligible = [c for c in eligible if not self.reputation.is_removed(c)]
+            if len(eligible) < run.min_updates:
+                raise RunError(
+                    f"round {number}: only {len(eligible)} connected client(s) are left after the reputation "
+                    f"removed {len(self.reputation.removed)}; need run.min_updates={run.min_updates}"
+                )
         size = min(run.clients_per_round, len(eligible))
         return sorted(str(c) for c in rng.choice(eligible, size=size, replace=False)), None
 
@@ -443,8 +456,14 @@ class FederatedServer:
             record["status"] = "failed"
             record["reason"] = f"{len(contributors)} update(s) before the deadline; run.min_updates={run.min_updates}"
         else:
-            outcome = self.pipeline.aggregate_buckets(start, buckets, num_contributions=len(contributors))
-            problem = _non_finite(outcome.state)
+            try:
+                outcome = self.pipeline.aggregate_buckets(start, buckets, num_contributions=len(contributors))
+            except RobustnessError as exc:  # e.g. dropouts left fewer rows than the defense's f needs
+                record["status"] = "failed"
+                record["reason"] = f"robustness.defense={self.config.robustness.defense!r} refused the round: {exc}"
+                log.error("round %d: %s", number, record["reason"])
+                outcome = None
+            problem = None if outcome is None else _non_finite(outcome.state)
             if problem is not None:
                 record["status"] = "failed"
                 record["reason"] = f"the aggregated global adapter is not finite ({problem}); nothing was released"
@@ -492,6 +511,9 @@ class FederatedServer:
             record["excluded"] = list(outcome.excluded)
             record["epsilon"] = entry["epsilon"]
             record.update(outcome.info)
+            if self.reputation is not None and outcome.scored is not None:
+                record.update(self.reputation.update(*outcome.scored))
+                self.run_dir.write_reputation({**self.reputation.state_dict(), "round": number, "run_id": self.run_id})
             self.run_dir.save_checkpoint(
                 number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints,
                 plugin_state=self.stages.state_dict(), rng_state=rng.bit_generator.state,
@@ -590,16 +612,20 @@ class FederatedServer:
         load_trainable_state(self.adapted.model, self.global_state)
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
 
-    def restore_from_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def restore_from_checkpoint(self, checkpoint: Checkpoint, *, run_dir: str | Path | None = None) -> None:
         """Continue from ``checkpoint``: global adapter, the stages' state and the cohort RNG.
 
-        Only the in-memory state; resuming a run from its directory (ledger, metrics, rounds
-        left) is the job of the hardening work.
+        With ``run_dir`` (the directory the checkpoint came from) and ``[robustness] reputation``,
+        the reputations are reloaded from its ``reputation.json``, which must be of the same
+        round as the checkpoint. Only the in-memory state; resuming a run from its directory
+        (ledger, metrics, rounds left) is the job of the hardening work.
         """
         self.global_state = {k: np.array(v, copy=True) for k, v in checkpoint.state.items()}
         rng = restore(self.stages, checkpoint)
         if rng is not None:
             self.rng = rng
+        if self.reputation is not None and run_dir is not None:
+            restore_reputation(self.reputation, RunDirectory(run_dir), checkpoint.round)
 
 
 class _BudgetStop(Exception):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from secure_fl.config import Config
+from secure_fl.errors import RunError
 from secure_fl.server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 
 
@@ -50,6 +51,8 @@ class RunDirectory:
         self.ledger_path = self.path / "ledger.jsonl"
         self.run_info_path = self.path / "run.json"
         self.report_dir = self.path / "report"
+        #: RFFL reputations (``[robustness] reputation``), rewritten atomically after every released round.
+        self.reputation_path = self.path / "reputation.json"
 
     def holds_run(self) -> bool:
         """Whether an earlier run already wrote rounds or releases here."""
@@ -118,8 +121,27 @@ class RunDirectory:
         files = sorted(self.checkpoints.glob("round-*.safetensors"))
         return read_checkpoint(files[-1]) if files else None
 
+    def write_reputation(self, state: Mapping[str, Any]) -> None:
+        """Write ``reputation.json`` atomically (a crash leaves the previous round's file whole)."""
+        self._atomic_write(self.reputation_path, (json.dumps(_json_safe(dict(state)), indent=2) + "\n").encode())
+
+    def read_reputation(self) -> dict[str, Any] | None:
+        """The parsed ``reputation.json``, or ``None`` if this run keeps none (a damaged file raises `RunError`)."""
+        if not self.reputation_path.exists():
+            return None
+        try:
+            state = json.loads(self.reputation_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{self.reputation_path} cannot be read: {exc}") from None
+        if not isinstance(state, dict):
+            raise RunError(f"{self.reputation_path} does not hold a JSON object")
+        return state
+
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
