@@ -118,6 +118,13 @@ def test_grid_writes_a_table_of_real_runs_and_a_second_run_reads_the_cache(tmp_p
     assert redone["status"] == "ok" and not redone["cached"] and redone["rounds_run"] == 1
     assert redone["accuracy"] == pytest.approx(guarded["accuracy"])
 
+    # Another threat, the same no-defense no-attack config: cached, described by the new grid (f = 2 of 5 rows).
+    other = RobustnessGrid(preset="smoke", defenses=("none",), attacks=("none",), modes=("plain",), rounds=1, clients=5,
+                           fraction=0.4, overrides=FAST)
+    relabelled = run_robustness_table(other, tmp_path, progress=False)
+    assert len(calls) == 5 and relabelled["cells"][0]["cached"] and relabelled["cells"][0]["f"] == 2
+    assert "## plain: 5 rows (client updates), f = 2" in (tmp_path / "table.md").read_text(encoding="utf-8")
+
 
 def test_changing_a_setting_changes_the_key() -> None:
     grid = RobustnessGrid(defenses=("none",), attacks=("none",), modes=("plain",), clients=4)
