@@ -199,3 +199,13 @@ def test_the_benchmark_script_takes_the_same_flags() -> None:
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert done.returncode == 2 and "error: --attacks: unknown attack 'nope'" in done.stderr
+
+
+def test_the_command_prints_the_table_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "robustness", "--defenses", "none", "--attacks", "none", "--modes", "plain", "--clients", "4",
+            "--rounds", "1", "--set", "client.local_steps=2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] plain none x none: acc " in out
+    assert (tmp_path / "table.md").read_text(encoding="utf-8") in out
+    assert f"wrote {tmp_path / 'table.md'} and {tmp_path / 'table.json'}" in out
