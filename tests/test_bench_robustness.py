@@ -22,6 +22,7 @@ from robustness.defenses.base import Defense, DefenseResult
 from robustness.defenses.registry import _DEFENSES, register_defense
 from robustness.errors import InsufficientHonestClients
 from secure_fl import simulation
+from secure_fl.bench.cells import cell_key
 from secure_fl.bench.robustness import RobustnessGrid, plan_cells, run_robustness_table
 from secure_fl.cli import main
 from secure_fl.errors import ConfigError
@@ -129,8 +130,6 @@ def test_grid_writes_a_table_of_real_runs_and_a_second_run_reads_the_cache(tmp_p
 def test_changing_a_setting_changes_the_key() -> None:
     grid = RobustnessGrid(defenses=("none",), attacks=("none",), modes=("plain",), clients=4)
     other = RobustnessGrid(defenses=("none",), attacks=("none",), modes=("plain",), clients=4, overrides=("client.lr=0.02",))
-    from secure_fl.bench.robustness import cell_key
-
     keys = {cell_key("smoke", plan_cells(g)[0].overrides)[0] for g in (grid, other)}
     assert len(keys) == 2
 
@@ -178,12 +177,26 @@ def test_refused_cells_are_recorded_with_their_reason(tmp_path: Path, monkeypatc
     ("--rounds", "0"),
     ("--bucket-size", "-1"),
     ("--set", "robustness"),
+    ("--set", "robustness.defense=none"),
+    ("--set", "attack.params.no_such_setting=1"),
 ])
 def test_a_bad_flag_exits_2_naming_it(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "robustness", flag, value, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag}:") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cells").exists()
+
+
+def test_a_plugin_setting_override_reaches_only_the_plugins_that_have_it() -> None:
+    grid = RobustnessGrid(defenses=("none", DropLargest.name), attacks=("none",), modes=("plain",), clients=8,
+                          overrides=("robustness.params.f=0", "client.lr=0.02"))
+    plans = {p.defense: p for p in plan_cells(grid)}
+    assert plans[DropLargest.name].overrides[-2:] == ("robustness.params.f=0", "client.lr=0.02")
+    assert "robustness.params.f=2" in plans[DropLargest.name].overrides  # the derived one, overridden after it
+    assert plans["none"].overrides[-1] == "client.lr=0.02" and not any("params" in o for o in plans["none"].overrides)
+    assert cell_key("smoke", plans[DropLargest.name].overrides)[1].robustness.params == {"f": 0}  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="--set: 'run.rounds=2': the table sets run.rounds in every cell; use --rounds"):
+        RobustnessGrid(overrides=("run.rounds=2",))
 
 
 def test_grid_validation_names_the_flag() -> None:
