@@ -112,9 +112,11 @@ def test_grid_writes_a_table_of_real_runs_and_a_second_run_reads_the_cache(tmp_p
     assert [c["accuracy"] for c in again["cells"]] == [c["accuracy"] for c in data["cells"]]
 
     # An interrupted cell: its run directory was written but not its cell file. It re-runs in a clean directory.
+    # So does a cell file this version cannot read.
     (tmp_path / "cells" / f"{guarded['key']}.json").unlink()
+    (tmp_path / "cells" / f"{cells[('none', 'none')]['key']}.json").write_text('{"schema": "old"}', encoding="utf-8")
     resumed = run_robustness_table(grid, tmp_path, progress=False)
-    assert len(calls) == 5
+    assert len(calls) == 6
     redone = next(c for c in resumed["cells"] if c["key"] == guarded["key"])
     assert redone["status"] == "ok" and not redone["cached"] and redone["rounds_run"] == 1
     assert redone["accuracy"] == pytest.approx(guarded["accuracy"])
@@ -123,7 +125,7 @@ def test_grid_writes_a_table_of_real_runs_and_a_second_run_reads_the_cache(tmp_p
     other = RobustnessGrid(preset="smoke", defenses=("none",), attacks=("none",), modes=("plain",), rounds=1, clients=5,
                            fraction=0.4, overrides=FAST)
     relabelled = run_robustness_table(other, tmp_path, progress=False)
-    assert len(calls) == 5 and relabelled["cells"][0]["cached"] and relabelled["cells"][0]["f"] == 2
+    assert len(calls) == 6 and relabelled["cells"][0]["cached"] and relabelled["cells"][0]["f"] == 2
     assert "## plain: 5 rows (client updates), f = 2" in (tmp_path / "table.md").read_text(encoding="utf-8")
 
 
