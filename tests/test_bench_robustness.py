@@ -22,8 +22,9 @@ from robustness.defenses.base import Defense, DefenseResult
 from robustness.defenses.registry import _DEFENSES, register_defense
 from robustness.errors import InsufficientHonestClients
 from secure_fl import simulation
-from secure_fl.bench.cells import cell_key
+from secure_fl.bench.cells import CellResult, cell_key
 from secure_fl.bench.robustness import RobustnessGrid, plan_cells, run_robustness_table
+from secure_fl.bench.table import render_markdown, table_data
 from secure_fl.cli import main
 from secure_fl.errors import ConfigError
 
@@ -224,3 +225,24 @@ def test_the_command_prints_the_table_it_wrote(tmp_path: Path, capsys: pytest.Ca
     assert "[1/1] plain none x none: acc " in out
     assert (tmp_path / "table.md").read_text(encoding="utf-8") in out
     assert f"wrote {tmp_path / 'table.md'} and {tmp_path / 'table.json'}" in out
+
+
+def test_defaults_put_the_baselines_first_and_a_row_refused_alike_gets_one_reason_line() -> None:
+    grid = RobustnessGrid(modes=("plain",), clients=8)
+    assert grid.defenses == ("none", DropLargest.name) and grid.attacks == ("none", FlipTimesFour.name)
+
+    def cell(defense: str, attack: str, status: str, reason: str | None, accuracy: float | None) -> CellResult:
+        return CellResult(key=f"{defense}-{attack}", defense=defense, attack=attack, mode="plain", status=status,
+                          reason=reason, accuracy=accuracy, backdoor_accuracy=None,
+                          rounds_run=1, rounds_ok=1, seconds=1.0, attackers=2, rows=8, f=2, overrides=[], run_dir=None)
+
+    data = table_data(grid, [
+        cell("none", "none", "ok", None, 0.9), cell("none", FlipTimesFour.name, "failed", "boom", None),
+        cell(DropLargest.name, "none", "refused", "needs more rows", None),
+        cell(DropLargest.name, FlipTimesFour.name, "refused", "needs more rows", None),
+    ])
+    table = render_markdown(data)
+    assert "| none | 0.900 | failed |" in table and f"| {DropLargest.name} | refused | refused |" in table
+    assert f"- none x {FlipTimesFour.name}: failed: boom" in table
+    assert f"- {DropLargest.name} x every attack: refused: needs more rows" in table
+    assert table.count("needs more rows") == 1
