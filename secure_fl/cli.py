@@ -1,4 +1,4 @@
-"""Command line: ``secure-fl`` (simulate, audit, config, presets), ``secure-fl-server``, ``secure-fl-client``.
+"""Command line: ``secure-fl`` (simulate, audit, config, presets, bench), ``secure-fl-server``, ``secure-fl-client``.
 
 A thin layer over the library: parse arguments, resolve the config (file or preset, then
 ``--set`` overrides), call `secure_fl.simulation.simulate`, `FederatedServer` or
@@ -185,6 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     show.set_defaults(fn=_show_config)
     sub.add_parser("presets", help="list the bundled presets").set_defaults(fn=_presets)
+    from secure_fl.bench.command import add_arguments as add_bench_arguments, run_from_args as run_bench
+
+    bench = sub.add_parser("bench", help="evaluation harnesses that run many simulations and write a table")
+    robust = bench.add_subparsers(dest="bench", required=True).add_parser(
+        "robustness", help="defenses x attacks x secure modes: accuracy (and backdoor success) as table.md + table.json",
+    )
+    add_bench_arguments(robust)
+    robust.set_defaults(fn=run_bench)
     args = parser.parse_args(argv)
     _setup_logging()
     return _guard(args.fn, args)
