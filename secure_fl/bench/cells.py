@@ -163,6 +163,10 @@ def run_cell(plan: CellPlan, base: str, out: Path) -> CellResult:
         except (RunError, RobustnessError) as exc:
             status, reason = "failed", _one_line(exc)
     records = _metrics(run_dir)
+    bad = [r for r in records if r.get("status", "ok") != "ok"]
+    if status == "ok" and records and len(bad) == len(records):  # no round released anything
+        reason = _one_line(str(bad[0].get("reason", "every round failed")))
+        status = "refused" if "refused the round" in reason else "failed"
     result = CellResult(
         key=key, defense=plan.defense, attack=plan.attack, mode=plan.mode, status=status, reason=reason,
         accuracy=_last(records, "accuracy"), backdoor_accuracy=_last(records, "backdoor_accuracy"),

@@ -48,14 +48,15 @@ class BenchPreset:
     rounds: int
 
 
-#: ``--preset`` values. bbc-news is made cheap (short sequences, r = 4, 3 local steps of 8) so a
-#: cell takes well under a minute on two cores.
+#: ``--preset`` values: 20 clients, 20% of them attackers, as issue 11 asks of both presets.
+#: bbc-news is made cheaper (32-token sequences, r = 4, 3 local steps of 8 at lr 0.01: 0.90 test
+#: accuracy after 4 rounds without attackers); a cell still costs 1 to 3 minutes on two cores.
 BENCH_PRESETS: dict[str, BenchPreset] = {
-    "smoke": BenchPreset("smoke", (), clients=16, fraction=0.25, rounds=3),
+    "smoke": BenchPreset("smoke", ("data.synthetic_examples=2400",), clients=20, fraction=0.2, rounds=3),
     "bbc-news": BenchPreset(
         "bbc-news",
-        ("model.max_length=64", "peft.r=4", "client.local_steps=3", "client.batch_size=8"),
-        clients=20, fraction=0.2, rounds=3,
+        ("model.max_length=32", "peft.r=4", "client.local_steps=3", "client.batch_size=8", "client.lr=0.01"),
+        clients=20, fraction=0.2, rounds=4,
     ),
 }
 
