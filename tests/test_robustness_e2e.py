@@ -83,3 +83,40 @@ def test_reputation_survives_a_server_restart(tmp_path: Path) -> None:
     everyone = [f"client-{i}" for i in range(8)]
     cohort, _ = restarted._select(4, everyone, np.random.default_rng(0))
     assert set(cohort) == set(everyone) - attackers  # removed clients are never selected again
+
+
+@pytest.mark.parametrize("overrides", [
+    ("robustness.defense='multi-krum'", "robustness.f=1", "robustness.reputation=true", "robustness.reputation_warmup=1"),
+    ("secure.bucket_size=2", "robustness.defense='median'"),
+    ("peft.rule='rank-vote'", "client.lr=0.1"),
+], ids=["multi-krum+reputation", "bucketing+median", "rank-vote"])
+def test_robust_stages_run_over_grpc_as_in_simulation(grpc_server, tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    """The defenses, reputation and rank voting are server stages: a real gRPC run matches the simulation."""
+    import threading
+
+    from secure_fl.transport.grpc_client import GrpcTransport
+    from tests.test_grpc_round import make_client
+
+    config = smoke_config("run.num_clients=5", "run.clients_per_round=5", "data.synthetic_examples=600", *overrides)
+    simulated = simulate(config, tmp_path / "sim", progress=False)
+    running = grpc_server(config)
+    clients = [make_client(config, i, GrpcTransport(running.address), config.transport.chunk_size) for i in range(5)]
+    threads = [threading.Thread(target=c.run, kwargs={"connect_timeout": 60}) for c in clients]
+    for t in threads:
+        t.start()
+    deployed = running.result(timeout=300)
+    for t in threads:
+        t.join(60)
+    assert [m["status"] for m in deployed.metrics] == ["ok", "ok"]
+    if "secure.bucket_size=2" in overrides:  # buckets are drawn with secrets: same shape, not the same numbers
+        assert [m["buckets"] for m in deployed.metrics] == [3, 3]
+        return
+    for a, b in zip(simulated.metrics, deployed.metrics, strict=True):
+        assert (a["accuracy"], a["loss"], a.get("excluded")) == (b["accuracy"], b["loss"], b.get("excluded"))
+    for key, value in simulated.global_state.items():
+        np.testing.assert_array_equal(value, deployed.global_state[key])
+    if config.robustness.reputation:
+        sim_state = RunDirectory(simulated.run_dir).read_reputation()
+        grpc_state = RunDirectory(deployed.run_dir).read_reputation()
+        assert sim_state is not None and grpc_state is not None
+        assert sim_state["reputations"] == grpc_state["reputations"] and grpc_state["round"] == 2
