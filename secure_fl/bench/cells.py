@@ -165,7 +165,7 @@ def run_cell(plan: CellPlan, base: str, out: Path) -> CellResult:
     records = _metrics(run_dir)
     bad = [r for r in records if r.get("status", "ok") != "ok"]
     if status == "ok" and records and len(bad) == len(records):  # no round released anything
-        reason = _one_line(str(bad[0].get("reason", "every round failed")))
+        reason = " ".join(str(bad[0].get("reason") or "every round failed").split())
         status = "refused" if "refused the round" in reason else "failed"
     result = CellResult(
         key=key, defense=plan.defense, attack=plan.attack, mode=plan.mode, status=status, reason=reason,
