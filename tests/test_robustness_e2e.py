@@ -52,6 +52,24 @@ def test_defense_over_secagg_bucket_means_holds(tmp_path: Path) -> None:
     assert median > clean - 0.1, (clean, median)  # measured: 0.89
 
 
+def test_reputation_under_secagg_is_built_from_bucket_scores(tmp_path: Path) -> None:
+    """The attacker drags every bucket it joins down; buckets are re-drawn, so it ends lowest."""
+    config = smoke_config(
+        "run.num_clients=9", "run.clients_per_round=9", "data.synthetic_examples=1080", "run.rounds=4",
+        "secure.mode='secagg+'", "secure.bucket_size=3", "secure.params.dropout_fraction=0.0",
+        "attack.kind='sign-flip'", "attack.fraction=0.12", "attack.params.scale=8.0",
+        "robustness.defense='median'", "robustness.reputation=true", "robustness.reputation_warmup=100",
+    )
+    result = simulate(config, tmp_path / "run", progress=False)
+    state = RunDirectory(result.run_dir).read_reputation()
+    assert state is not None and state["round"] == 4 and not state["removed"]
+    (attacker,) = [f"client-{i}" for i in attacker_indices(config)]
+    reputations = state["reputations"]
+    assert len(reputations) == 9
+    assert reputations[attacker] < 0 and reputations[attacker] <= min(reputations.values())
+    assert sorted(reputations.values())[-1] > 0  # honest clients that never met it keep a positive reputation
+
+
 def test_a_defense_no_round_could_satisfy_is_refused_at_start(tmp_path: Path) -> None:
     nine = ("run.num_clients=9", "run.clients_per_round=9", "data.synthetic_examples=1080")
     with pytest.raises(ConfigError, match=r"needs at least 7 rows per round, but 9 client\(s\) per round in buckets of 3, i.e. 3"):
