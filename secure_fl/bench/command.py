@@ -21,14 +21,14 @@ def _names(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the robustness table's flags to ``parser``."""
     parser.add_argument("--preset", choices=tuple(BENCH_PRESETS), default="smoke",
-                        help="bench preset: smoke (16 clients, fraction 0.25) or bbc-news (20 clients, fraction 0.2); default smoke")
+                        help="bench preset: smoke or bbc-news (20 clients, fraction 0.2 each); default smoke")
     parser.add_argument("--defenses", type=_names, default=(), metavar="A,B,...",
                         help="defenses to compare (default: every registered one)")
     parser.add_argument("--attacks", type=_names, default=(), metavar="X,Y,...",
                         help="attacks to compare; 'none' is the no-attack baseline (default: every registered one)")
     parser.add_argument("--modes", type=_names, default=MODES, metavar="M,...",
                         help=f"secure modes: {', '.join(MODES)} (default: both)")
-    parser.add_argument("--rounds", type=int, metavar="R", help="rounds per cell (default: the preset's, 3)")
+    parser.add_argument("--rounds", type=int, metavar="R", help="rounds per cell (default: the preset's: smoke 3, bbc-news 4)")
     parser.add_argument("--clients", type=int, metavar="N", help="clients, all of them every round (default: the preset's)")
     parser.add_argument("--fraction", type=float, metavar="F", help="share of attackers in the attacked columns, in [0, 1)")
     parser.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE, metavar="S",
