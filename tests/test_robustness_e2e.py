@@ -12,6 +12,7 @@ file lets a restarted server go on with the same reputations.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_reputation_survives_a_server_restart(tmp_path: Path) -> None:
     ("secure.bucket_size=2", "robustness.defense='median'"),
     ("peft.rule='rank-vote'", "client.lr=0.1"),
 ], ids=["multi-krum+reputation", "bucketing+median", "rank-vote"])
-def test_robust_stages_run_over_grpc_as_in_simulation(grpc_server, tmp_path: Path, overrides: tuple[str, ...]) -> None:
+def test_robust_stages_run_over_grpc_as_in_simulation(grpc_server: Any, tmp_path: Path, overrides: tuple[str, ...]) -> None:
     """The defenses, reputation and rank voting are server stages: a real gRPC run matches the simulation."""
     import threading
 
@@ -116,7 +117,8 @@ def test_robust_stages_run_over_grpc_as_in_simulation(grpc_server, tmp_path: Pat
     from tests.test_grpc_round import make_client
 
     config = smoke_config("run.num_clients=5", "run.clients_per_round=5", "data.synthetic_examples=600", *overrides)
-    simulated = simulate(config, tmp_path / "sim", progress=False)
+    bucketed = "secure.bucket_size=2" in overrides  # buckets are drawn with secrets: same shape, not the same numbers
+    simulated = None if bucketed else simulate(config, tmp_path / "sim", progress=False)
     running = grpc_server(config)
     clients = [make_client(config, i, GrpcTransport(running.address), config.transport.chunk_size) for i in range(5)]
     threads = [threading.Thread(target=c.run, kwargs={"connect_timeout": 60}) for c in clients]
@@ -126,7 +128,7 @@ def test_robust_stages_run_over_grpc_as_in_simulation(grpc_server, tmp_path: Pat
     for t in threads:
         t.join(60)
     assert [m["status"] for m in deployed.metrics] == ["ok", "ok"]
-    if "secure.bucket_size=2" in overrides:  # buckets are drawn with secrets: same shape, not the same numbers
+    if simulated is None:
         assert [m["buckets"] for m in deployed.metrics] == [3, 3]
         return
     for a, b in zip(simulated.metrics, deployed.metrics, strict=True):
