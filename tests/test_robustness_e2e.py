@@ -11,6 +11,7 @@ file lets a restarted server go on with the same reputations.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,10 @@ def test_reputation_survives_a_server_restart(tmp_path: Path) -> None:
     assert state is not None and state["round"] == 3
     assert set(state["removed"]) == attackers  # both sign flippers removed, nobody else
     assert any(r.get("reputation_removed") for r in first.metrics)
+    assert first.report_json is not None  # the privacy officer sees who was removed, and when
+    report = json.loads(first.report_json.read_text(encoding="utf-8"))
+    removed = {e["client_id"] for e in report["exclusions"] if e["defense"].startswith("reputation")}
+    assert removed == attackers
     # A new server process: fresh objects, restored from the run directory's checkpoint and state file.
     restarted = FederatedServer(config, tmp_path / "second", transport="in-process")
     checkpoint = run_dir.load_checkpoint()

@@ -187,6 +187,9 @@ def build_report(
         "exclusions": [
             {"round": int(m["round"]), "client_id": str(c), "defense": str(dict(m.get("stages", {})).get("defense", ""))}
             for m in metrics for c in m.get("excluded", [])
+        ] + [  # RFFL reputation: removed for the rest of the run (never selected again)
+            {"round": int(m["round"]), "client_id": str(c), "defense": "reputation (removed for the rest of the run)"}
+            for m in metrics for c in m.get("reputation_removed", []) or []
         ],
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
         **({"clipping": clipping} if clipping else {}),
