@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from statistics import NormalDist
 
 import numpy as np
 
-from robustness.attacks._vectors import coordinate_std, honest_matrix, unflatten
-from robustness.attacks.base import Attack, AttackContext
+from robustness.attacks._vectors import coordinate_std
+from robustness.attacks._white_box import WhiteBoxAttack
+from robustness.attacks.base import AttackContext
 from robustness.errors import RobustnessError
 
 
@@ -38,7 +38,7 @@ def alie_z_max(n: int, f: int) -> float:
     return NormalDist().inv_cdf(p)
 
 
-class ALittleIsEnough(Attack):
+class ALittleIsEnough(WhiteBoxAttack):
     """Send ``mu - z_max * sigma`` of the round's honest updates (all attackers the same update).
 
     ``mu`` and ``sigma`` are the coordinate-wise mean and sample standard deviation of the honest
@@ -53,23 +53,13 @@ class ALittleIsEnough(Attack):
 
     name = "alie"
     paper = "https://arxiv.org/abs/1902.06156"
-    white_box = True
 
     def __init__(self, *, z: float | None = None) -> None:
         if z is not None and (isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z)):
             raise ValueError(f"z must be a finite number (or unset), got {z!r}")
         self.z = None if z is None else float(z)
 
-    def perturb(self, update: Mapping[str, np.ndarray], *, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Refuse: ALIE needs the honest updates of the round (`apply`)."""
-        raise self._needs_context()
-
-    def apply(
-        self, update: Mapping[str, np.ndarray], *, rng: np.random.Generator, context: AttackContext
-    ) -> dict[str, np.ndarray]:
-        """Return ``mu - z * sigma`` of ``context.honest_updates``."""
-        if not context.honest_updates:
-            raise self._needs_context()
-        honest = honest_matrix(update, context.honest_updates, attack=self.name, minimum=2)
+    def craft(self, honest: np.ndarray, context: AttackContext) -> np.ndarray:
+        """Return ``mu - z * sigma`` of the round's honest updates."""
         z = self.z if self.z is not None else alie_z_max(context.cohort_size, context.num_attackers)
-        return unflatten(honest.mean(axis=0) - z * coordinate_std(honest), update)
+        return np.asarray(honest.mean(axis=0) - z * coordinate_std(honest), dtype=np.float64)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 
-from robustness.attacks._vectors import honest_matrix, unflatten
-from robustness.attacks.base import Attack, AttackContext
+from robustness.attacks._white_box import WhiteBoxAttack
+from robustness.attacks.base import AttackContext
 
 
-class InnerProductManipulation(Attack):
+class InnerProductManipulation(WhiteBoxAttack):
     """Send ``-epsilon * mu``, ``mu`` the mean of the round's honest updates (all attackers alike).
 
     A small ``epsilon`` (0.1) hides among the honest updates and turns median- and Krum-type rules
@@ -25,22 +24,13 @@ class InnerProductManipulation(Attack):
 
     name = "ipm"
     paper = "https://arxiv.org/abs/1903.03936"
-    white_box = True
+    minimum_honest = 1  # a mean needs one update
 
     def __init__(self, *, epsilon: float = 0.1) -> None:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
             raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
         self.epsilon = float(epsilon)
 
-    def perturb(self, update: Mapping[str, np.ndarray], *, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Refuse: IPM needs the honest updates of the round (`apply`)."""
-        raise self._needs_context()
-
-    def apply(
-        self, update: Mapping[str, np.ndarray], *, rng: np.random.Generator, context: AttackContext
-    ) -> dict[str, np.ndarray]:
+    def craft(self, honest: np.ndarray, context: AttackContext) -> np.ndarray:
         """Return ``-epsilon * mean(honest updates)``."""
-        if not context.honest_updates:
-            raise self._needs_context()
-        honest = honest_matrix(update, context.honest_updates, attack=self.name)
-        return unflatten(-self.epsilon * honest.mean(axis=0), update)
+        return np.asarray(-self.epsilon * honest.mean(axis=0), dtype=np.float64)
