@@ -207,9 +207,8 @@ class SecureConfig:
         _non_negative_int("secure.bucket_size", self.bucket_size)
         cls = plugin_class(self.mode)
         in_params = Params(self.params).get("bucket_size")
-        if self.bucket_size and getattr(cls, "reveals_individual_updates", False):
-            pass  # plain mode: the server buckets the revealed updates itself (secure_fl.server.pipeline)
-        elif self.bucket_size:
+        # Plain mode: the server buckets the revealed updates itself (secure_fl.server.pipeline).
+        if self.bucket_size and not getattr(cls, "reveals_individual_updates", False):
             if "bucket_size" not in inspect.signature(cls).parameters:
                 _fail("secure.bucket_size", f"secure mode {self.mode!r} does not split the cohort into buckets; "
                       "use secure.mode='secagg+' (or leave bucket_size at 0)")
