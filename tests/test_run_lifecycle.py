@@ -26,6 +26,13 @@ from tests.test_grpc_round import make_client
 BIN = Path(sys.executable).parent
 
 
+def _sigint_default() -> None:
+    """Give a child the default Ctrl-C handling. A shell that starts the tests in the background
+    (``pytest &``) makes SIGINT ignored, and children inherit that, so a test that sends SIGINT
+    would wait for a process that never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_round_is_not_released(tmp_path: Path) -> None:
     """Stopping the run with a round open (Ctrl-C, Server.stop) releases nothing of that round."""
     config = smoke_config("run.num_clients=2", "run.clients_per_round=2", "run.rounds=3", "run.join_timeout=30")
@@ -71,6 +78,7 @@ def test_ctrl_c_during_simulate_releases_only_complete_rounds(tmp_path: Path) ->
     proc = subprocess.Popen(
         [str(BIN / "secure-fl"), "simulate", "--preset", "smoke", "--out", str(out), "--set", "run.rounds=200"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_sigint_default,
     )
     assert proc.stdout is not None
     for line in proc.stdout:  # wait until one round was released, then interrupt mid-run
@@ -172,7 +180,7 @@ def test_two_servers_cannot_share_a_port(tmp_path: Path) -> None:
     first = subprocess.Popen(
         [str(BIN / "secure-fl-server"), "--preset", "smoke", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "A"),
          "--set", "run.join_timeout=60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
     )
     try:
         assert first.stdout is not None
