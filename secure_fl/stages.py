@@ -269,7 +269,12 @@ class Stages:
 def _check_server_noise(config: Config, stages: Stages) -> None:
     """Refuse what breaks central DP: a sum-only secure mode, or a defense that drops or re-weights rows."""
     mode = config.privacy.mode
-    if not stages.secure.reveals_individual_updates:
+    uniform = getattr(stages.secure, "enable_uniform_weights", None)
+    if not stages.secure.reveals_individual_updates and callable(uniform):
+        # Homomorphic sums: the clients clip and encrypt with weight 1, the server adds the noise
+        # to the decrypted sum, which it (trusted under central DP) sees, as in plain mode.
+        uniform()
+    elif not stages.secure.reveals_individual_updates:
         raise ConfigError(
             f"privacy.mode={mode!r} has the server add the noise, so with secure.mode={config.secure.mode!r} "
             "the server would still see the noise-free sum (and the protocol's weighted bucket sums cannot be "

@@ -17,6 +17,10 @@ What is here:
   enters it at any 64-byte block, to fill reusable buffers or split one mask over threads).
 * `shamir`: t-of-k Shamir sharing of 32-byte secrets over GF(2**256 + 297), shares serialised
   with a version byte.
+* `he`: TenSEAL contexts for addition-only homomorphic aggregation (BFV and CKKS): parameters
+  checked against the 128-bit HE-standard limits, symmetric-key contexts for the clients and a
+  key-free parameters context for the server, slot vectors encrypted, added and decrypted in
+  whole-ciphertext chunks. Import it as ``protocols._hazmat.he`` (it loads TenSEAL).
 * `masking`: self masks and antisymmetric pairwise masks modulo 2**b; `accumulate_masks` is the
   fast path that adds many keystreams into one vector in place.
 
@@ -32,6 +36,7 @@ from protocols._hazmat.aead import (
     encrypt_share,
 )
 from protocols._hazmat.keys import (
+    INFO_KEY_TRANSPORT,
     INFO_PAIRWISE_MASK,
     INFO_SELF_MASK,
     INFO_SHARE_ENCRYPTION,
@@ -56,6 +61,7 @@ from protocols._hazmat.shamir import PRIME, SHARE_VERSION, ShamirScheme, Share, 
 
 __all__ = [
     "CIPHERTEXT_VERSION",
+    "INFO_KEY_TRANSPORT",
     "INFO_PAIRWISE_MASK",
     "INFO_SELF_MASK",
     "INFO_SHARE_ENCRYPTION",

@@ -30,7 +30,10 @@ INFO_SHARE_ENCRYPTION = b"secure-fl/secagg/v1/share-encryption"
 INFO_PAIRWISE_MASK = b"secure-fl/secagg/v1/pairwise-mask"
 #: HKDF ``info`` of the PRG key of a client's self mask (from its self-mask seed).
 INFO_SELF_MASK = b"secure-fl/secagg/v1/self-mask"
-PURPOSES = (INFO_SHARE_ENCRYPTION, INFO_PAIRWISE_MASK, INFO_SELF_MASK)
+#: HKDF ``info`` of the AES-256-GCM key that carries a round's secret HE context from the key
+#: leader to one client (``[secure] mode = "bfv"`` / ``"ckks"``).
+INFO_KEY_TRANSPORT = b"secure-fl/he/v1/key-transport"
+PURPOSES = (INFO_SHARE_ENCRYPTION, INFO_PAIRWISE_MASK, INFO_SELF_MASK, INFO_KEY_TRANSPORT)
 
 _SALT_PREFIX = b"secure-fl/secagg/v1/instance"
 _MAX_U32 = 2**32 - 1

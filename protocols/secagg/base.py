@@ -86,6 +86,14 @@ class ServerRound(ABC):
     def result(self) -> list[BucketSum]:
         """The bucket sums of the round (call after `next_phase` returned ``None``)."""
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """Clients whose answer the protocol refused this round, with the reason (default: none).
+
+        Their inputs are in no sum; the engine writes them to ``metrics.jsonl`` and the log.
+        """
+        return {}
+
 
 class ClientRound(ABC):
     """The client half of one round: a session that keeps its secrets between phases.

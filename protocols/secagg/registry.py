@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from protocols._registry import Registry
 from protocols.secagg.base import SecureAggregation
+from protocols.secagg.he import BFVAggregation, CKKSAggregation
 from protocols.secagg.plain import PlainAggregation
 from protocols.secagg.secaggplus import SecAggPlus
 
@@ -17,6 +18,8 @@ _PROTOCOLS: Registry[SecureAggregation] = Registry(
     {
         "plain": PlainAggregation,
         "secagg+": SecAggPlus,
+        "bfv": BFVAggregation,
+        "ckks": CKKSAggregation,
     },
 )
 

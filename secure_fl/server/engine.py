@@ -421,7 +421,7 @@ class FederatedServer:
         manifest, payload = serde.pack_tensors(self.global_state)
         started = time.perf_counter()
         self.observer.on_round_start(number, cohort)
-        state, buckets, abort = self._run_phases(number, cohort, manifest, payload, rng)
+        state, buckets, abort, refused = self._run_phases(number, cohort, manifest, payload, rng)
         if state.interrupted is not None:
             self._record_interrupted(number, cohort, state, started, self._sample_level(rates, [], state))
             raise RunInterrupted(f"round {number} was interrupted ({state.interrupted}); nothing of it was released")
@@ -447,6 +447,10 @@ class FederatedServer:
             "stages": self.stages.names(),
             **_federated_evaluation(client_metrics),
         }
+        if refused:  # answers the protocol refused (a corrupt or foreign ciphertext): named, left out of the sums
+            record["refused"] = dict(sorted(refused.items()))
+            for client, reason in sorted(refused.items()):
+                log.warning("round %d: %s refused client %s: %s", number, self.stages.secure.name, client, reason)
         outcome: AggregationOutcome | None = None
         if abort is not None:
             record["status"] = "aborted"
@@ -527,11 +531,12 @@ class FederatedServer:
 
     def _run_phases(
         self, number: int, cohort: Sequence[str], manifest: Any, payload: bytes, rng: np.random.Generator
-    ) -> tuple[RoundState, list[BucketSum], str | None]:
+    ) -> tuple[RoundState, list[BucketSum], str | None, dict[str, str]]:
         """Run the round's phases as the protocol's server half declares them.
 
-        Returns the round state, the bucket sums (empty if the round was aborted or interrupted)
-        and the protocol's abort reason, if any. The buckets are fixed here, when the round opens.
+        Returns the round state, the bucket sums (empty if the round was aborted or interrupted),
+        the protocol's abort reason, if any, and the clients whose answers it refused. The buckets
+        are fixed here, when the round opens.
         """
         run = self.config.run
         secure = self.stages.secure
@@ -555,8 +560,8 @@ class FederatedServer:
             abort = str(exc)
         self.coordinator.end_round()
         if abort is not None or state.interrupted is not None:
-            return state, [], abort
-        return state, server_round.result(), None
+            return state, [], abort, server_round.refused
+        return state, server_round.result(), None, server_round.refused
 
     def _sample_level(
         self, rates: Mapping[str, float], contributors: Sequence[str], state: RoundState
