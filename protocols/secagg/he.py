@@ -343,18 +343,22 @@ class CKKSAggregation(HomomorphicAggregation):
 
     def decode(self, slots: np.ndarray, plan: hp.SlotPlan, count: int) -> tuple[np.ndarray, float]:
         values = np.asarray(slots, dtype=np.float64) * plan.weight_bound
-        weight = float(values[-1])
-        slack = 1e-3 * count
-        if not (count - slack <= weight <= count * plan.weight_bound + slack) or not np.isfinite(values).all():
-            raise WrapAround(f"the decrypted total weight {weight:g} of {count} client(s) is outside [{count}, "
-                             f"{count * plan.weight_bound}]: a client sent out-of-range values or encrypted under another key")
+        if not np.isfinite(values).all():
+            raise WrapAround("the decrypted sum holds non-finite values: a client encrypted under another key")
+        # Weights are integers, so their sum is too: rounding removes the decryption error, and a
+        # sum far from an integer means the slots did not decrypt to what honest clients sent.
+        weight = round(float(values[-1]))
+        if abs(values[-1] - weight) > 0.25 or not count <= weight <= count * plan.weight_bound:
+            raise WrapAround(f"the decrypted total weight {values[-1]:g} of {count} client(s) is not an integer in "
+                             f"[{count}, {count * plan.weight_bound}]: a client sent out-of-range values or encrypted "
+                             "under another key")
         sums = values[:-1]
-        bound = weight * self.clip_range + slack * plan.weight_bound
+        bound = weight * self.clip_range * (1 + 1e-6) + 0.25
         bad = np.flatnonzero(np.abs(sums) > bound)
         if bad.size:
-            raise WrapAround(f"{bad.size} decrypted sum(s) exceed total_weight * clip_range = {bound:g} (first: index "
-                             f"{int(bad[0])}): a client sent out-of-range values or encrypted under another key")
-        return sums, round(weight) if plan.weight_bound == 1 else weight
+            raise WrapAround(f"{bad.size} decrypted sum(s) exceed total_weight * clip_range = {weight * self.clip_range:g} "
+                             f"(first: index {int(bad[0])}): a client sent out-of-range values or encrypted under another key")
+        return sums, float(weight)
 
     def _scheme_detail(self) -> str:
         return f", scale 2^{self.scale_bits}, approximate real sums"
@@ -407,8 +411,9 @@ class HEClient(ClientRound):
             if self.stage != len(hp.PHASES) - 1:
                 raise StageTransitionError(f"{self.protocol.name} client {self.me}: asked to decrypt before its "
                                            "encrypted input, or a second time")
-            self.stage = len(hp.PHASES)
-            return self._decrypt(data)
+            answer = self._decrypt(data)
+            self.stage = len(hp.PHASES)  # one decryption per round; a refused request does not count
+            return answer
         raise StageTransitionError(f"{self.protocol.name} client {self.me}: no phase {phase!r} to answer")
 
     def _advertise(self, data: PhaseData) -> PhaseData:
