@@ -216,8 +216,21 @@ class BFVAggregation(HomomorphicAggregation):
     pack : int or None
         Values per slot; None (default): as many as fit (`protocols.secagg.he_plan.bfv_plan`); 1
         turns packing off.
-
-    Other settings as `HomomorphicAggregation`.
+    coeff_mod_bit_sizes : list of int
+        The coefficient-modulus primes: data primes, then the special prime. Default ``[54, 55]``,
+        the 109 bits 128-bit security allows at N = 4096.
+    bucket_size : int
+        Most clients per bucket (one summed ciphertext each); 0 (default) keeps the whole cohort in
+        one bucket. At least 3. Usually set as ``[secure] bucket_size``.
+    poly_modulus_degree : int
+        N, the ring degree. 4096 (default) is the smallest with room for an additions-only sum.
+    clip_range : float
+        Coordinates are clipped to ``[-clip_range, clip_range]`` before encryption.
+    max_weight : int
+        Client weights (example counts) are rounded and clamped into ``[1, max_weight]``; each
+        client multiplies its update by its weight before encrypting (the server never multiplies).
+    phase_timeout : float or None
+        Seconds the phases that do not train stay open (None: ``run.round_timeout``).
     """
 
     name = "bfv"
@@ -305,8 +318,18 @@ class CKKSAggregation(HomomorphicAggregation):
         integer headroom.
     scale_bits : int
         log2 of the CKKS scale; the decryption error is about ``2^-scale_bits`` times the noise.
-
-    Other settings as `HomomorphicAggregation`.
+    bucket_size : int
+        Most clients per bucket (one summed ciphertext each); 0 (default) keeps the whole cohort in
+        one bucket. At least 3. Usually set as ``[secure] bucket_size``.
+    poly_modulus_degree : int
+        N, the ring degree. 4096 (default) is the smallest with room for an additions-only sum.
+    clip_range : float
+        Coordinates are clipped to ``[-clip_range, clip_range]`` before encryption.
+    max_weight : int
+        Client weights (example counts) are rounded and clamped into ``[1, max_weight]``; each
+        client multiplies its update by its weight before encrypting (the server never multiplies).
+    phase_timeout : float or None
+        Seconds the phases that do not train stay open (None: ``run.round_timeout``).
     """
 
     name = "ckks"

@@ -192,7 +192,7 @@ class SecureConfig:
     mode: str = field(default="plain", metadata={"help": "secure-aggregation mode"})
     bucket_size: int = field(default=0, metadata={
         "help": "most clients per bucket: the cohort is split at random into buckets whose sums the server "
-                "learns (0: one bucket, the whole cohort) under secagg+; in plain mode the server averages random "
+                "learns (0: one bucket, the whole cohort) under secagg+, bfv and ckks; in plain mode the server averages random "
                 "buckets of the individual updates before the defense (bucketing, Karimireddy et al. 2022; 0 or 1: "
                 "no bucketing)"
     })
