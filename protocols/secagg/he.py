@@ -89,16 +89,18 @@ class HomomorphicAggregation(SecureAggregation):
     reveals_individual_updates = False
 
     def __init__(
-        self, *, bucket_size: int = 0, poly_modulus_degree: int = 4096, coeff_mod_bit_sizes: Sequence[int] = (54, 55),
+        self, *, bucket_size: int = 0, poly_modulus_degree: int = 4096, coeff_mod_bit_sizes: Sequence[int] | None = (54, 55),
         clip_range: float = 8.0, max_weight: int = 1024, phase_timeout: float | None = None,
     ) -> None:
         self.bucket_size = _check_int("bucket_size", bucket_size, 0)
         if 0 < bucket_size < hp.MIN_BUCKET:
             raise ValueError(f"{self.name} setting bucket_size must be 0 (whole cohort) or >= {hp.MIN_BUCKET}, got {bucket_size}")
         self.poly_modulus_degree = _check_int("poly_modulus_degree", poly_modulus_degree, 1024)
-        if isinstance(coeff_mod_bit_sizes, (str, bytes)) or not isinstance(coeff_mod_bit_sizes, Sequence):
+        if coeff_mod_bit_sizes is not None and (
+            isinstance(coeff_mod_bit_sizes, (str, bytes)) or not isinstance(coeff_mod_bit_sizes, Sequence)
+        ):
             raise ValueError(f"setting coeff_mod_bit_sizes must be a list of prime bit sizes, got {coeff_mod_bit_sizes!r}")
-        self.coeff_mod_bit_sizes = tuple(coeff_mod_bit_sizes)
+        self.coeff_mod_bit_sizes = None if coeff_mod_bit_sizes is None else tuple(coeff_mod_bit_sizes)
         self.clip_range = _check_float("clip_range", clip_range)
         self.max_weight = _check_int("max_weight", max_weight, 1)
         self.phase_timeout = None if phase_timeout is None else _check_float("phase_timeout", phase_timeout)
@@ -193,6 +195,9 @@ class HomomorphicAggregation(SecureAggregation):
             "adversary_model": ("honest-but-curious server: public keys are not authenticated, so a server that "
                                 "substitutes its own key in advertise-keys receives the round key, and a server that "
                                 "sends one client's ciphertext to the decrypting client as a 'sum' reads that update"),
+            "deviating_server": ("every update of the round, by substituting its own public key for a client's in "
+                                 "advertise-keys (it then receives that client's copy of the round key), or one "
+                                 "client's update, by handing its ciphertext to the decrypting client as a bucket sum"),
             "on_abort": "nothing is released; the round's key is discarded with the round",
             "weights": "uniform: every client's weight is 1" if self._uniform_weights else
                        f"example counts, rounded and clamped to [1, {self.max_weight}], applied by the clients",
@@ -311,13 +316,19 @@ class BFVAggregation(HomomorphicAggregation):
 class CKKSAggregation(HomomorphicAggregation):
     """``ckks``: approximate real sums, one value per slot, no quantisation.
 
+    Clients encrypt ``w * clip(x)`` and their integer weight ``w``; the decrypted total weight is
+    rounded to the integer it must be. The sum of a bucket of ``n`` stays within ``n W c``, which
+    must lie well inside the integer headroom ``2^(q0 - scale_bits - 1)`` (q0 the first prime).
+
     Parameters
     ----------
-    coeff_mod_bit_sizes : list of int
-        Default ``[40, 40]``: one 40-bit data prime; with ``scale_bits = 25`` sums keep 14 bits of
-        integer headroom.
+    coeff_mod_bit_sizes : list of int or None
+        None (default): ``[q0, q0]`` with the smallest q0 whose headroom holds ``4 n W c`` for the
+        round's largest bucket (at most 54 bits at N = 4096: 128-bit security allows 109 in all).
+        An explicit list is checked against the same bound.
     scale_bits : int
-        log2 of the CKKS scale; the decryption error is about ``2^-scale_bits`` times the noise.
+        log2 of the CKKS scale (default 25); the decryption error of a sum is about
+        ``2^-scale_bits`` times the noise (5e-5 absolute on a sum of 10 at the default).
     bucket_size : int
         Most clients per bucket (one summed ciphertext each); 0 (default) keeps the whole cohort in
         one bucket. At least 3. Usually set as ``[secure] bucket_size``.
@@ -337,35 +348,45 @@ class CKKSAggregation(HomomorphicAggregation):
     paper = "https://eprint.iacr.org/2016/421"
 
     def __init__(
-        self, *, bucket_size: int = 0, poly_modulus_degree: int = 4096, coeff_mod_bit_sizes: Sequence[int] = (40, 40),
+        self, *, bucket_size: int = 0, poly_modulus_degree: int = 4096, coeff_mod_bit_sizes: Sequence[int] | None = None,
         scale_bits: int = 25, clip_range: float = 8.0, max_weight: int = 1024, phase_timeout: float | None = None,
     ) -> None:
-        self.scale_bits = scale_bits
+        self.scale_bits = _check_int("scale_bits", scale_bits, 10, 58)
         super().__init__(bucket_size=bucket_size, poly_modulus_degree=poly_modulus_degree,
                          coeff_mod_bit_sizes=coeff_mod_bit_sizes, clip_range=clip_range, max_weight=max_weight,
                          phase_timeout=phase_timeout)
 
     def parameters(self, largest_bucket: int) -> he.HEParameters:
-        if not self._params:
-            self._params[0] = he.HEParameters("ckks", self.poly_modulus_degree, self.coeff_mod_bit_sizes,
-                                              scale_bits=self.scale_bits)
-        return self._params[0]
+        if largest_bucket not in self._params:
+            sizes = self.coeff_mod_bit_sizes
+            if sizes is None:
+                need = math.ceil(math.log2(4.0 * largest_bucket * self.weight_bound * self.clip_range))
+                q0 = max(20, self.scale_bits + 1 + need + 1)
+                most = min(60, he.MAX_COEFF_BITS.get(self.poly_modulus_degree, 0) // 2)
+                if q0 > most:
+                    raise ValueError(
+                        f"a CKKS sum of {largest_bucket} clients with weights up to {self.weight_bound} and clip_range="
+                        f"{self.clip_range} needs a {q0}-bit first prime at scale_bits={self.scale_bits}; at most {most} "
+                        f"fit 128-bit security at poly_modulus_degree={self.poly_modulus_degree}: lower max_weight, "
+                        "scale_bits or the bucket size"
+                    )
+                sizes = (q0, q0)
+            self._params[largest_bucket] = he.HEParameters("ckks", self.poly_modulus_degree, sizes,
+                                                           scale_bits=self.scale_bits)
+        return self._params[largest_bucket]
 
     def plan(self, bucket: int, num_values: int, params: he.HEParameters | None = None) -> hp.SlotPlan:
-        plan = hp.ckks_plan(params or self.parameters(bucket), bucket_size=bucket, num_values=num_values,
-                            clip_range=self.clip_range)
-        return hp.SlotPlan(plan.scheme, plan.bucket_size, plan.values, plan.slots, plan.slots_per_chunk,
-                           weight_bound=self.weight_bound)
+        return hp.ckks_plan(params or self.parameters(bucket), bucket_size=bucket, num_values=num_values,
+                            clip_range=self.clip_range, weight_bound=self.weight_bound)
 
     def to_slots(self, flat: np.ndarray, weight: int, plan: hp.SlotPlan) -> np.ndarray:
-        share = weight / plan.weight_bound
         out = np.empty(flat.size + 1, dtype=np.float64)
-        np.multiply(np.clip(flat, -self.clip_range, self.clip_range), share, out=out[:-1])
-        out[-1] = share
+        np.multiply(np.clip(flat, -self.clip_range, self.clip_range), float(weight), out=out[:-1])
+        out[-1] = weight
         return out
 
     def decode(self, slots: np.ndarray, plan: hp.SlotPlan, count: int) -> tuple[np.ndarray, float]:
-        values = np.asarray(slots, dtype=np.float64) * plan.weight_bound
+        values = np.asarray(slots, dtype=np.float64)
         if not np.isfinite(values).all():
             raise WrapAround("the decrypted sum holds non-finite values: a client encrypted under another key")
         # Weights are integers, so their sum is too: rounding removes the decryption error, and a
@@ -376,7 +397,7 @@ class CKKSAggregation(HomomorphicAggregation):
                              f"[{count}, {count * plan.weight_bound}]: a client sent out-of-range values or encrypted "
                              "under another key")
         sums = values[:-1]
-        bound = weight * self.clip_range * (1 + 1e-6) + 0.25
+        bound = weight * self.clip_range * (1 + 1e-9) + 0.25
         bad = np.flatnonzero(np.abs(sums) > bound)
         if bad.size:
             raise WrapAround(f"{bad.size} decrypted sum(s) exceed total_weight * clip_range = {weight * self.clip_range:g} "
@@ -447,9 +468,10 @@ class HEClient(ClientRound):
             raise Refused(f"{name} client {self.me}: refusing a bucket of {size} clients (at least {hp.MIN_BUCKET})")
         params = he.HEParameters.from_bytes(data.blobs.get(hp.PARAMS))
         mine = self.protocol.parameters(size)
-        if (params.scheme, params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale_bits) != (
-            mine.scheme, mine.poly_modulus_degree, mine.coeff_mod_bit_sizes, mine.scale_bits
-        ):
+        fixed = self.protocol.coeff_mod_bit_sizes is not None  # else chosen per round for the largest bucket
+        if (params.scheme, params.poly_modulus_degree, params.scale_bits) != (
+            mine.scheme, mine.poly_modulus_degree, mine.scale_bits
+        ) or (fixed and params.coeff_mod_bit_sizes != mine.coeff_mod_bit_sizes):
             raise Refused(f"{name} client {self.me}: the round's parameters {params} differ from my settings {mine}")
         try:
             self.plan = self.protocol.plan(size, self.num_values, params)

@@ -10,9 +10,9 @@ A client's update (the weight as one extra value) becomes a flat slot vector:
   of the plaintext modulus t. No field can carry into the next (each sum stays below ``2^(b-1)``)
   and the slot sum stays below ``2^(T-1) < t``, so the decrypted slots unpack to the exact sums.
   Fields are laid out in blocks: slot ``j`` holds values ``j, j + S, j + 2S, ...`` for ``S`` slots.
-* **CKKS** (approximate reals, N / 2 slots, one value each). A client encrypts ``(w / W) clip(x)``
-  and ``w / W``; the sum of a bucket of ``n`` stays within ``n c``, which the plan requires to
-  lie well inside the scheme's integer headroom.
+* **CKKS** (approximate reals, N / 2 slots, one value each). A client encrypts ``w clip(x)`` and
+  ``w``; the sum of a bucket of ``n`` stays within ``n W c``, which the plan requires to lie well
+  inside the scheme's integer headroom.
 
 Pure functions and constants only; no TenSEAL here.
 """
@@ -118,21 +118,23 @@ def bfv_plan(params: HEParameters, *, bucket_size: int, num_values: int, levels:
     return SlotPlan("bfv", bucket_size, num_values, slots, params.slots, levels, bits, k, weight_bound)
 
 
-def ckks_plan(params: HEParameters, *, bucket_size: int, num_values: int, clip_range: float) -> SlotPlan:
-    """The CKKS plan: one value per slot; refuses a bucket whose sum could leave the headroom.
+def ckks_plan(params: HEParameters, *, bucket_size: int, num_values: int, clip_range: float,
+              weight_bound: int = 1) -> SlotPlan:
+    """The CKKS plan: one value per slot; refuses a bucket whose weighted sum could leave the headroom.
 
     Raises
     ------
     ValueError
-        If ``4 n c`` reaches ``2**headroom_bits`` (a factor 4 of margin for the encoding error).
+        If ``4 n W c`` reaches ``2**headroom_bits`` (a factor 4 of margin for the encoding error).
     """
-    if 4.0 * bucket_size * clip_range >= 2.0**params.headroom_bits:
+    reach = bucket_size * weight_bound * clip_range
+    if 4.0 * reach >= 2.0**params.headroom_bits:
         raise ValueError(
-            f"a bucket of {bucket_size} clients with clip_range={clip_range} sums to up to {bucket_size * clip_range:g}, "
-            f"too close to CKKS's integer headroom 2^{params.headroom_bits} (first prime "
+            f"a bucket of {bucket_size} clients with weights up to {weight_bound} and clip_range={clip_range} sums to "
+            f"up to {reach:g}, too close to CKKS's integer headroom 2^{params.headroom_bits} (first prime "
             f"{params.coeff_mod_bit_sizes[0]} bits minus scale_bits {params.scale_bits}, minus 1)"
         )
-    return SlotPlan("ckks", bucket_size, num_values, num_values, params.slots)
+    return SlotPlan("ckks", bucket_size, num_values, num_values, params.slots, weight_bound=weight_bound)
 
 
 def pack_fields(values: np.ndarray, plan: SlotPlan) -> np.ndarray:
