@@ -64,3 +64,26 @@ def test_robust_benchmark_runs_and_reads_flowers_json(tmp_path: Path) -> None:
     assert records["krum"]["flower_s"] == 1.5  # the fastest Flower layer over all its runs
     assert records["krum"]["ratio"] > 0
     assert "ratio" not in records["bulyan"] and records["median"]["flower_s"] == 1.0
+
+
+def test_he_benchmark_runs() -> None:
+    # d = 4095: with the weight, one full 4096-slot BFV ciphertext (a half-empty one doubles bytes per value)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "he.py"), "--n", "3", "--d", "4095", "--scheme", "all", "--seed", "1"],
+        check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    records = {r["scheme"]: r for r in lines if "scheme" in r}
+    assert sorted(records) == ["flare", "ours-bfv", "ours-ckks"]
+    for r in records.values():
+        assert r["n"] == 3 and r["d"] == 4095 and r["upload_bytes"] > 0
+        assert r["bytes_per_param"] == round(r["upload_bytes"] / 4095, 3)
+        assert r["encrypt_s"] > 0 and r["aggregate_s"] > 0 and r["decrypt_s"] > 0
+        assert r["max_abs_err_rel_clip"] < 1e-4 and r["max_abs_err_rel_clip"] == r["max_abs_err"] / 8.0
+    bfv = records["ours-bfv"]
+    assert bfv["bytes_per_param"] <= 16
+    assert {"per_slot", "field_bits", "plain_modulus_bits"} <= set(bfv["plan"])
+    ratios = lines[-1]["ratios"]
+    assert set(ratios) == {"ours-bfv", "ours-ckks"}
+    assert ratios["ours-bfv"]["bytes_per_param"] == round(bfv["bytes_per_param"] / records["flare"]["bytes_per_param"], 4)
