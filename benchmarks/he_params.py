@@ -41,8 +41,9 @@ MAX_CLIENT_WEIGHT = 100
 
 #: name -> (protocol factory, uniform weights)
 CANDIDATES: dict[str, tuple[Callable[[int], HomomorphicAggregation], bool]] = {
-    "ckks-4096-[40,40]-2^25 (ours default)": (lambda w: CKKSAggregation(max_weight=w), False),
-    "ckks-4096-[54,55]-2^35": (lambda w: CKKSAggregation(coeff_mod_bit_sizes=(54, 55), scale_bits=35, max_weight=w), False),
+    "ckks-4096-auto-2^25 (ours default)": (lambda w: CKKSAggregation(max_weight=w), False),
+    "ckks-4096-[40,40]-2^25": (lambda w: CKKSAggregation(coeff_mod_bit_sizes=(40, 40), max_weight=w), False),
+    "ckks-4096-[54,55]-2^30": (lambda w: CKKSAggregation(coeff_mod_bit_sizes=(54, 55), scale_bits=30, max_weight=w), False),
     "ckks-4096-[60,49]-2^40": (lambda w: CKKSAggregation(coeff_mod_bit_sizes=(60, 49), scale_bits=40, max_weight=w), False),
     "ckks-8192-[60,40,40]-2^40 (flare)": (
         lambda w: CKKSAggregation(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40, max_weight=w),
@@ -52,7 +53,7 @@ CANDIDATES: dict[str, tuple[Callable[[int], HomomorphicAggregation], bool]] = {
     "bfv-4096-[54,55]-pack1": (lambda w: BFVAggregation(pack=1, max_weight=w), False),
     "bfv-4096-[40,40]-auto": (lambda w: BFVAggregation(coeff_mod_bit_sizes=(40, 40), max_weight=w), False),
     "bfv-4096-[54,55]-auto-uniform": (lambda w: BFVAggregation(max_weight=w), True),
-    "ckks-4096-[40,40]-2^25-uniform": (lambda w: CKKSAggregation(max_weight=w), True),
+    "ckks-4096-auto-2^25-uniform": (lambda w: CKKSAggregation(max_weight=w), True),
 }
 
 
