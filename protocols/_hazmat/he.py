@@ -28,6 +28,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Union
 
 import numpy as np
 import tenseal as ts
@@ -35,7 +36,7 @@ import tenseal as ts
 from protocols.errors import MalformedMessage
 
 __all__ = [
-    "MAX_COEFF_BITS", "HEParameters", "add_chunks", "assert_keyless", "batching_prime", "decrypt_slots",
+    "MAX_COEFF_BITS", "HEParameters", "Vector", "add_chunks", "assert_keyless", "batching_prime", "decrypt_slots",
     "digest", "encrypt_slots", "load_chunks", "load_secret_context", "new_secret_context", "secret_context_bytes",
     "server_context",
 ]  # fmt: skip
@@ -50,6 +51,9 @@ MAX_COEFF_BITS: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 1638
 BFV_NOISE_MARGIN_BITS = 6
 
 SCHEMES = ("bfv", "ckks")
+
+#: A loaded ciphertext chunk (TenSEAL vector).
+Vector = Union[ts.BFVVector, ts.CKKSVector]
 
 
 def _is_prime(n: int) -> bool:
@@ -216,7 +220,8 @@ def secret_context_bytes(context: ts.Context) -> bytes:
     """Serialise the parameters and the secret key only (no public, relinearisation or Galois keys)."""
     if not context.has_secret_key():
         raise ValueError("this context holds no secret key")
-    return context.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+    data: bytes = context.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+    return data
 
 
 def load_secret_context(data: bytes, params: HEParameters) -> ts.Context:
@@ -283,7 +288,7 @@ def _load(params: HEParameters, context: ts.Context, data: bytes) -> ts.BFVVecto
     return loader(context, data)
 
 
-def load_chunks(context: ts.Context, params: HEParameters, chunks: Sequence[bytes], sizes: Sequence[int]) -> list:
+def load_chunks(context: ts.Context, params: HEParameters, chunks: Sequence[bytes], sizes: Sequence[int]) -> list[Vector]:
     """Deserialise one party's ciphertext chunks, checking each holds the expected number of slots.
 
     Raises
@@ -294,7 +299,7 @@ def load_chunks(context: ts.Context, params: HEParameters, chunks: Sequence[byte
     """
     if len(chunks) != len(sizes):
         raise MalformedMessage(f"{len(chunks)} ciphertext chunk(s), expected {len(sizes)}")
-    vectors = []
+    vectors: list[Vector] = []
     for index, (data, size) in enumerate(zip(chunks, sizes)):
         try:
             vector = _load(params, context, bytes(data))
@@ -308,7 +313,7 @@ def load_chunks(context: ts.Context, params: HEParameters, chunks: Sequence[byte
     return vectors
 
 
-def add_chunks(total: list | None, vectors: list) -> list:
+def add_chunks(total: list[Vector] | None, vectors: list[Vector]) -> list[Vector]:
     """Add one party's loaded chunks into the running total (in place when there is one)."""
     if total is None:
         return list(vectors)

@@ -259,7 +259,8 @@ class BFVAggregation(HomomorphicAggregation):
 
     def parameters(self, largest_bucket: int) -> he.HEParameters:
         if largest_bucket not in self._params:
-            probe = he.HEParameters("ckks", self.poly_modulus_degree, self.coeff_mod_bit_sizes, scale_bits=10)
+            sizes = self.coeff_mod_bit_sizes or (54, 55)
+            probe = he.HEParameters("ckks", self.poly_modulus_degree, sizes, scale_bits=10)
             most = min(60, probe.data_bits - he.BFV_NOISE_MARGIN_BITS - math.ceil(math.log2(max(1, largest_bucket))))
             bits = most if self.plain_modulus_bits is None else self.plain_modulus_bits
             if bits > most:
@@ -273,7 +274,7 @@ class BFVAggregation(HomomorphicAggregation):
                     f"{largest_bucket}; use larger coeff_mod_bit_sizes or smaller buckets"
                 )
             self._params[largest_bucket] = he.HEParameters(
-                "bfv", self.poly_modulus_degree, self.coeff_mod_bit_sizes,
+                "bfv", self.poly_modulus_degree, sizes,
                 plain_modulus=he.batching_prime(self.poly_modulus_degree, bits),
             )
         return self._params[largest_bucket]

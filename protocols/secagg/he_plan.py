@@ -145,7 +145,8 @@ def pack_fields(values: np.ndarray, plan: SlotPlan) -> np.ndarray:
     slots = blocks[0].copy()
     for i in range(1, plan.per_slot):  # k <= 63 / b bit fields: a loop over fields, not over values
         slots |= blocks[i] << np.uint64(i * plan.field_bits)
-    return slots
+    packed: np.ndarray = slots
+    return packed
 
 
 def unpack_fields(slots: np.ndarray, plan: SlotPlan) -> np.ndarray:

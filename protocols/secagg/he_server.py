@@ -42,7 +42,7 @@ class _Bucket:
     index: int
     members: tuple[str, ...]
     plan: hp.SlotPlan
-    total: list | None = None  # the running ciphertext sum (TenSEAL vectors)
+    total: list[he.Vector] | None = None  # the running ciphertext sum
     summed: list[str] = field(default_factory=list)
 
     def where(self) -> str:
@@ -179,7 +179,7 @@ class HEServerRound(ServerRound):
         )
         return Phase(hp.ENCRYPTED_INPUT, tuple(sorted(payloads)), spec, payloads=payloads, trains=True)
 
-    def _check_upload(self, client: str, bucket: _Bucket, answer: Any) -> list:
+    def _check_upload(self, client: str, bucket: _Bucket, answer: Any) -> list[he.Vector]:
         """The loaded chunks of one upload, or raise `MalformedMessage` saying what is wrong."""
         key_id = bytes(answer.blobs.get(hp.KEY_ID, b""))
         if not secrets.compare_digest(key_id, self.key_id):
