@@ -426,15 +426,18 @@ def _threat_model(
     dp_text = "nothing: no differential privacy" if _no_dp(mechanism) else (
         f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})"
     )
+    sends = stages.get("rule", {}).get("params", {}).get("sends")
+    message = f" of {sends}" if isinstance(sends, str) and sends else ""
     if reveals:
-        server_sees = "each client's individual update (every adapter tensor it sends)"
+        server_sees = (f"each client's individual update: {sends}" if message
+                       else "each client's individual update (every adapter tensor it sends)")
         server_protection = f"nothing: secure.mode = {mode} reveals individual updates"
     else:
         bucket = params.get("bucket_size")
         if bucket == "cohort":
-            server_sees = "only the sum over the whole cohort"
+            server_sees = f"only the sum{message} over the whole cohort"
         else:
-            server_sees = f"only sums over buckets of {bucket if bucket else 'several'} clients"
+            server_sees = f"only sums{message} over buckets of {bucket if bucket else 'several'} clients"
         server_protection = f"secure.mode = {mode}" + (f"; keys held by {params['key_custody']}" if params.get("key_custody") else "")
         sizes = [p for p in params.get("bucket_parameters") or [] if isinstance(p, Mapping)]
         if sizes:

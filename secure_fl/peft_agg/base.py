@@ -58,6 +58,9 @@ class AggregationRule(ABC):
     uniform_weights:
         True if every bucket's row is weighted by its number of clients instead of their example
         counts, so each client counts once (a vote); ``aggregate`` then gets raw counts as weights.
+    sends:
+        What each client's message holds, in words, for the audit report's threat model (what the
+        server sees per client in ``plain`` mode, or summed under a secure mode).
     integer_message:
         True if `client_message` returns integers in ``[0, size - 1]`` of each tensor and
         `aggregate` needs their exact sum: a secure mode must then sum integers exactly (SecAgg+
@@ -72,6 +75,7 @@ class AggregationRule(ABC):
     merges_into_base: ClassVar[bool] = False
     uniform_weights: ClassVar[bool] = False
     integer_message: ClassVar[bool] = False
+    sends: ClassVar[str] = "every trained adapter tensor (LoRA A and B of each target module, and the head)"
 
     def check_config(self, config: Any) -> None:
         """Refuse, when the stages are built, a run configuration this rule cannot run under.

@@ -16,6 +16,7 @@ class FedIT(AggregationRule):
     """Weighted mean of each trainable tensor."""
 
     name = "fedit"
+    sends = "the change of every trained adapter tensor (LoRA A and B of each target module, and the head)"
     paper = "https://arxiv.org/abs/2305.05644"
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:

@@ -46,6 +46,7 @@ class RankVote(AggregationRule):
     """
 
     name = "rank-vote"
+    sends = "each tensor's rank positions of its supermask scores (a permutation per tensor), no weights or deltas"
     paper = "https://www.usenix.org/conference/usenixsecurity23/presentation/mozaffari"
     uniform_weights = True
     integer_message = True
