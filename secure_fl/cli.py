@@ -153,6 +153,18 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_peft(args: argparse.Namespace) -> int:
+    """``secure-fl bench peft``: one simulated run per rule, one JSON line each."""
+    from secure_fl.bench.peft import PeftBench, run_peft_bench
+
+    rules = tuple(part.strip() for part in args.rules.split(",") if part.strip())
+    bench = PeftBench(preset=args.preset, rules=rules, rounds=args.rounds, overrides=tuple(args.overrides))
+    out = args.out or f"bench/peft-{bench.preset}"
+    run_peft_bench(bench, out)
+    print(f"wrote {Path(out) / 'results.jsonl'}")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     print("\n".join(presets()))
     return 0
@@ -188,11 +200,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from secure_fl.bench.command import add_arguments as add_bench_arguments, run_from_args as run_bench
 
     bench = sub.add_parser("bench", help="evaluation harnesses that run many simulations and write a table")
-    robust = bench.add_subparsers(dest="bench", required=True).add_parser(
+    benches = bench.add_subparsers(dest="bench", required=True)
+    robust = benches.add_parser(
         "robustness", help="defenses x attacks x secure modes: accuracy (and backdoor success) as table.md + table.json",
     )
     add_bench_arguments(robust)
     robust.set_defaults(fn=run_bench)
+    peft = benches.add_parser(
+        "peft", help="every PEFT rule on one workload: accuracy, bytes up per client, aggregation error (JSON lines)",
+    )
+    peft.add_argument("--preset", default="smoke", help="smoke, or bbc-news (10 clients, Dirichlet 0.5); default smoke")
+    peft.add_argument("--rules", default="", metavar="A,B,...", help="rules to compare (default: every registered LoRA rule)")
+    peft.add_argument("--rounds", type=int, metavar="R", help="rounds per run (default: the preset's)")
+    peft.add_argument("--out", metavar="DIR", help="output directory (default bench/peft-<preset>)")
+    peft.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one config value in every run (repeatable)")
+    peft.set_defaults(fn=_bench_peft)
     args = parser.parse_args(argv)
     _setup_logging()
     return _guard(args.fn, args)
