@@ -1,10 +1,12 @@
-"""A rule that shapes the model and the message: frozen LoRA A, as FFA-LoRA (Sun et al., ICLR 2024).
+"""Frozen LoRA A, as FFA-LoRA (Sun et al., ICLR 2024): the built-in ``peft.rule = "ffa-lora"`` against FedIT.
 
-Every party re-draws each LoRA A from the run seed and freezes it (`prepare_model`,
-`trained_keys`); only B and the classifier head are trained and sent. Because A is common,
-the mean of the B's times A is the mean of the clients' products: the aggregation is exact, and
-the LoRA part of every upload is half of FedIT's. A frozen A counts as a base weight, so the
-model fingerprint covers it: a client that drew another A is refused at Join.
+Every party re-draws each LoRA A from the run seed and freezes it (the rule's `prepare_model`
+and `trained_keys` hooks, `secure_fl.peft_agg.ffa_lora`); only B and the classifier head are
+trained and sent. Because A is common, the mean of the B's times A is the mean of the clients'
+products: the aggregation is exact, and the LoRA part of every upload is half of FedIT's. A
+frozen A counts as a base weight, so the model fingerprint covers it: a client that drew another
+A is refused at Join. (To write a rule of your own with these hooks, see ``custom_rule.py`` and
+the rule's source.)
 
 Run:  python examples/frozen_a_rule.py [--fast] [--out DIR]
 """
@@ -12,52 +14,14 @@ Run:  python examples/frozen_a_rule.py [--fast] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file
 
 import secure_fl
-from secure_fl.tensors import Layout
-
-
-def draw_a(name: str, shape: tuple[int, ...], *, seed: int, scale: float) -> torch.Tensor:
-    """A's value for the tensor ``name``: Gaussian, std ``sqrt(scale / d_in)``, from the seed and the name only."""
-    stream = int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:7], "little")
-    generator = torch.Generator().manual_seed(stream)
-    return torch.randn(shape, generator=generator) * float(np.sqrt(scale / shape[-1]))
-
-
-class FrozenA(secure_fl.AggregationRule):
-    """FedAvg of B (and the head) over a LoRA A that every party draws from the run seed and freezes."""
-
-    name = "frozen-a"
-    paper = "https://arxiv.org/abs/2403.12313"
-
-    def __init__(self, *, a_scale: float = 1.0, freeze: str = "lora_A") -> None:
-        # settings ([peft.rule_params]): run.json and the audit report show them
-        self.freeze = freeze
-        self.a_scale = a_scale
-
-    def prepare_model(self, model: Any, *, seed: int) -> None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if self.freeze in name:
-                    param.copy_(draw_a(name, tuple(param.shape), seed=seed, scale=self.a_scale))
-
-    def trained_keys(self, trainable: Sequence[str]) -> list[str]:
-        return [name for name in trainable if self.freeze not in name]
-
-    def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
-        return (weights @ updates.astype(np.float64) / weights.sum()).astype(np.float32)
-
-
-secure_fl.register_rule("frozen-a", FrozenA)
+from secure_fl.peft_agg.ffa_lora import draw_a
 
 
 def lora_bytes(run_dir: Path) -> int:
@@ -68,7 +32,7 @@ def lora_bytes(run_dir: Path) -> int:
 
 def main(fast: bool = False, out: str | None = None) -> secure_fl.RunResult:
     rounds = 2 if fast else 4
-    config = secure_fl.load_preset("smoke").with_overrides(["peft.rule=frozen-a", f"run.rounds={rounds}"])
+    config = secure_fl.load_preset("smoke").with_overrides(["peft.rule=ffa-lora", f"run.rounds={rounds}"])
     result = secure_fl.simulate(config, out, progress=not fast)
     baseline = secure_fl.simulate(
         config.with_overrides(["peft.rule=fedit"]), result.run_dir / "fedit-baseline", progress=False
@@ -84,7 +48,7 @@ def main(fast: bool = False, out: str | None = None) -> secure_fl.RunResult:
     )
     print(f"A unchanged after {rounds} rounds ({len(a_keys)} tensors): {unchanged}")
     ratio = lora_bytes(result.run_dir) / lora_bytes(baseline.run_dir)
-    print(f"LoRA bytes per upload: frozen-a / fedit = {ratio:.2f}")
+    print(f"LoRA bytes per upload: ffa-lora / fedit = {ratio:.2f}")
     for mine, theirs in zip(result.metrics, baseline.metrics):
         print(
             f"round {mine['round']}: accuracy {mine['accuracy']:.3f} (fedit {theirs['accuracy']:.3f}), "

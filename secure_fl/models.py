@@ -215,7 +215,7 @@ def save_adapter(
     """
     directory.mkdir(parents=True, exist_ok=True)
     peft_model: Any = adapted.model
-    from secure_fl.peft_agg import supermask
+    from secure_fl.peft_agg import fed_sb, supermask
 
     if model_cfg.name == "tiny-bert":
         base_dir = directory.parent / "base_model"
@@ -234,8 +234,9 @@ def save_adapter(
         setattr(owner, attr, _base_reference(model_cfg))
     try:
         # never resized embeddings: without this, peft looks the base name up (even on the Hub);
-        # rank voting: supermasked layers are saved as plain weights W * M (reloads as any peft adapter)
-        with BUILD_LOCK, supermask.baked(peft_model):
+        # rank voting: supermasked layers are saved as plain weights W * M (reloads as any peft adapter);
+        # fed-sb: each B R is saved as a plain LoRA B' = B R
+        with BUILD_LOCK, supermask.baked(peft_model), fed_sb.folded(peft_model):
             peft_model.save_pretrained(str(directory), save_embedding_layers=False)
     finally:
         for owner, attr, value in saved_names:

@@ -106,14 +106,14 @@ def test_frozen_a_rule_sends_half_the_lora_bytes_and_never_changes_a(tmp_path: P
     assert summary == {"a_unchanged": True, "lora_ratio": 0.5}
     assert "trained and sent: ['head', 'lora_B']" in done.stdout
     mine, fedit = _metrics(tmp_path), _metrics(tmp_path / "fedit-baseline")
-    assert all(r["stages"]["rule"] == "frozen-a" for r in mine)
+    assert all(r["stages"]["rule"] == "ffa-lora" for r in mine)
     ratio = mine[0]["bytes_up"] / fedit[0]["bytes_up"]  # the head and framing are sent by both
     assert 0.5 < ratio < 0.65, ratio
     for report in (_report(tmp_path), json.loads((tmp_path / "run.json").read_text())):
         rule = report["stages"]["rule"]
-        assert rule["name"] == "frozen-a" and rule["plugin"].endswith(".FrozenA") and rule["builtin"] is False
-        assert rule["params"] == {"freeze": "lora_A", "a_scale": 1.0}
-    assert "frozen-a" in _page(tmp_path)
+        assert rule["name"] == "ffa-lora" and rule["plugin"].endswith(".FFALoRA") and rule["builtin"] is True
+        assert rule["params"] == {"a_scale": 1.0}
+    assert "ffa-lora" in _page(tmp_path)
 
 
 def test_user_accountant_shows_up_in_ledger_and_report(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ class FedIT(AggregationRule):
         """Return ``sum_i w_i u_i / sum_i w_i``."""
         weights = np.asarray(weights, dtype=np.float64)
         if not (np.isfinite(weights).all() and (weights >= 0).all()):
-            raise ValueError(f"fedit needs finite, non-negative weights, got {weights.tolist()}")
+            raise ValueError(f"{self.name} needs finite, non-negative weights, got {weights.tolist()}")
         total = float(np.sum(weights))
         if updates.shape[0] == 0 or total <= 0:
-            raise ValueError("fedit needs at least one update with positive weight")
+            raise ValueError(f"{self.name} needs at least one update with positive weight")
         return (weights @ updates.astype(np.float64) / total).astype(np.float32)

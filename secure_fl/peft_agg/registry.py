@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from protocols._registry import Registry
 from secure_fl.peft_agg.base import AggregationRule
+from secure_fl.peft_agg.fed_sb import FedSB
 from secure_fl.peft_agg.fedit import FedIT
+from secure_fl.peft_agg.ffa_lora import FFALoRA
 from secure_fl.peft_agg.rank_vote import RankVote
 
 _RULES: Registry[AggregationRule] = Registry(
@@ -12,6 +14,8 @@ _RULES: Registry[AggregationRule] = Registry(
     "peft.rule",
     {
         "fedit": FedIT,
+        "ffa-lora": FFALoRA,
+        "fed-sb": FedSB,
         "rank-vote": RankVote,
     },
 )
