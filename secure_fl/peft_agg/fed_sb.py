@@ -91,6 +91,7 @@ class FedSB(FedIT):
     """Weighted mean of each layer's R (and the head) in ``W0 + s B R A``, B and A from the SVD of W0."""
 
     name = "fed-sb"
+    sends = "the change of each r x r matrix R and of the head (B and A are frozen, from the SVD of the base weight)"
     paper = "https://arxiv.org/abs/2502.15436"
 
     def prepare_model(self, model: Any, *, seed: int) -> None:

@@ -60,6 +60,7 @@ class FFALoRA(FedIT):
     """
 
     name = "ffa-lora"
+    sends = "the change of each LoRA B and of the head (every A is frozen, drawn from the run seed, never sent)"
     paper = "https://arxiv.org/abs/2403.12313"
 
     def __init__(self, *, a_scale: float = 1.0) -> None:
