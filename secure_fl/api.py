@@ -167,7 +167,7 @@ def run_client(
         Must match the server's ``[model]``, ``[peft]``, ``[secure]`` and ``[privacy]`` settings.
     dataset:
         This party's training data: a `TextDataset` for the config's
-        workload, or any indexable dataset for a custom ``workload``. Default: partition ``N`` of
+        workload (an `InstructionDataset` for ``model.task = "causal-lm"``), or any indexable dataset for a custom ``workload``. Default: partition ``N`` of
         the configured dataset, where ``client_id`` ends with ``N``.
     workload:
         Your own model/data handling (must equal the server's).

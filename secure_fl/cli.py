@@ -59,12 +59,8 @@ def _simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = simulate(config, args.out)
     elapsed = time.perf_counter() - started
-    accuracy = result.final_accuracy
     stopped = f" ({result.stop_reason})" if result.stopped_early else ""
-    print(
-        f"done in {elapsed:.1f} s: {len(result.metrics)} rounds{stopped}, final accuracy "
-        f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}"
-    )
+    print(f"done in {elapsed:.1f} s: {len(result.metrics)} rounds{stopped}, final {result.headline}; outputs in {result.run_dir}")
     print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
     if result.empirical_audit is not None:
         return _print_empirical(result.empirical_audit)
@@ -234,9 +230,8 @@ def _serve(args: argparse.Namespace) -> int:
         result = server.wait(linger=args.linger)
     finally:
         server.stop()
-    accuracy = result.final_accuracy
     stopped = f" ({result.stop_reason})" if result.stopped_early else ""
-    print(f"done: {len(result.metrics)} rounds{stopped}, final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}; outputs in {result.run_dir}")
+    print(f"done: {len(result.metrics)} rounds{stopped}, final {result.headline}; outputs in {result.run_dir}")
     print(_privacy_summary(result.epsilon, config.privacy.delta, result.report_html))
     return 0
 
@@ -263,12 +258,9 @@ def _client(args: argparse.Namespace) -> int:
 
     dataset = None
     if args.data:
-        from secure_fl.data import load_text_file
+        from secure_fl.data.sources import load_data_file
 
-        data = config.data
-        dataset = load_text_file(
-            args.data, text_column=data.text_column, label_column=data.label_column, label_names=data.label_names or None
-        )
+        dataset = load_data_file(config, args.data)
     where = f"{len(dataset)} local examples from {args.data}" if dataset is not None else "its partition of the configured data"
     print(f"client {args.client_id}: {where}; connecting to {args.server}", flush=True)
     summary = run_client(config, server=args.server, client_id=args.client_id, dataset=dataset)

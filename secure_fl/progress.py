@@ -33,9 +33,10 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
     status = record.get("status", "ok")
     if status != "ok":
         parts.append(f"{'INTERRUPTED' if status == 'interrupted' else 'FAILED'}: {record.get('reason', '')}")
-    for key, label in (("accuracy", "acc"), ("loss", "loss"), ("train_loss", "train_loss"), ("fed_eval_accuracy", "fed_acc")):
+    for key, label in (("accuracy", "acc"), ("loss", "loss"), ("perplexity", "ppl"), ("train_loss", "train_loss"),
+                       ("fed_eval_accuracy", "fed_acc"), ("fed_eval_perplexity", "fed_ppl")):
         if record.get(key) is not None:
-            parts.append(f"{label} {record[key]:.4f}")
+            parts.append(f"{label} {record[key]:.4g}" if "perplexity" in key else f"{label} {record[key]:.4f}")
     for key, label in (("bytes_up", "up"), ("bytes_down", "down")):
         if record.get(key) is not None:
             parts.append(f"{label} {format_size(record[key])}")

@@ -2,10 +2,12 @@
 
 The round engine knows nothing about models or examples; a `Workload` builds the adapted
 model (identically on every party), turns a dataset into batches once, computes a batch's loss,
-evaluates, and saves the adapter. Two are provided:
+evaluates, and saves the adapter. Three are provided:
 
 * `TextClassification`: what the config describes (``[model]``, ``[peft]``, ``[data]``):
   MiniLM / tiny-bert / a local checkpoint with a LoRA adapter on text examples;
+* `CausalLM`: the config's ``model.task = "causal-lm"``: tiny-gpt2 or a local decoder checkpoint
+  with a LoRA adapter on prompt/response pairs or plain text (`config_workload` picks one of the two);
 * `CustomWorkload`: the user's own model factory (any transformers model or torch module)
   with a peft config, and datasets given as a torch ``Dataset``, a Hugging Face ``datasets.Dataset``
   or a plain list of examples, with optional ``collate_fn``, ``loss_fn`` and ``metric_fn``.
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from secure_fl.config import ModelConfig, PeftSection
-from secure_fl.data import TextDataset
+from secure_fl.config import Config, ModelConfig, PeftSection
+from secure_fl.data import InstructionDataset, TextDataset
 from secure_fl.errors import ModelError
 from secure_fl.models import BUILD_LOCK, AdaptedModel, build_model, save_adapter, trainable_names
 from secure_fl.tasks import create_task
@@ -44,6 +46,9 @@ class Batches(Protocol):
 
 class Workload(ABC):
     """What a run trains and on what; shared by the server and every client."""
+
+    #: The metrics `evaluate` reports, listed (as ``null`` until evaluated) in every round's record.
+    metric_names: tuple[str, ...] = ("accuracy", "loss")
 
     @abstractmethod
     def build(self, *, seed: int) -> AdaptedModel:
@@ -91,11 +96,48 @@ class TextClassification(Workload):
 
     def evaluate(self, model: torch.nn.Module, data: Batches, *, batch_size: int) -> dict[str, float]:
         """Accuracy and loss."""
-        return self.task.evaluate(model, data, batch_size=batch_size)  # type: ignore[arg-type]
+        return self.task.evaluate(model, data, batch_size=batch_size)
 
     def save(self, adapted: AdaptedModel, directory: Path, *, seed: int) -> None:
         """A peft adapter directory plus tokenizer and label names."""
         save_adapter(adapted, directory, label_names=self.label_names, model_cfg=self.model_cfg, seed=seed)
+
+
+class CausalLM(TextClassification):
+    """The config-driven causal-LM workload: a decoder with LoRA on `InstructionDataset` examples.
+
+    Built, trained and saved as `TextClassification` is, with `secure_fl.tasks.CausalLanguageModeling`
+    as the task: the loss covers response tokens only, evaluation reports loss and perplexity,
+    and the adapter reloads with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``.
+    """
+
+    metric_names = ("loss", "perplexity")
+
+    def __init__(self, model: ModelConfig, peft: PeftSection) -> None:
+        if model.task != "causal-lm":
+            raise ModelError(f"the causal-LM workload needs model.task = 'causal-lm', got {model.task!r}")
+        super().__init__(model, peft, InstructionDataset((), ()).label_names)
+
+    def prepare(self, adapted: AdaptedModel, dataset: Any) -> Batches:
+        """Tokenise an `InstructionDataset` once (prompt tokens masked out of the labels)."""
+        if not isinstance(dataset, InstructionDataset):
+            raise ModelError(f"the causal-LM workload needs an InstructionDataset, got {type(dataset).__name__}")
+        return self.task.encode(adapted.tokenizer, dataset, max_length=self.model_cfg.max_length)
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Mean next-token cross-entropy over the response tokens."""
+        return self.task.loss(model, batch)
+
+    def evaluate(self, model: torch.nn.Module, data: Batches, *, batch_size: int) -> dict[str, float]:
+        """Token-weighted loss and perplexity."""
+        return self.task.evaluate(model, data, batch_size=batch_size)
+
+
+def config_workload(config: Config, label_names: Sequence[str]) -> TextClassification:
+    """The workload ``config`` describes: `CausalLM` for ``model.task = "causal-lm"``, else `TextClassification`."""
+    if config.model.task == "causal-lm":
+        return CausalLM(config.model, config.peft)
+    return TextClassification(config.model, config.peft, label_names)
 
 
 class ExampleBatches:

@@ -75,6 +75,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _clients_section(_seq(report.get("clients")), accountants, sample_level=bool(report.get("sample_level"))),
         _exclusions_section(_seq(report.get("exclusions"))),
         _accuracy_section(_seq(report.get("accuracy"))),
+        _perplexity_section(_seq(report.get("perplexity"))),
     ]
     title = "Privacy audit report"
     if run.get("run_id") is not None:
@@ -230,6 +231,7 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
             "Only the rounds before the interruption released anything; see the warnings.</p>"
         )
     accuracy = _num(run.get("final_accuracy"))
+    perplexity = _num(run.get("final_perplexity"))
     final = _mapping(_mapping(report.get("epsilon")).get("final"))
     delta = _mapping(report.get("mechanism")).get("delta")
     eps = ", ".join(f"{name} {_fmt_eps(final.get(name))}" for name in accountants if name in final)
@@ -240,7 +242,8 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
     parts = [
         f"Rounds completed: {rounds}",
         f"Clients: {n_clients}",
-        f"Final accuracy: {_MISSING if accuracy is None else f'{accuracy:.4f}'}",
+        f"Final accuracy: {_MISSING if accuracy is None else f'{accuracy:.4f}'}" if "final_perplexity" not in run
+        else f"Final perplexity: {_MISSING if perplexity is None else f'{perplexity:.4g}'}",
         f"Final {level}ε at δ = {_fmt(delta)}: {eps or _MISSING}",
     ]
     if sample_level:
@@ -485,6 +488,15 @@ def _accuracy_section(accuracy: Sequence[Any]) -> str:
         return ""
     png = line_plot({"accuracy": (xs, ys)}, "accuracy")
     return _section("Accuracy over rounds", _img(png, "Global model accuracy per round"))
+
+
+def _perplexity_section(perplexity: Sequence[Any]) -> str:
+    """A plot of the global causal LM's held-out perplexity per round; empty if none."""
+    xs, ys = _xy((_mapping(p).get("round"), _mapping(p).get("perplexity")) for p in perplexity)
+    if not xs:
+        return ""
+    png = line_plot({"perplexity": (xs, ys)}, "perplexity")
+    return _section("Perplexity over rounds", _img(png, "Global model held-out perplexity per round"))
 
 
 def _confidence(empirical: Mapping[str, Any]) -> str:

@@ -5,7 +5,8 @@ The report is computed from what the run directory holds, never from live server
 
 * ``run.json``: run id, transport, and every pipeline stage with its plug-in class and parameters;
 * ``config.toml``: the resolved config (passed in as a dict);
-* ``metrics.jsonl``: one line per round (accuracy, dropped and excluded clients);
+* ``metrics.jsonl``: one line per round (accuracy, or loss and perplexity for a causal LM; dropped and
+  excluded clients);
 * ``ledger.jsonl``: one line per release (the Gaussian event, who took part, epsilon so far).
 
 Two epsilons are reported. The run-level epsilon (``epsilon.final``) composes every release with
@@ -158,6 +159,7 @@ def build_report(
     completed = [m for m in metrics if m.get("status", "ok") == "ok"]
     interrupted = [m for m in metrics if _is_interrupted(m)]
     skipped = [m for m in metrics if m.get("status") == "skipped"]
+    language_model = any("perplexity" in m for m in metrics)
     return {
         "schema": SCHEMA,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -175,6 +177,9 @@ def build_report(
             "interrupted": bool(interrupted) or bool(run.get("interrupted", False)),
             "clients": [row["client_id"] for row in clients],
             "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),
+            # causal-LM runs: their records carry loss and perplexity instead of accuracy
+            **({"final_perplexity": next((m["perplexity"] for m in reversed(completed)
+                                          if m.get("perplexity") is not None), None)} if language_model else {}),
         },
         "stages": stages,
         "threat_model": _threat_model(stages, mechanism, run, sample_level),
@@ -192,6 +197,8 @@ def build_report(
             for m in metrics for c in m.get("reputation_removed", []) or []
         ],
         "accuracy": [{"round": int(m["round"]), "accuracy": m.get("accuracy")} for m in metrics],
+        **({"perplexity": [{"round": int(m["round"]), "perplexity": m.get("perplexity"), "loss": m.get("loss")}
+                           for m in metrics]} if language_model else {}),
         **({"clipping": clipping} if clipping else {}),
         "warnings": warnings,
         **({"empirical_audit": empirical_section} if empirical_section is not None else {}),

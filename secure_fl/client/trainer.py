@@ -17,14 +17,14 @@ import torch
 
 from privacy.dpsgd import DPSGD, DPSGDUnsupported, sample_rate
 from secure_fl.config import Config
-from secure_fl.data import TextDataset
+from secure_fl.data import InstructionDataset, TextDataset
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import BUILD_LOCK, AdaptedModel, load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg import AggregationRule, create_rule
 from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, rule_fingerprint, shape_model, sync_base, trained_shapes
 from secure_fl.stages import SAMPLE_RATE_INFO_KEY, build_sample_level, build_stage
 from secure_fl.tasks import train_steps
-from secure_fl.workload import Batches, TextClassification, Workload
+from secure_fl.workload import Batches, Workload, config_workload
 
 
 #: Local training seeds torch's process-global RNG (dropout), and so does every seeded model build.
@@ -49,7 +49,7 @@ def split_local(dataset: Any, fraction: float, *, seed: int) -> tuple[Any, Any |
         return dataset, None
     order = np.random.default_rng(seed).permutation(n)
     held, kept = np.sort(order[:k]), np.sort(order[k:])
-    if isinstance(dataset, TextDataset):
+    if isinstance(dataset, (TextDataset, InstructionDataset)):
         return dataset.subset(kept), dataset.subset(held)
     from torch.utils.data import Subset
 
@@ -170,10 +170,10 @@ class LocalTrainer:
 
     @classmethod
     def from_config(
-        cls, config: Config, dataset: TextDataset, *, adapted: AdaptedModel | None = None
+        cls, config: Config, dataset: TextDataset | InstructionDataset, *, adapted: AdaptedModel | None = None
     ) -> LocalTrainer:
-        """The config-driven text-classification trainer for ``dataset``."""
-        workload = TextClassification(config.model, config.peft, dataset.label_names)
+        """The config-driven trainer for ``dataset`` (text classification or causal LM, as ``model.task`` says)."""
+        workload = config_workload(config, dataset.label_names)
         return cls.create(workload, dataset, config, adapted=adapted)
 
     def fingerprint(self) -> str:

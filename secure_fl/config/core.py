@@ -54,11 +54,18 @@ class Config:
     def __post_init__(self) -> None:
         if self.data.dataset == "synthetic" and self.data.synthetic_examples < 2 * self.run.num_clients:
             _fail("data.synthetic_examples", f"{self.data.synthetic_examples} is too few for {self.run.num_clients} clients")
+        if self.model.task == "causal-lm":
+            _check_causal_lm(self)
 
     # ----------------------------------------------------------------------------- conversion
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Config:
-        """Build a config from nested ``{section: {key: value}}``; unknown keys are refused."""
+        """Build a config from nested ``{section: {key: value}}``; unknown keys are refused.
+
+        With ``[model] task = "causal-lm"``, ``[peft]`` keys left out take the causal-LM defaults
+        (`CAUSAL_LM_PEFT_DEFAULTS`: LoRA on GPT-2's ``c_attn``, no classification head).
+        """
+        data = _task_defaults(data)
         sections: dict[str, Any] = {}
         for section_name, values in data.items():
             if section_name not in _SECTIONS:
@@ -127,6 +134,45 @@ class Config:
     def replace(self, **sections: Any) -> Config:
         """Return a copy with whole sections replaced (``config.replace(run=RunConfig(...))``)."""
         return replace(self, **sections)
+
+
+#: ``[peft]`` defaults for ``model.task = "causal-lm"`` where the file leaves the key out: LoRA on
+#: GPT-2's fused attention projection and no head trained in full (the LM head is tied to the
+#: frozen embeddings).
+CAUSAL_LM_PEFT_DEFAULTS: dict[str, Any] = {"target_modules": ["c_attn"], "modules_to_save": []}
+
+#: Simulated attacks that poison a client's labelled examples; a causal-LM run has no labels.
+_DATA_ATTACKS = ("label-flip", "backdoor")
+
+
+def _task_defaults(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` with the causal-LM ``[peft]`` defaults filled in where ``[model] task = "causal-lm"``."""
+    model = data.get("model")
+    if not isinstance(model, Mapping) or model.get("task") != "causal-lm":
+        return data
+    peft = data.get("peft", {})
+    if not isinstance(peft, Mapping):
+        return data  # the section check names the problem
+    return {**data, "peft": {**CAUSAL_LM_PEFT_DEFAULTS, **peft}}
+
+
+def _check_causal_lm(config: Config) -> None:
+    """Cross-section checks of a ``model.task = "causal-lm"`` config, each naming the key to change."""
+    data = config.data
+    if "classifier" in config.peft.modules_to_save:
+        _fail("peft.modules_to_save", f"{list(config.peft.modules_to_save)} names the classification head, which a "
+              "causal LM does not have; set peft.modules_to_save = [] (the default for model.task = 'causal-lm')")
+    if data.label_names:
+        _fail("data.label_names", "is set but model.task = 'causal-lm' has no labels; remove data.label_names")
+    if len({data.text_column, data.prompt_column, data.response_column}) < 3:
+        _fail("data.prompt_column", "data.text_column, data.prompt_column and data.response_column must differ, got "
+              f"{data.text_column!r}, {data.prompt_column!r}, {data.response_column!r}")
+    if data.dataset == "file" and not data.path.lower().endswith((".jsonl", ".json")):
+        _fail("data.path", f"{data.path!r}: model.task = 'causal-lm' reads JSON Lines (.jsonl), one object per line "
+              f"with {data.prompt_column!r} and {data.response_column!r} keys or a {data.text_column!r} key")
+    if config.attack.kind in _DATA_ATTACKS:
+        _fail("attack.kind", f"{config.attack.kind!r} poisons labelled examples, which model.task = 'causal-lm' does "
+              "not have; use a model-poisoning attack (e.g. 'sign-flip', 'gaussian', 'alie')")
 
 
 #: The keys of a section that hold a plug-in's settings table (``--set section.params.key=value``).

@@ -29,10 +29,12 @@ def _check_plugin_params(section: object, attribute: str, key: str, cls: type, w
     checked = check_params(key, cls, getattr(section, attribute), what=what)
     object.__setattr__(section, attribute, checked)
 
-BUILTIN_MODELS = ("minilm", "tiny-bert")
+BUILTIN_MODELS = ("minilm", "tiny-bert", "tiny-gpt2")
+#: Built-in models that are decoders (``model.task = "causal-lm"``); the others are encoders (``"seq-cls"``).
+DECODER_MODELS = ("tiny-gpt2",)
 DATASETS = ("bbc-news", "synthetic", "file")
 PARTITIONS = ("iid", "dirichlet")
-TASKS = ("seq-cls",)
+TASKS = ("seq-cls", "causal-lm")
 SAMPLING = ("fixed", "poisson")
 
 
@@ -90,19 +92,30 @@ class RunConfig:
 class ModelConfig:
     """``[model]``: the frozen base model and its tokenizer."""
 
-    name: str = field(default="minilm", metadata={"help": "'minilm', 'tiny-bert' or a local transformers model directory"})
-    task: str = field(default="seq-cls", metadata={"help": "training task"})
+    name: str = field(default="minilm", metadata={
+        "help": "'minilm', 'tiny-bert' (encoders, seq-cls), 'tiny-gpt2' (a decoder, causal-lm) or a local "
+                "transformers model directory"
+    })
+    task: str = field(default="seq-cls", metadata={
+        "help": "training task: 'seq-cls' (text classification, reports accuracy) or 'causal-lm' (instruction or "
+                "text fine-tuning of a decoder, reports loss and perplexity)"
+    })
     max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
-    hidden_size: int = field(default=32, metadata={"help": "tiny-bert only: hidden size"})
-    num_layers: int = field(default=2, metadata={"help": "tiny-bert only: transformer layers"})
-    num_heads: int = field(default=2, metadata={"help": "tiny-bert only: attention heads"})
-    intermediate_size: int = field(default=64, metadata={"help": "tiny-bert only: feed-forward size"})
-    initializer_range: float = field(default=0.2, metadata={"help": "tiny-bert only: std of the random weights"})
+    hidden_size: int = field(default=32, metadata={"help": "tiny-bert / tiny-gpt2 only: hidden size"})
+    num_layers: int = field(default=2, metadata={"help": "tiny-bert / tiny-gpt2 only: transformer layers"})
+    num_heads: int = field(default=2, metadata={"help": "tiny-bert / tiny-gpt2 only: attention heads"})
+    intermediate_size: int = field(default=64, metadata={"help": "tiny-bert / tiny-gpt2 only: feed-forward size"})
+    initializer_range: float = field(default=0.2, metadata={"help": "tiny-bert / tiny-gpt2 only: std of the random weights"})
 
     def __post_init__(self) -> None:
         if not self.name:
             _fail("model.name", f"must be one of {', '.join(BUILTIN_MODELS)} or a local model directory")
         _choice("model.task", self.task, TASKS)
+        if self.task == "causal-lm" and self.name in BUILTIN_MODELS and self.name not in DECODER_MODELS:
+            _fail("model.name", f"{self.name!r} is an encoder; model.task = 'causal-lm' needs a decoder: "
+                  f"{', '.join(repr(m) for m in DECODER_MODELS)} or a local causal-LM checkpoint directory")
+        if self.task != "causal-lm" and self.name in DECODER_MODELS:
+            _fail("model.task", f"is {self.task!r} but model.name = {self.name!r} is a decoder; set model.task = 'causal-lm'")
         for name in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _positive_int(f"model.{name}", getattr(self, name))
         _positive_float("model.initializer_range", self.initializer_range)
@@ -117,8 +130,13 @@ class PeftSection:
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    target_modules: tuple[str, ...] = field(default=("query", "value"), metadata={"help": "module names that get LoRA"})
-    modules_to_save: tuple[str, ...] = field(default=("classifier",), metadata={"help": "modules trained in full and sent (the head)"})
+    target_modules: tuple[str, ...] = field(default=("query", "value"), metadata={
+        "help": "module names that get LoRA (default for model.task = 'causal-lm': [\"c_attn\"], GPT-2's attention; "
+                "Llama-style checkpoints use [\"q_proj\", \"v_proj\"])"
+    })
+    modules_to_save: tuple[str, ...] = field(default=("classifier",), metadata={
+        "help": "modules trained in full and sent (the head; default for model.task = 'causal-lm': none)"
+    })
     rule: str = field(default="fedit", metadata={"help": "PEFT aggregation rule"})
     rule_params: Params = _params_field("peft.rule_params")
 
@@ -138,10 +156,22 @@ class PeftSection:
 class DataConfig:
     """``[data]``: where the examples come from and how they are split among clients."""
 
-    dataset: str = field(default="bbc-news", metadata={"help": "'bbc-news' (bundled), 'synthetic' or 'file'"})
-    path: str = field(default="", metadata={"help": "CSV/JSONL file for dataset='file'"})
+    dataset: str = field(default="bbc-news", metadata={
+        "help": "'bbc-news' (bundled), 'synthetic' or 'file' (causal-lm: bbc-news is plain text, synthetic a "
+                "generated instruction set)"
+    })
+    path: str = field(default="", metadata={
+        "help": "CSV/JSONL file for dataset='file' (causal-lm: JSONL, each line with prompt and response keys, or a "
+                "text key)"
+    })
     test_path: str = field(default="", metadata={"help": "optional separate test file for dataset='file'"})
-    text_column: str = field(default="text", metadata={"help": "column/key holding the text"})
+    text_column: str = field(default="text", metadata={"help": "column/key holding the text (causal-lm: plain-LM text)"})
+    prompt_column: str = field(default="prompt", metadata={
+        "help": "causal-lm only: JSONL key of the instruction prompt (masked out of the loss, used verbatim)"
+    })
+    response_column: str = field(default="response", metadata={
+        "help": "causal-lm only: JSONL key of the response (the tokens the loss is computed on)"
+    })
     label_column: str = field(default="label", metadata={"help": "column/key holding the label"})
     label_names: tuple[str, ...] = field(default=(), metadata={"help": "label names, fixing the label -> id mapping"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when no test file is given"})
@@ -159,6 +189,9 @@ class DataConfig:
         _positive_int("data.synthetic_labels", self.synthetic_labels)
         if self.dataset == "file" and not self.path:
             _fail("data.path", "is required when data.dataset = 'file'")
+        for name in ("text_column", "prompt_column", "response_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                _fail(f"data.{name}", f"must be a non-empty string, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,12 @@ example to exactly one client and returns sorted int64 index arrays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
 import numpy as np
 
-from .datasets import DataError, TextDataset
+from .datasets import DataError
 
 __all__ = ["PARTITION_METHODS", "partition", "partition_dirichlet", "partition_iid", "train_test_split"]
 
@@ -48,7 +51,21 @@ def _class_ranks(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return order, class_of, np.arange(labels.size) - starts
 
 
-def train_test_split(ds: TextDataset, *, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
+class Splittable(Protocol):
+    """A dataset with int labels that can be subset (`TextDataset`, `InstructionDataset`)."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: np.ndarray | Sequence[int]) -> Splittable: ...
+
+
+_D = TypeVar("_D", bound=Splittable)
+
+
+def train_test_split(ds: _D, *, test_fraction: float, seed: int) -> tuple[_D, _D]:
     """Split ``ds`` into (train, test), stratified by label.
 
     Each class of ``n_c`` examples puts ``round(test_fraction * n_c)`` of them in
@@ -69,7 +86,8 @@ def train_test_split(ds: TextDataset, *, test_fraction: float, seed: int) -> tup
             f"cannot split {len(ds)} examples with test_fraction={test_fraction}: train or test would be empty; "
             "every class needs at least 2 examples to appear in both"
         )
-    return ds.subset(np.flatnonzero(~is_test)), ds.subset(np.flatnonzero(is_test))
+    train, test = ds.subset(np.flatnonzero(~is_test)), ds.subset(np.flatnonzero(is_test))
+    return train, test  # type: ignore[return-value]  # subset returns the dataset's own type
 
 
 def partition_iid(num_examples: int, num_clients: int, *, seed: int) -> list[np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ from secure_fl.server.results import (
 from secure_fl.server.robust import build_reputation, check_defense_rows, restore_reputation
 from secure_fl.server.rundir import RunDirectory
 from secure_fl.tensors import Layout
-from secure_fl.workload import TextClassification, Workload
+from secure_fl.workload import Workload, config_workload
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class FederatedServer:
             )
         if workload is None:
             label_names, eval_set = load_eval_set(config)
-            workload = TextClassification(config.model, config.peft, label_names)
+            workload = config_workload(config, label_names)
             eval_dataset = eval_set if eval_dataset is None else eval_dataset
         self.workload = workload
         self.adapted = build_for_rule(workload, self.stages.rule, seed=config.run.seed)
@@ -231,6 +232,10 @@ class FederatedServer:
             plan[MERGES_PLAN_KEY] = float(self.releases)
         plan.update(self.stages.privacy.round_plan())  # adaptive clipping: this round's clip norm
         return plan
+
+    def _unevaluated(self) -> dict[str, None]:
+        """The workload's metrics, all ``null``: a round record lists them before (or without) evaluation."""
+        return dict.fromkeys(self.workload.metric_names)
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
         """Metrics of the global adapter ``state`` on the server's held-out set."""
@@ -391,8 +396,8 @@ class FederatedServer:
         """Write the metrics line of a round whose Poisson cohort was too small; nothing ran or was released."""
         record: dict[str, Any] = {
             "round": number, "status": "skipped", "reason": reason, "clients": 0, "cohort": len(cohort),
-            "selected": list(cohort), "dropped": [], "unresponsive": list(unresponsive), "accuracy": None,
-            "loss": None, "bytes_up": 0, "bytes_down": 0, "stages": self.stages.names(), "seconds": 0.0,
+            "selected": list(cohort), "dropped": [], "unresponsive": list(unresponsive),
+            **self._unevaluated(), "bytes_up": 0, "bytes_down": 0, "stages": self.stages.names(), "seconds": 0.0,
         }
         log.warning("round %d skipped: %s", number, reason)
         self.run_dir.append_metrics(record)
@@ -438,8 +443,7 @@ class FederatedServer:
             "selected": cohort,
             "dropped": dropped,
             "unresponsive": unresponsive,
-            "accuracy": None,
-            "loss": None,
+            **self._unevaluated(),
             "train_loss": _weighted_mean([(m.get("train_loss"), uploads[c].weight) for c, m in client_metrics.items()]),
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
@@ -596,8 +600,7 @@ class FederatedServer:
             "selected": list(cohort),
             "updates_discarded": len(state.received),
             "dropped": [],
-            "accuracy": None,
-            "loss": None,
+            **self._unevaluated(),
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
             "stages": self.stages.names(),
@@ -669,6 +672,8 @@ def _federated_evaluation(client_metrics: dict[str, dict[str, float]]) -> dict[s
     total = sum(m["eval_examples"] for m in reports)
     keys = sorted({k for m in reports for k in m if k.startswith("eval_") and k != "eval_examples"})
     out = {f"fed_{k}": sum(m[k] * m["eval_examples"] for m in reports if k in m) / total for k in keys}
+    if "fed_eval_perplexity" in out and "fed_eval_loss" in out:  # exp of the mean loss, not a mean of exps
+        out["fed_eval_perplexity"] = math.exp(min(out["fed_eval_loss"], 700.0))
     out["fed_eval_examples"] = float(total)
     return out
 

@@ -95,11 +95,29 @@ class RunResult:
 
     @property
     def final_accuracy(self) -> float | None:
-        """Accuracy after the last successful round, if evaluated."""
+        """Accuracy after the last successful round, if evaluated (``None`` for a causal-LM run)."""
+        return self.final_metric("accuracy")
+
+    @property
+    def final_perplexity(self) -> float | None:
+        """Perplexity of the held-out set after the last successful round (causal-LM runs), if evaluated."""
+        return self.final_metric("perplexity")
+
+    def final_metric(self, name: str) -> float | None:
+        """The server's metric ``name`` after the last round that evaluated it (``None`` if none did)."""
         for record in reversed(self.metrics):
-            if record.get("accuracy") is not None:
-                return float(record["accuracy"])
+            if record.get(name) is not None:
+                return float(record[name])
         return None
+
+    @property
+    def headline(self) -> str:
+        """The run's headline metric for a summary line: ``"accuracy 0.9123"``, ``"perplexity 12.34"``, ``"accuracy n/a"``."""
+        if any("perplexity" in record for record in self.metrics):
+            perplexity = self.final_perplexity
+            return f"perplexity {'n/a' if perplexity is None else f'{perplexity:.4g}'}"
+        accuracy = self.final_accuracy
+        return f"accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}"
 
 
 def new_run_id() -> str:
