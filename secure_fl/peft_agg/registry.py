@@ -5,6 +5,8 @@ from __future__ import annotations
 from protocols._registry import Registry
 from secure_fl.peft_agg.base import AggregationRule
 from secure_fl.peft_agg.fedit import FedIT
+from secure_fl.peft_agg.flora import FLoRA
+from secure_fl.peft_agg.lora_fair import LoRAFAIR
 from secure_fl.peft_agg.rank_vote import RankVote
 
 _RULES: Registry[AggregationRule] = Registry(
@@ -13,6 +15,8 @@ _RULES: Registry[AggregationRule] = Registry(
     {
         "fedit": FedIT,
         "rank-vote": RankVote,
+        "flora": FLoRA,
+        "lora-fair": LoRAFAIR,
     },
 )
 
