@@ -254,6 +254,10 @@ def _client(args: argparse.Namespace) -> int:
     check_id(args.client_id, what="--client-id")  # before anything is loaded or printed
     parse_address(args.server, what="--server")
     config = _config(args)
+    if args.lora_rank is not None:
+        from secure_fl.peft_agg.ranks import with_lora_rank
+
+        config = with_lora_rank(config, args.lora_rank)
     from secure_fl.api import run_client
 
     dataset = None
@@ -275,6 +279,11 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     _add_config_args(parser, default_preset=None)
     parser.add_argument("--client-id", required=True, metavar="ID", help="this party's id (e.g. client-3)")
     parser.add_argument("--data", metavar="PATH", help="local CSV/JSONL data (default: partition <index> of the configured dataset)")
+    parser.add_argument(
+        "--lora-rank", type=int, metavar="R",
+        help="train a LoRA rank of its own, at most the server's peft.r (peft.rule='flora', or 'fedit' with "
+        "[peft.rule_params] max_rank = the server's peft.r); peft.alpha is scaled to keep alpha / r",
+    )
     args = parser.parse_args(argv)
     _setup_logging()
     return _guard(_client, args)

@@ -261,7 +261,10 @@ def save_adapter(
     peft_model: Any = adapted.model
     from secure_fl.peft_agg import fed_sb, supermask
 
-    if model_cfg.name in RANDOM_MODELS:
+    merged = adapted.merges_done > 0
+    if merged:  # a merging rule (flora) changed the base weights: the adapter belongs to this base only
+        _save_merged_base(adapted, directory.parent / "base_model", model_cfg=model_cfg, num_labels=len(label_names), seed=seed)
+    elif model_cfg.name in RANDOM_MODELS:
         base_dir = directory.parent / "base_model"
         if not base_dir.exists():
             clean: Any = build_base_model(model_cfg, num_labels=len(label_names), seed=seed, vocab_size=len(adapted.tokenizer))
@@ -275,7 +278,7 @@ def save_adapter(
         named.append((base.config, "_name_or_path"))
     saved_names = [(owner, attr, getattr(owner, attr, None)) for owner, attr in named]
     for owner, attr in named:
-        setattr(owner, attr, _base_reference(model_cfg))
+        setattr(owner, attr, TINY_BERT_REFERENCE if merged else _base_reference(model_cfg))
     try:
         # never resized embeddings: without this, peft looks the base name up (even on the Hub);
         # rank voting: supermasked layers are saved as plain weights W * M (reloads as any peft adapter);
@@ -286,9 +289,33 @@ def save_adapter(
         for owner, attr, value in saved_names:
             setattr(owner, attr, value)
     adapted.tokenizer.save_pretrained(str(directory))
-    info = {"label_names": list(label_names), "max_length": model_cfg.max_length, "model": model_cfg.name,
-            "task": model_cfg.task}
+    info: dict[str, Any] = {"label_names": list(label_names), "max_length": model_cfg.max_length, "model": model_cfg.name,
+                            "task": model_cfg.task}
+    if merged:
+        info[MERGED_BASE_KEY] = adapted.merges_done
     (directory / RUN_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+#: ``secure_fl.json`` key: how many released adapters the saved ``../base_model`` has merged (flora).
+MERGED_BASE_KEY = "merged_releases"
+
+
+def _save_merged_base(adapted: AdaptedModel, base_dir: Path, *, model_cfg: ModelConfig, num_labels: int, seed: int) -> None:
+    """Save the live model's merged base weights as a plain transformers checkpoint in ``base_dir``.
+
+    A clean base is built as every party built it, then every LoRA layer's weight is replaced by
+    the live ``base_layer`` weight (the only weights a merge changes); overwritten at each save.
+    """
+    from secure_fl.peft_agg.hooks import lora_layers
+
+    clean: Any = build_base_model(model_cfg, num_labels=num_labels, seed=seed, vocab_size=len(adapted.tokenizer))
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name, module in lora_layers(adapted.model):
+            path = name[len(prefix):] if name.startswith(prefix) else name
+            clean.get_submodule(path).weight.copy_(module.base_layer.weight)
+    clean.save_pretrained(str(base_dir))
+    adapted.tokenizer.save_pretrained(str(base_dir))
 
 
 def _base_reference(model_cfg: ModelConfig) -> str:
@@ -322,7 +349,7 @@ def resolve_base_model(directory: str | Path) -> Path:
         reference = PeftConfig.from_pretrained(str(directory)).base_model_name_or_path
     except (OSError, ValueError) as exc:
         raise ModelError(f"{directory}: cannot read the peft adapter config: {exc}") from exc
-    if name == "minilm" or reference == MINILM_REFERENCE:
+    if (name == "minilm" or reference == MINILM_REFERENCE) and MERGED_BASE_KEY not in info:
         try:
             return bundled_minilm_path()
         except ModelError:
@@ -335,7 +362,7 @@ def resolve_base_model(directory: str | Path) -> Path:
     if reference:
         path = Path(reference).expanduser()
         candidates += [path] if path.is_absolute() else [directory / path, path]
-    if name in RANDOM_MODELS:
+    if name in RANDOM_MODELS or MERGED_BASE_KEY in info:
         candidates.append(directory.parent / "base_model")  # adapters saved with an absolute path
     for candidate in candidates:
         if candidate.is_dir():

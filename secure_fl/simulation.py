@@ -62,6 +62,7 @@ def simulate(
     progress: bool = True,
     observer: RoundObserver | None = None,
     extra_parties: ExtraParties | None = None,
+    client_ranks: Sequence[int] | None = None,
 ) -> RunResult:
     """Run a whole federated fine-tune in this process and return its result.
 
@@ -96,6 +97,11 @@ def simulate(
     extra_parties:
         Parties added to the config's (advanced; the empirical audit's canaries): ``config.run.num_clients``
         counts them, the data is split among the others. Not with ``client_datasets``.
+    client_ranks:
+        The LoRA rank of each simulated client (client ``i`` gets ``client_ranks[i % len]``), each at
+        most ``peft.r``, with ``peft.alpha`` scaled to keep ``alpha / r``: for ``peft.rule = 'flora'``
+        (``peft.r`` is then the stacked rank) or ``'fedit'`` with ``[peft.rule_params] max_rank = peft.r``.
+        Default: every client has ``peft.r``. Not with ``workload``.
     """
     config = config or Config()
     if config.privacy.params.get("insecure_seed") is not None:
@@ -148,6 +154,9 @@ def simulate(
         train, _ = load_splits(honest_config)
         client_datasets = client_partitions(honest_config, train)
     shared = server.workload.build(seed=config.run.seed)
+    if client_ranks is not None and workload is not None:
+        raise ConfigError("client_ranks builds each client's model from the config: drop workload or client_ranks")
+    rank_parties = _rank_parties(config, client_ranks, getattr(server.workload, "label_names", ())) if client_ranks else {}
     attackers = attacker_indices(honest_config)
     # white-box attackers read the round's honest updates and know the defense (FedAvg: server lr 1)
     board = HonestBoard(keep=bool(attackers), defense=config.robustness.defense,
@@ -160,7 +169,11 @@ def simulate(
         stages = ClientStages.from_config(config, malicious=index in attackers)
         if stages.attack is not None:  # label flipping, backdoors: the attacker trains on poisoned data
             dataset = stages.attack.poison_data(dataset, rng=np.random.default_rng([config.run.seed, 11, index]))
-        trainer = LocalTrainer.create(server.workload, dataset, config, adapted=shared)
+        if client_ranks:  # clients of one rank share one model, as clients of peft.r share ``shared``
+            own_config, own_workload, own_model = rank_parties[int(client_ranks[index % len(client_ranks)])]
+            trainer = LocalTrainer.create(own_workload, dataset, own_config, adapted=own_model)
+        else:
+            trainer = LocalTrainer.create(server.workload, dataset, config, adapted=shared)
         client = FederatedClient(
             f"client-{index}",
             InProcessTransport(server.coordinator),
@@ -214,3 +227,18 @@ def simulate(
 
         result.empirical_audit = run_empirical_audit(result.run_dir, progress=progress).path
     return result
+
+
+def _rank_parties(config: Config, ranks: Sequence[int], label_names: Sequence[str]) -> dict[int, tuple[Config, Any, Any]]:
+    """Per distinct rank: the client config (``peft.r``, scaled ``peft.alpha``), its workload and one shared model."""
+    from secure_fl.peft_agg.ranks import with_lora_rank
+    from secure_fl.workload import TextClassification
+
+    out: dict[int, tuple[Config, Any, Any]] = {}
+    for rank in dict.fromkeys(int(r) for r in ranks):
+        if not 1 <= rank <= config.peft.r:
+            raise ConfigError(f"client_ranks: rank {rank} is not within 1..peft.r={config.peft.r}", key="peft.r")
+        own = with_lora_rank(config, rank)
+        workload = TextClassification(own.model, own.peft, tuple(label_names))
+        out[rank] = (own, workload, workload.build(seed=config.run.seed))
+    return out

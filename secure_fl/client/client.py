@@ -153,7 +153,10 @@ class FederatedClient:
         self._fingerprint = trainer.fingerprint()
         self._rng = np.random.default_rng(derive_seed(seed, "attack", client_id))
         state = trainable_state(trainer.adapted.model)
-        self._update_spec = serde.spec_of({k: state[k] for k in trainer.update_keys})
+        # what this client uploads: its own tensors, or the global shapes when its rule pads them
+        tensors = {k: state[k] for k in trainer.update_keys}
+        template = getattr(trainer, "upload_template", None)
+        self._update_spec = serde.spec_of(template(tensors) if callable(template) else tensors)
         self._round_session: tuple[int, ClientRound] | None = None
         #: Where honest clients of a simulation leave their clipped updates for white-box attackers.
         self.board = board if board is not None else HonestBoard()

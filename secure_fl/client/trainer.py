@@ -21,9 +21,10 @@ from secure_fl.data import InstructionDataset, TextDataset
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import BUILD_LOCK, AdaptedModel, load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg import AggregationRule, create_rule
-from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, rule_fingerprint, shape_model, sync_base, trained_shapes
+from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, own_shapes, rule_fingerprint, shape_model, sync_base, trained_shapes
 from secure_fl.stages import SAMPLE_RATE_INFO_KEY, build_sample_level, build_stage
 from secure_fl.tasks import train_steps
+from secure_fl.tensors import Layout
 from secure_fl.workload import Batches, Workload, config_workload
 
 
@@ -198,11 +199,16 @@ class LocalTrainer:
         return info
 
     def start_state(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """What training starts from: the global adapter in this client's shapes, after any base merge."""
+        """What training starts from: the global adapter in this client's shapes, after any base merge.
+
+        A merging rule folds the released adapter in the global shapes (the server's), then the
+        restart state is cut to this client's shapes.
+        """
         state = global_state if isinstance(global_state, dict) else dict(global_state)
-        if self.rule.accepts_client_shapes:
+        state = sync_base(self.rule, self.adapted, state, merges=int(plan.get(MERGES_PLAN_KEY, 0)))
+        if own_shapes(self.rule):
             state = self.rule.to_client(state, trained_shapes(self.adapted.model))
-        return sync_base(self.rule, self.adapted, state, merges=int(plan.get(MERGES_PLAN_KEY, 0)))
+        return state
 
     def train(self, global_state: Mapping[str, np.ndarray], plan: Mapping[str, float], *, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Train from ``global_state`` as ``plan`` says; return ``(message, metrics)``.
@@ -235,7 +241,16 @@ class LocalTrainer:
                 )
             local = trainable_state(model)
         message = self.rule.client_message(local, start, self.update_keys)
+        if self.rule.aligns_on_client:  # the upload has the global shapes (sums work under every secure mode)
+            message = self.rule.align(message, Layout.of(self.upload_template(message)))
         return message, {**metrics, **evaluation}
+
+    def upload_template(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Zero tensors of the shapes this client uploads for ``tensors`` (the rule's `upload_shapes`)."""
+        if not self.rule.aligns_on_client:
+            return dict(tensors)
+        shapes = self.rule.upload_shapes({k: tuple(np.shape(v)) for k, v in tensors.items()})
+        return {k: np.zeros(shapes[k], dtype=np.asarray(v).dtype) for k, v in tensors.items()}
 
     def _train_private(self, plan: Mapping[str, float]) -> dict[str, Any]:
         """DP-SGD for the steps and batch size this client declared; a plan asking for others is refused.

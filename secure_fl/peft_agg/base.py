@@ -11,7 +11,8 @@ through the same functions:
   the base model and of the model fingerprint, and never travel);
 * the message: `update_keys` (which trained tensors are sent), `client_message` (what the
   client uploads; default ``local - start``) and its server side `apply`;
-* per-client shapes (heterogeneous ranks): `accepts_client_shapes`, `join_info`,
+* per-client shapes (heterogeneous ranks): `accepts_client_shapes` (the server pads) or
+  `aligns_on_client` (each client pads its own upload, so sums work), `join_info`,
   `client_spec`, `to_client` and `align`;
 * the base weights: `merges_into_base` and `merge_into_base` (FLoRA-style: fold the released
   adapter into the base weights between rounds and restart the adapter);
@@ -53,6 +54,14 @@ class AggregationRule(ABC):
         Join, the model fingerprint leaves out the shapes of the trained tensors, and `align`
         brings each revealed update into the global layout. Such a rule sees individual uploads,
         so it is refused under a secure mode that reveals only sums.
+    aligns_on_client:
+        True if clients may hold adapters of their own shapes but each runs `align` on its own
+        message before the upload, which so has the global shapes: the server validates it
+        against the global specs (`client_spec` may still refuse a client at Join), the model
+        fingerprint leaves out the shapes of the trained tensors, and the uploads can be summed
+        under every secure mode (HetLoRA-style zero-padding, `secure_fl.peft_agg.fedit`); the
+        client knows the global shapes from the rule's settings (`upload_shapes`). An instance
+        attribute: a rule may turn it on from a setting (fedit's ``max_rank``).
     merges_into_base:
         True if every party calls `merge_into_base` on each newly released global adapter.
     uniform_weights:
@@ -72,6 +81,7 @@ class AggregationRule(ABC):
     paper: ClassVar[str] = ""
     needs_individual_updates: ClassVar[bool] = False
     accepts_client_shapes: ClassVar[bool] = False
+    aligns_on_client: bool = False
     merges_into_base: ClassVar[bool] = False
     uniform_weights: ClassVar[bool] = False
     integer_message: ClassVar[bool] = False
@@ -150,21 +160,34 @@ class AggregationRule(ABC):
     def client_spec(self, info: Mapping[str, str], specs: Mapping[str, TensorSpec]) -> Mapping[str, TensorSpec] | None:
         """The update specs of a client that declared ``info`` at Join, given the global ``specs``.
 
-        Only called when `accepts_client_shapes` is true. ``None`` (the default) means the
-        global specs. Raise ``ValueError`` to refuse the client at Join (the reason is sent back).
+        Only called when `accepts_client_shapes` or `aligns_on_client` is true. ``None`` (the
+        default) means the global specs (always the case for `aligns_on_client`). Raise
+        ``ValueError`` to refuse the client at Join (the reason is sent back).
         """
         return None
 
     def to_client(self, global_state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         """The global adapter as a client whose trained tensors have ``shapes`` loads it.
 
-        Only called when `accepts_client_shapes` is true. Default: unchanged (a rule with
-        heterogeneous ranks slices the leading ``r_i`` ranks, see `hooks.leading_block`).
+        Only called when `accepts_client_shapes` or `aligns_on_client` is true. Default:
+        unchanged (a rule with heterogeneous ranks slices the leading ``r_i`` ranks, see
+        `hooks.leading_block`).
         """
         return dict(global_state)
 
+    def upload_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The shapes a client whose trained tensors have ``shapes`` uploads (default: the same).
+
+        Only called when `aligns_on_client` is true, on the client, before any round: its secure
+        mode plans for these shapes, so they must follow from the rule's settings (fedit's
+        ``max_rank``), never from what the server sends later.
+        """
+        return dict(shapes)
+
     def align(self, update: Mapping[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
         """Bring one revealed update (a bucket mean) into the global ``layout`` before `aggregate`.
+
+        With `aligns_on_client` each client also runs it on its own message before the upload.
 
         Default: unchanged. A rule with heterogeneous ranks zero-pads to the maximum rank
         (see `hooks.zero_pad`).

@@ -62,7 +62,12 @@ def build_for_rule(workload: Workload, rule: AggregationRule, *, seed: int) -> A
 
 def rule_fingerprint(model: torch.nn.Module, rule: AggregationRule) -> str:
     """The model fingerprint compared at Join (trained tensors' shapes left out for per-client shapes)."""
-    return model_fingerprint(model, trainable_shapes=not rule.accepts_client_shapes)
+    return model_fingerprint(model, trainable_shapes=not own_shapes(rule))
+
+
+def own_shapes(rule: AggregationRule) -> bool:
+    """Whether clients may hold trained tensors of their own shapes under ``rule`` (either side pads)."""
+    return bool(rule.accepts_client_shapes or rule.aligns_on_client)
 
 
 def trained_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

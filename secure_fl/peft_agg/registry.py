@@ -7,6 +7,8 @@ from secure_fl.peft_agg.base import AggregationRule
 from secure_fl.peft_agg.fed_sb import FedSB
 from secure_fl.peft_agg.fedit import FedIT
 from secure_fl.peft_agg.ffa_lora import FFALoRA
+from secure_fl.peft_agg.flora import FLoRA
+from secure_fl.peft_agg.lora_fair import LoRAFAIR
 from secure_fl.peft_agg.rank_vote import RankVote
 
 _RULES: Registry[AggregationRule] = Registry(
@@ -17,6 +19,8 @@ _RULES: Registry[AggregationRule] = Registry(
         "ffa-lora": FFALoRA,
         "fed-sb": FedSB,
         "rank-vote": RankVote,
+        "flora": FLoRA,
+        "lora-fair": LoRAFAIR,
     },
 )
 

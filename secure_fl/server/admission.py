@@ -42,7 +42,7 @@ class Admission:
     model_info: Mapping[str, str]
     stage_fingerprints: Mapping[str, str]
     max_weight: float
-    spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None
+    spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec] | None] | None = None
     #: Whether clients train with DP-SGD and must declare their sampling rate at Join.
     sample_level: bool = False
 
@@ -97,7 +97,8 @@ class Admission:
         if self.spec_for is None:
             return None
         try:
-            return dict(self.spec_for(client_id, dict(info)))
+            spec = self.spec_for(client_id, dict(info))  # None: the global specs (a client that pads its own upload)
+            return None if spec is None else dict(spec)
         except (ValueError, KeyError) as exc:
             raise Refused(f"client {client_id!r}: its adapter does not fit this run: {shown(str(exc), 200)}") from None
 

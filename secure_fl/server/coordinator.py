@@ -56,7 +56,7 @@ class Coordinator:
         liveness_timeout: float = 60.0,
         model_info: Mapping[str, str] | None = None,
         weights_in_clear: bool = True,
-        spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec]] | None = None,
+        spec_for: Callable[[str, Mapping[str, str]], Mapping[str, serde.TensorSpec] | None] | None = None,
         stage_fingerprints: Mapping[str, str] | None = None,
         sample_level: bool = False,
         validate_update: Callable[[Mapping[str, np.ndarray]], None] | None = None,

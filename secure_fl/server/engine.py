@@ -30,7 +30,7 @@ from secure_fl.client.trainer import check_dp_sgd
 from secure_fl.data.sources import load_eval_set
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import load_trainable_state, model_info, trainable_state
-from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, build_for_rule, rule_fingerprint, sync_base
+from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, build_for_rule, own_shapes, rule_fingerprint, sync_base
 from protocols.errors import ProtocolAbort
 from robustness.errors import RobustnessError
 from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
@@ -194,7 +194,7 @@ class FederatedServer:
             max_weight=config.run.max_weight,
             liveness_timeout=config.transport.liveness_timeout,
             model_info=model_info(self.adapted.model),
-            spec_for=self._client_payload_spec if self.stages.rule.accepts_client_shapes else None,
+            spec_for=self._client_payload_spec if own_shapes(self.stages.rule) else None,
             # plaintext uploads are checked by the rule as they arrive (rank votes: permutations)
             validate_update=self.stages.rule.validate_update if self.stages.secure.reveals_individual_updates else None,
             stage_fingerprints=self.stages.fingerprint(),
@@ -209,9 +209,15 @@ class FederatedServer:
                 key="peft.rule",
             )
 
-    def _client_payload_spec(self, client_id: str, info: Mapping[str, str]) -> dict[str, TensorSpec]:
-        """The upload specs of one client, from what it declared at Join (rules with per-client shapes)."""
+    def _client_payload_spec(self, client_id: str, info: Mapping[str, str]) -> dict[str, TensorSpec] | None:
+        """The upload specs of one client, from what it declared at Join (rules with per-client shapes).
+
+        ``None`` (the global specs) for a rule whose clients pad their own uploads; `client_spec`
+        may still refuse the client.
+        """
         spec = self.stages.rule.client_spec(info, self.pipeline.layout.specs())
+        if self.stages.rule.aligns_on_client:
+            return None
         return self.pipeline.payload_spec() if spec is None else self.stages.secure.payload_spec(spec)
 
     def start_state(self) -> dict[str, np.ndarray]:
