@@ -73,6 +73,7 @@ class FLoRA(AggregationRule):
     """Stack the clients' LoRA factors into the global adapter, merge it into the base, restart."""
 
     name = "flora"
+    sends = "each client's own LoRA factors A_i and B_i after training (its rank r_i) and the head, individually"
     paper = "https://arxiv.org/abs/2409.05976"
     needs_individual_updates: ClassVar[bool] = True
     accepts_client_shapes: ClassVar[bool] = True

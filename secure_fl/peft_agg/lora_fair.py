@@ -43,6 +43,7 @@ class LoRAFAIR(AggregationRule):
     """
 
     name = "lora-fair"
+    sends = "each client's trained LoRA A_i and B_i and the head, individually (the server needs every B_i A_i)"
     paper = "https://arxiv.org/abs/2411.14961"
     needs_individual_updates: ClassVar[bool] = True
 
