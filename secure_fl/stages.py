@@ -354,13 +354,14 @@ def describe_stage(stage: object, settings: Mapping[str, Any] | None = None) -> 
         raw = dict(settings)
     else:  # public settings only: numbers, strings, flags (never arrays or other state)
         raw = {k: v for k, v in vars(stage).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-    sends = getattr(cls, "sends", None)
-    if isinstance(sends, str) and "sends" not in raw:  # a PEFT rule: what each client's message holds
-        raw["sends"] = sends
-    return {
+    described = {
         "name": str(getattr(stage, "name", cls.__name__)),
         "plugin": f"{cls.__module__}.{cls.__qualname__}",
         "builtin": is_builtin_plugin(cls),
         "paper": str(getattr(cls, "paper", "") or ""),
         "params": json.loads(json.dumps(raw, default=str)),
     }
+    sends = getattr(cls, "sends", None)
+    if isinstance(sends, str):  # a PEFT rule: what each client's message holds (the report's threat model)
+        described["sends"] = sends
+    return described

@@ -433,7 +433,7 @@ def _threat_model(
     dp_text = "nothing: no differential privacy" if _no_dp(mechanism) else (
         f"privacy.mode = {mechanism.get('mode')} ({mechanism.get('guarantee')})"
     )
-    sends = stages.get("rule", {}).get("params", {}).get("sends")
+    sends = stages.get("rule", {}).get("sends")
     message = f" of {sends}" if isinstance(sends, str) and sends else ""
     if reveals:
         server_sees = (f"each client's individual update: {sends}" if message

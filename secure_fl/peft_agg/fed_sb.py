@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from secure_fl.errors import ModelError
-from secure_fl.peft_agg.fedit import FedIT
+from secure_fl.peft_agg.fedit import WeightedMean
 from secure_fl.peft_agg.hooks import lora_layers
 
 #: Suffix of R's parameter name (what travels), on every LoRA layer.
@@ -87,7 +87,7 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return u * signs, vh * signs[:, None]
 
 
-class FedSB(FedIT):
+class FedSB(WeightedMean):
     """Weighted mean of each layer's R (and the head) in ``W0 + s B R A``, B and A from the SVD of W0."""
 
     name = "fed-sb"

@@ -30,7 +30,23 @@ from secure_fl.peft_agg.ranks import client_rank_specs, config_scaling, global_r
 from secure_fl.tensors import Layout
 
 
-class FedIT(AggregationRule):
+class WeightedMean(AggregationRule):
+    """The weighted mean of the rows: the aggregation of every linear rule (fedit, ffa-lora, fed-sb)."""
+
+    name = "weighted-mean"
+
+    def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
+        """Return ``sum_i w_i u_i / sum_i w_i``."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if not (np.isfinite(weights).all() and (weights >= 0).all()):
+            raise ValueError(f"{self.name} needs finite, non-negative weights, got {weights.tolist()}")
+        total = float(np.sum(weights))
+        if updates.shape[0] == 0 or total <= 0:
+            raise ValueError(f"{self.name} needs at least one update with positive weight")
+        return (weights @ updates.astype(np.float64) / total).astype(np.float32)
+
+
+class FedIT(WeightedMean):
     """Weighted mean of each trainable tensor (optionally over zero-padded per-client ranks).
 
     Parameters
@@ -60,16 +76,6 @@ class FedIT(AggregationRule):
                 "rank): set peft.r <= max_rank (on the server, peft.r = max_rank)", key="peft.r",
             )
         self._scaling = config_scaling(config)
-
-    def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
-        """Return ``sum_i w_i u_i / sum_i w_i``."""
-        weights = np.asarray(weights, dtype=np.float64)
-        if not (np.isfinite(weights).all() and (weights >= 0).all()):
-            raise ValueError(f"{self.name} needs finite, non-negative weights, got {weights.tolist()}")
-        total = float(np.sum(weights))
-        if updates.shape[0] == 0 or total <= 0:
-            raise ValueError(f"{self.name} needs at least one update with positive weight")
-        return (weights @ updates.astype(np.float64) / total).astype(np.float32)
 
     # ------------------------------------------------------------------ per-client ranks
     def join_info(self, model: Any) -> dict[str, str]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from secure_fl.errors import ModelError
-from secure_fl.peft_agg.fedit import FedIT
+from secure_fl.peft_agg.fedit import WeightedMean
 
 #: What names a LoRA A / B factor in a peft model's parameter names.
 A_PART = ".lora_A."
@@ -47,7 +47,7 @@ def draw_a(name: str, shape: tuple[int, ...], *, seed: int, scale: float = 1.0) 
     return torch.randn(shape, generator=generator, dtype=torch.float32) * math.sqrt(scale / shape[-1])
 
 
-class FFALoRA(FedIT):
+class FFALoRA(WeightedMean):
     """Weighted mean of B (and the head) over a LoRA A drawn from the run seed and frozen.
 
     Parameters
