@@ -232,13 +232,13 @@ def simulate(
 def _rank_parties(config: Config, ranks: Sequence[int], label_names: Sequence[str]) -> dict[int, tuple[Config, Any, Any]]:
     """Per distinct rank: the client config (``peft.r``, scaled ``peft.alpha``), its workload and one shared model."""
     from secure_fl.peft_agg.ranks import with_lora_rank
-    from secure_fl.workload import TextClassification
+    from secure_fl.workload import config_workload
 
     out: dict[int, tuple[Config, Any, Any]] = {}
     for rank in dict.fromkeys(int(r) for r in ranks):
         if not 1 <= rank <= config.peft.r:
             raise ConfigError(f"client_ranks: rank {rank} is not within 1..peft.r={config.peft.r}", key="peft.r")
         own = with_lora_rank(config, rank)
-        workload = TextClassification(own.model, own.peft, tuple(label_names))
+        workload = config_workload(own, tuple(label_names))
         out[rank] = (own, workload, workload.build(seed=config.run.seed))
     return out

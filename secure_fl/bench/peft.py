@@ -15,7 +15,9 @@ what each client trained. Measured per rule:
   cross terms of ``mean(B) mean(A)`` for FedIT.
 
 One JSON line per rule (``rule``, ``accuracy``, ``accuracy_per_round``, ``bytes_up_per_client``,
-``aggregation_error`` per round, ``seconds``); a progress bar over the runs.
+``bytes_down_per_client``, ``aggregation_error`` per round, ``seconds``); a progress bar over the runs.
+FLoRA's server rank is the sum of the clients' ranks (its global adapter is their stack); every
+client of every rule trains at the preset's rank.
 """
 
 from __future__ import annotations
@@ -148,14 +150,32 @@ class PeftBench:
         return self.rules or tuple(r for r in available() if r != "rank-vote")
 
     def config_for(self, rule: str) -> Any:
-        """The run configuration of ``rule``'s cell."""
+        """The run configuration of ``rule``'s cell.
+
+        FLoRA's global adapter is the stack of the cohort's adapters, so its server rank is the
+        sum of the clients' ranks (and ``alpha`` grows with it, keeping ``alpha / r``); every
+        client trains at the preset's rank (`client_ranks`), as every other rule's clients do.
+        """
         from secure_fl.config import load_preset
 
         name, base = PEFT_PRESETS[self.preset]
         overrides = [*base, f"peft.rule={rule!r}", "secure.mode='plain'", "privacy.mode='none'", *self.overrides]
         if self.rounds is not None:
             overrides.append(f"run.rounds={self.rounds}")
-        return load_preset(name).with_overrides(overrides)
+        config = load_preset(name).with_overrides(overrides)
+        if rule == "flora":
+            k = config.run.clients_per_round
+            config = config.with_overrides([f"peft.r={config.peft.r * k}", f"peft.alpha={config.peft.alpha * k}"])
+        return config
+
+    def client_ranks(self, rule: str) -> list[int] | None:
+        """The clients' LoRA ranks of ``rule``'s cell (FLoRA: the preset's rank; others: the config's)."""
+        if rule != "flora":
+            return None
+        from secure_fl.config import load_preset
+
+        name, base = PEFT_PRESETS[self.preset]
+        return [load_preset(name).with_overrides([*base, *self.overrides]).peft.r]
 
 
 def run_peft_bench(bench: PeftBench, out_dir: str | Path, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -176,8 +196,13 @@ def run_peft_bench(bench: PeftBench, out_dir: str | Path, *, progress: bool = Tr
         cell = out / rule
         if cell.exists():
             raise ConfigError(f"{cell} already holds a run; choose a new --out", key="--out")
-        result = simulate(bench.config_for(rule), cell, callbacks=[probe], progress=False, extra_parties=probe)
+        result = simulate(bench.config_for(rule), cell, callbacks=[probe], progress=False, extra_parties=probe,
+                          client_ranks=bench.client_ranks(rule))
         metrics = result.metrics
+        downloads = [
+            sum(p["bytes_down"] for p in r.get("phases", []) if p.get("phase") in ("update", "masked-input", "encrypted-input"))
+            / max(1, r["clients"]) for r in metrics if r.get("status") == "ok"
+        ]
         uploads = [
             sum(p["bytes_up"] for p in r.get("phases", []) if p.get("phase") in ("update", "masked-input", "encrypted-input"))
             / max(1, r["clients"]) for r in metrics if r.get("status") == "ok"
@@ -187,6 +212,7 @@ def run_peft_bench(bench: PeftBench, out_dir: str | Path, *, progress: bool = Tr
             "accuracy": result.final_accuracy,
             "accuracy_per_round": [r.get("accuracy") for r in metrics],
             "bytes_up_per_client": round(float(np.mean(uploads))) if uploads else None,
+            "bytes_down_per_client": round(float(np.mean(downloads))) if downloads else None,
             "aggregation_error": probe.errors,
             "rounds": len(metrics), "clients": metrics[-1]["clients"] if metrics else 0,
             "seconds": round(time.perf_counter() - started, 1),
