@@ -30,6 +30,23 @@ from secure_fl.peft_agg.ranks import client_rank_specs, config_scaling, global_r
 from secure_fl.tensors import Layout
 
 
+def weighted_mean(updates: np.ndarray, weights: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(p, rows, mean)``: normalised weights, the rows in float64 and ``sum_i p_i u_i``.
+
+    The one place every rule checks its weights: ``ValueError`` naming ``rule`` for non-finite or
+    negative weights, no rows, or a zero total.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError(f"{rule} needs finite, non-negative weights, got {weights.tolist()}")
+    total = float(np.sum(weights))
+    if updates.shape[0] == 0 or total <= 0:
+        raise ValueError(f"{rule} needs at least one update with positive weight")
+    p = weights / total
+    rows = updates.astype(np.float64)
+    return p, rows, p @ rows
+
+
 class WeightedMean(AggregationRule):
     """The weighted mean of the rows: the aggregation of every linear rule (fedit, ffa-lora, fed-sb)."""
 
@@ -37,13 +54,7 @@ class WeightedMean(AggregationRule):
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
         """Return ``sum_i w_i u_i / sum_i w_i``."""
-        weights = np.asarray(weights, dtype=np.float64)
-        if not (np.isfinite(weights).all() and (weights >= 0).all()):
-            raise ValueError(f"{self.name} needs finite, non-negative weights, got {weights.tolist()}")
-        total = float(np.sum(weights))
-        if updates.shape[0] == 0 or total <= 0:
-            raise ValueError(f"{self.name} needs at least one update with positive weight")
-        return (weights @ updates.astype(np.float64) / total).astype(np.float32)
+        return weighted_mean(updates, weights, self.name)[2].astype(np.float32)
 
 
 class FedIT(WeightedMean):

@@ -35,6 +35,7 @@ import torch
 from protocols.wire.serde import TensorSpec
 from secure_fl.errors import ConfigError
 from secure_fl.peft_agg.base import AggregationRule
+from secure_fl.peft_agg.fedit import weighted_mean
 from secure_fl.peft_agg.hooks import leading_block, lora_layers, zero_pad
 from secure_fl.peft_agg.ranks import client_rank_specs, config_scaling, lora_pairs, lora_rank_info, rank_axis
 from secure_fl.tensors import Layout
@@ -116,13 +117,7 @@ class FLoRA(AggregationRule):
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
         """The stacked factors for every LoRA pair, the weighted mean for the other tensors."""
-        weights = np.asarray(weights, dtype=np.float64)
-        total = float(np.sum(weights))
-        if updates.shape[0] == 0 or total <= 0 or not np.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError(f"flora needs at least one update and finite, non-negative weights, got {weights.tolist()}")
-        p = weights / total
-        rows = updates.astype(np.float64)
-        out = p @ rows
+        p, rows, out = weighted_mean(updates, weights, self.name)
         index = {name: (offset, size, shape) for name, offset, size, shape in
                  zip(layout.names, layout.offsets, layout.sizes, layout.shapes)}
         for a_name, b_name in lora_pairs(layout.names):

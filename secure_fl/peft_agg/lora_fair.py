@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from secure_fl.peft_agg.base import AggregationRule
+from secure_fl.peft_agg.fedit import weighted_mean
 from secure_fl.peft_agg.flora import refuse_mixed_rows
 from secure_fl.peft_agg.ranks import lora_pairs
 from secure_fl.tensors import Layout
@@ -70,13 +71,7 @@ class LoRAFAIR(AggregationRule):
 
     def aggregate(self, updates: np.ndarray, weights: np.ndarray, layout: Layout) -> np.ndarray:
         """The weighted mean of every tensor, with ``B̄ + ΔB`` for every LoRA pair."""
-        weights = np.asarray(weights, dtype=np.float64)
-        total = float(np.sum(weights))
-        if updates.shape[0] == 0 or total <= 0 or not np.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError(f"lora-fair needs at least one update and finite, non-negative weights, got {weights.tolist()}")
-        p = weights / total
-        rows = updates.astype(np.float64)
-        out = p @ rows
+        p, rows, out = weighted_mean(updates, weights, self.name)
         index = {n: (o, s, sh) for n, o, s, sh in zip(layout.names, layout.offsets, layout.sizes, layout.shapes)}
         groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[str, str]]] = {}
         for a_name, b_name in lora_pairs(layout.names):
