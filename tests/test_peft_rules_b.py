@@ -20,7 +20,7 @@ from secure_fl.client.client import ClientStages, FederatedClient
 from secure_fl.client.trainer import LocalTrainer
 from secure_fl.config import Config
 from secure_fl.data.sources import client_dataset, load_eval_set
-from secure_fl.errors import ConfigError, TransportError
+from secure_fl.errors import ConfigError, RunError, TransportError
 from secure_fl.models import trainable_state
 from secure_fl.peft_agg import create_rule
 from secure_fl.peft_agg.flora import FLoRA, stack_factors
@@ -28,6 +28,7 @@ from secure_fl.peft_agg.hooks import zero_pad
 from secure_fl.peft_agg.lora_fair import LoRAFAIR, misfit
 from secure_fl.peft_agg.ranks import with_lora_rank
 from secure_fl.server.engine import BackgroundRun, FederatedServer, RunResult
+from secure_fl.server.rundir import RunDirectory
 from secure_fl.simulation import simulate
 from secure_fl.stages import Stages
 from secure_fl.tasks import SequenceClassification
@@ -187,6 +188,27 @@ def test_flora_saved_base_is_the_clean_base_plus_the_first_release(tmp_path: Pat
     # the released stack of round 1 holds four rank-4 blocks: all 16 ranks are used
     b = released[next(k for k in released if "lora_B" in k)]
     assert (np.abs(b).sum(axis=0) > 0).sum() == 16
+
+
+def test_flora_resumed_from_a_checkpoint_rebuilds_the_merged_base(tmp_path: Path) -> None:
+    config = smoke_config(*FLORA, "run.rounds=3", "run.keep_checkpoints=3")
+    result = simulate(config, tmp_path / "run", progress=False, client_ranks=[4])
+    checkpoint = RunDirectory(result.run_dir).load_checkpoint(2)
+    assert checkpoint is not None and checkpoint.base is not None
+    assert (checkpoint.base["releases"], checkpoint.base["merges_done"]) == (2, 1)
+    fresh = FederatedServer(config, tmp_path / "fresh", run_id="fresh")
+    unmerged = fresh.evaluate(checkpoint.state)
+    fresh.restore_from_checkpoint(checkpoint)
+    assert fresh.releases == 2 and fresh.adapted.merges_done == 1
+    scores = fresh.evaluate(checkpoint.state)  # base with release 1 folded, plus release 2: the round-2 model
+    assert scores["accuracy"] == result.metrics[1]["accuracy"]
+    assert abs(scores["loss"] - result.metrics[1]["loss"]) < 1e-6
+    assert abs(unmerged["loss"] - result.metrics[1]["loss"]) > 1e-4  # the clean base is another model
+    start = fresh.start_state()  # round 3 folds release 2, as the uninterrupted run did
+    assert fresh.adapted.merges_done == 2 and all(not start[k].any() for k in start if "lora_B" in k)
+    checkpoint.base = None
+    with pytest.raises(RunError, match="holds no merged base"):
+        FederatedServer(config, tmp_path / "other", run_id="other").restore_from_checkpoint(checkpoint)
 
 
 def test_flora_stack_that_exceeds_the_global_rank_stops_the_run(tmp_path: Path) -> None:

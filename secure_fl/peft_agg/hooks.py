@@ -144,3 +144,39 @@ def fold_lora_into_base(model: torch.nn.Module) -> int:
             delta = module.get_delta_weight("default")
             module.base_layer.weight.add_(delta.to(module.base_layer.weight.dtype))
     return len(layers)
+
+
+def merged_base_state(adapted: AdaptedModel, releases: int) -> dict[str, Any]:
+    """What a checkpoint keeps of a merging rule's base: every LoRA layer's base weight and the counters.
+
+    ``releases`` is how many adapters the server has released; ``merges_done`` how many of them
+    are folded into these weights (one fewer between rounds: the next round folds the last one).
+    """
+    with torch.no_grad():
+        weights = {name: module.base_layer.weight.detach().cpu().numpy().copy() for name, module in lora_layers(adapted.model)}
+    if adapted.merges_done != releases - 1:  # after a release: every one folded but the newest
+        raise RunError(f"merged base out of step: {adapted.merges_done} merges for {releases} releases")
+    return {"releases": int(releases), "merges_done": int(adapted.merges_done), "weights": weights}
+
+
+def restore_merged_base(adapted: AdaptedModel, base: Mapping[str, Any]) -> int:
+    """Put `merged_base_state`'s weights back into ``adapted``'s LoRA layers; return the releases count.
+
+    Raises `ModelError` naming the layer when the checkpoint's layers or shapes are not this model's.
+    """
+    weights = base["weights"]
+    layers = dict(lora_layers(adapted.model))
+    if set(weights) != set(layers):
+        raise ModelError(f"the checkpoint's merged base covers layers {sorted(weights)[:3]}..., this model's LoRA "
+                         f"layers are {sorted(layers)[:3]}... ({len(weights)} vs {len(layers)}): another model or peft.target_modules")
+    with torch.no_grad():
+        for name, module in layers.items():
+            target = module.base_layer.weight
+            value = torch.as_tensor(np.asarray(weights[name]))
+            if tuple(value.shape) != tuple(target.shape):
+                raise ModelError(f"merged base layer {name!r}: the checkpoint has shape {tuple(value.shape)}, "
+                                 f"this model {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+    adapted.merges_done = int(base["merges_done"])
+    adapted.merge_start = None
+    return int(base["releases"])

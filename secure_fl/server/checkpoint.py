@@ -6,9 +6,12 @@ One ``checkpoints/round-NNNN.safetensors`` file per round holds, written atomica
 * the stage plug-ins' state (`Stages.state_dict`: a reputation table, server momentum, ...):
   numpy arrays as extra tensors under the reserved prefix ``__state__/``, everything else as JSON
   in the file's metadata (key ``plugin_state``), with ``{"__tensor__": name}`` where an array was;
-* the cohort RNG state (``numpy.random.Generator.bit_generator.state``, metadata ``rng_state``).
+* the cohort RNG state (``numpy.random.Generator.bit_generator.state``, metadata ``rng_state``);
+* for a rule that merges every release into the base weights (flora), the merged base
+  (`secure_fl.peft_agg.hooks.merged_base_state`, metadata ``base``): without it a resumed
+  server would apply the next stack to the original base.
 
-`read_checkpoint` returns all three; `restore` puts plug-in state and RNG back into fresh stages
+`read_checkpoint` returns them all; `restore` puts plug-in state and RNG back into fresh stages
 (resuming a whole run from its directory builds on this).
 """
 
@@ -42,6 +45,8 @@ class Checkpoint:
     state: dict[str, np.ndarray] = field(repr=False)
     plugin_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     rng_state: dict[str, Any] | None = None
+    #: The merged base weights and merge counters (merging rules only), else ``None``.
+    base: dict[str, Any] | None = None
     run_id: str = ""
     path: Path | None = None
 
@@ -93,6 +98,7 @@ def write_checkpoint(
     run_id: str,
     plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
     rng_state: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one checkpoint file atomically (temporary file + rename)."""
     tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
@@ -106,6 +112,7 @@ def write_checkpoint(
         "format": FORMAT,
         "plugin_state": json.dumps(_encode(dict(plugin_state or {}), "plugins", extra)),
         "rng_state": json.dumps(_encode(dict(rng_state), "rng", extra) if rng_state is not None else None),
+        "base": json.dumps(_encode(dict(base), "base", extra) if base is not None else None),
     }
     tmp = target.with_suffix(".tmp")
     save_file({**tensors, **extra}, str(tmp), metadata=metadata)
@@ -121,11 +128,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         metadata = handle.metadata() or {}
     plugin_state = _decode(json.loads(metadata.get("plugin_state", "{}")), tensors)
     rng_state = _decode(json.loads(metadata.get("rng_state", "null")), tensors)
+    base = _decode(json.loads(metadata.get("base", "null")), tensors)
     return Checkpoint(
         round=int(metadata.get("round", path.stem.split("-")[-1])),
         state={k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)},
         plugin_state=plugin_state,
         rng_state=rng_state,
+        base=base,
         run_id=metadata.get("run_id", ""),
         path=path,
     )

@@ -30,7 +30,9 @@ from secure_fl.client.trainer import check_dp_sgd
 from secure_fl.data.sources import load_eval_set
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import load_trainable_state, model_info, trainable_state
-from secure_fl.peft_agg.hooks import MERGES_PLAN_KEY, build_for_rule, own_shapes, rule_fingerprint, sync_base
+from secure_fl.peft_agg.hooks import (
+    MERGES_PLAN_KEY, build_for_rule, merged_base_state, own_shapes, restore_merged_base, rule_fingerprint, sync_base,
+)
 from protocols.errors import ProtocolAbort
 from robustness.errors import RobustnessError
 from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
@@ -531,6 +533,7 @@ class FederatedServer:
             self.run_dir.save_checkpoint(
                 number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints,
                 plugin_state=self.stages.state_dict(), rng_state=rng.bit_generator.state,
+                base=merged_base_state(self.adapted, self.releases) if self.stages.rule.merges_into_base else None,
             )
             self._save_adapter()
             record.update(self.evaluate(self.global_state))
@@ -627,7 +630,7 @@ class FederatedServer:
         self.workload.save(self.adapted, self.run_dir.adapter, seed=self.config.run.seed)
 
     def restore_from_checkpoint(self, checkpoint: Checkpoint, *, run_dir: str | Path | None = None) -> None:
-        """Continue from ``checkpoint``: global adapter, the stages' state and the cohort RNG.
+        """Continue from ``checkpoint``: global adapter, the stages' state, the cohort RNG and a merged base.
 
         With ``run_dir`` (the directory the checkpoint came from) and ``[robustness] reputation``,
         the reputations are reloaded from its ``reputation.json``, which must be of the same
@@ -635,6 +638,11 @@ class FederatedServer:
         (ledger, metrics, rounds left) is the job of the hardening work.
         """
         self.global_state = {k: np.array(v, copy=True) for k, v in checkpoint.state.items()}
+        if self.stages.rule.merges_into_base:  # flora: the base holds every earlier release
+            if checkpoint.base is None:
+                raise RunError(f"checkpoint {checkpoint.path} holds no merged base, which peft.rule="
+                               f"{self.stages.rule.name!r} needs to continue (written by another rule or version)")
+            self.releases = restore_merged_base(self.adapted, checkpoint.base)
         rng = restore(self.stages, checkpoint)
         if rng is not None:
             self.rng = rng

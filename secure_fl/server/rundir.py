@@ -96,14 +96,17 @@ class RunDirectory:
         keep: int,
         plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
         rng_state: Mapping[str, Any] | None = None,
+        base: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save the global adapter state after ``round_number``; keep the newest ``keep`` files.
 
-        ``plugin_state`` (`Stages.state_dict`) and ``rng_state`` (the cohort generator's
-        ``bit_generator.state``) go into the same atomically written file (see `secure_fl.server.checkpoint`).
+        ``plugin_state`` (`Stages.state_dict`), ``rng_state`` (the cohort generator's
+        ``bit_generator.state``) and ``base`` (a merging rule's merged base) go into the same
+        atomically written file (see `secure_fl.server.checkpoint`).
         """
         target = self.checkpoints / f"round-{round_number:04d}.safetensors"
-        write_checkpoint(target, round_number, state, run_id=run_id, plugin_state=plugin_state, rng_state=rng_state)
+        write_checkpoint(target, round_number, state, run_id=run_id, plugin_state=plugin_state,
+                         rng_state=rng_state, base=base)
         for old in sorted(self.checkpoints.glob("round-*.safetensors"))[:-keep]:
             old.unlink()
         return target
