@@ -288,7 +288,10 @@ def audit_config(config: Config, inserted: int) -> Config:
     else:
         cohort = min(total, math.ceil(run.clients_per_round * total / run.num_clients))
     privacy = replace(config.privacy, audit=False)
-    return config.replace(run=replace(run, num_clients=total, clients_per_round=cohort), privacy=privacy)
+    # the canaries read the honest parties' trainers, which only the in-process backend keeps
+    simulation = replace(config.simulation, backend="in-process")
+    return config.replace(run=replace(run, num_clients=total, clients_per_round=cohort), privacy=privacy,
+                          simulation=simulation)
 
 
 def audit_level(config: Config) -> str:

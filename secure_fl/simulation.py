@@ -20,8 +20,9 @@ from secure_fl.client.client import ClientStages, FederatedClient, HonestBoard
 from secure_fl.callbacks import CallbackObserver, RoundCallback
 from secure_fl.client.trainer import LocalTrainer
 from secure_fl.config import Config
-from secure_fl.data.sources import client_partitions, load_splits
+from secure_fl.data.sources import client_partition_indices, load_splits
 from secure_fl.errors import ConfigError
+from secure_fl.parties import PartyBuilder, Partitions, PartySource, party_id
 from secure_fl.progress import ProgressObserver
 from secure_fl.server.engine import BackgroundRun, FederatedServer, RoundObserver, RunResult, new_run_id
 from secure_fl.transport.inprocess import InProcessTransport
@@ -150,13 +151,13 @@ def simulate(
         eval_dataset=eval_dataset,
         transport="in-process",
     )
-    if client_datasets is None:
-        train, _ = load_splits(honest_config)
-        client_datasets = client_partitions(honest_config, train)
-    shared = server.workload.build(seed=config.run.seed)
     if client_ranks is not None and workload is not None:
         raise ConfigError("client_ranks builds each client's model from the config: drop workload or client_ranks")
-    rank_parties = _rank_parties(config, client_ranks, getattr(server.workload, "label_names", ())) if client_ranks else {}
+    if client_datasets is None:
+        train, _ = load_splits(honest_config)
+        partitions: Sequence[Any] = Partitions(train, client_partition_indices(honest_config, train))
+    else:
+        partitions = list(client_datasets)
     attackers = attacker_indices(honest_config)
     # white-box attackers read the round's honest updates and know the defense (FedAvg: server lr 1)
     board = HonestBoard(keep=bool(attackers), defense=config.robustness.defense,
@@ -164,64 +165,20 @@ def simulate(
     trigger = server.stages.attack.trigger_set(server.eval_dataset) if server.eval_dataset is not None else None
     if trigger is not None:  # a backdoor: its success on the held-out set, every round, next to accuracy
         server.attack_evaluations["backdoor_accuracy"] = server.workload.prepare(server.adapted, trigger)
-    clients = []
-    for index, dataset in enumerate(client_datasets):
-        stages = ClientStages.from_config(config, malicious=index in attackers)
-        if stages.attack is not None:  # label flipping, backdoors: the attacker trains on poisoned data
-            dataset = stages.attack.poison_data(dataset, rng=np.random.default_rng([config.run.seed, 11, index]))
-        if client_ranks:  # clients of one rank share one model, as clients of peft.r share ``shared``
-            own_config, own_workload, own_model = rank_parties[int(client_ranks[index % len(client_ranks)])]
-            trainer = LocalTrainer.create(own_workload, dataset, own_config, adapted=own_model)
-        else:
-            trainer = LocalTrainer.create(server.workload, dataset, config, adapted=shared)
-        client = FederatedClient(
-            f"client-{index}",
-            InProcessTransport(server.coordinator),
-            trainer,
-            stages,
-            seed=config.run.seed,
-            chunk_size=config.transport.chunk_size,
-            board=board,
-        )
-        client.join()
-        clients.append(client)
-    if extra_parties is not None:
-        trainers = [c.trainer for c in clients]
-        for index, trainer in enumerate(extra_parties.build(server, trainers), start=len(clients)):
-            client = FederatedClient(
-                f"client-{index}", InProcessTransport(server.coordinator), trainer, ClientStages.from_config(config),
-                seed=config.run.seed, chunk_size=config.transport.chunk_size, board=board,
-            )
-            client.join()
-            clients.append(client)
-    # honest clients step first in every pass, and an attacker only once every honest member of the
-    # round's cohort uploaded, so all attackers of a round see the same honest updates
-    clients.sort(key=lambda c: c.stages.attack is not None)
-    honest_ids = {c.client_id for c in clients if c.stages.attack is None}
+    source = PartySource(
+        config, server.workload, partitions, attackers=frozenset(attackers),
+        client_ranks=tuple(int(r) for r in client_ranks) if client_ranks else None,
+        label_names=tuple(getattr(server.workload, "label_names", ())),
+    )
+    if config.simulation.backend == "ray":
+        if extra_parties is not None:
+            raise ConfigError("extra parties (the empirical audit's canaries) run in-process only: set "
+                              "simulation.backend = 'in-process' for the audit run", key="simulation.backend")
+        from secure_fl.ray_backend import run_on_ray
 
-    rounds = BackgroundRun(server, name="secure-fl-server")
-    try:
-        while rounds.is_alive() and not all(c.finished for c in clients):
-            progressed = False
-            for client in clients:
-                if client.finished:
-                    continue
-                if client.stages.attack is None:
-                    outcome: str | None = client.step()
-                else:
-                    outcome = server.coordinator.step_after(honest_ids, client.step)
-                if outcome in ("trained", "answered"):
-                    progressed = True
-            if not progressed:
-                time.sleep(0.01)
-    except BaseException as exc:
-        server.coordinator.finish("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"simulation aborted: {exc}")
-        rounds.join(timeout=30)
-        raise
-    rounds.join()
-    for client in clients:
-        client.leave()
-    result = rounds.result()  # re-raises the server's exception in the caller's thread
+        result = run_on_ray(server, source, board, progress=progress)
+    else:
+        result = _run_in_process(server, source, board, extra_parties, progress=progress)
     if config.privacy.audit:
         from secure_fl.empirical_audit import run_empirical_audit
 
@@ -229,16 +186,82 @@ def simulate(
     return result
 
 
-def _rank_parties(config: Config, ranks: Sequence[int], label_names: Sequence[str]) -> dict[int, tuple[Config, Any, Any]]:
-    """Per distinct rank: the client config (``peft.r``, scaled ``peft.alpha``), its workload and one shared model."""
-    from secure_fl.peft_agg.ranks import with_lora_rank
-    from secure_fl.workload import config_workload
+def _run_in_process(
+    server: FederatedServer, source: PartySource, board: HonestBoard, extra_parties: ExtraParties | None, *, progress: bool
+) -> RunResult:
+    """Run the rounds with every selected party's work in this thread (the default backend).
 
-    out: dict[int, tuple[Config, Any, Any]] = {}
-    for rank in dict.fromkeys(int(r) for r in ranks):
-        if not 1 <= rank <= config.peft.r:
-            raise ConfigError(f"client_ranks: rank {rank} is not within 1..peft.r={config.peft.r}", key="peft.r")
-        own = with_lora_rank(config, rank)
-        workload = config_workload(own, tuple(label_names))
-        out[rank] = (own, workload, workload.build(seed=config.run.seed))
-    return out
+    Every party joins once; afterwards a party exists only while a cohort holds it: it is built
+    when its round opens and dropped when the next one does. Honest parties step first in every
+    pass, and an attacker only once every honest member of the cohort uploaded, so all attackers
+    of a round see the same honest updates.
+    """
+    config = server.config
+    coordinator = server.coordinator
+    builder = PartyBuilder(source, board=board, keep=extra_parties is not None)
+    transport = InProcessTransport(coordinator)
+    replies = join_parties(builder, transport, progress=progress)
+    extras: list[FederatedClient] = []
+    if extra_parties is not None:
+        trainers = [builder.client(index, transport).trainer for index in range(source.size)]
+        for index, trainer in enumerate(extra_parties.build(server, trainers), start=source.size):
+            client = FederatedClient(
+                party_id(index), transport, trainer, ClientStages.from_config(config),
+                seed=config.run.seed, chunk_size=config.transport.chunk_size, board=board,
+            )
+            client.join()
+            extras.append(client)
+    coordinator.vouch([party_id(index) for index in range(source.size)] + [c.client_id for c in extras])
+
+    rounds = BackgroundRun(server, name="secure-fl-server")
+    hosted_round: int | None = None
+    parties: list[FederatedClient] = []
+    honest_ids: set[str] = set()
+    try:
+        while rounds.is_alive():
+            opened = coordinator.open_cohort()
+            if opened is not None and opened[0] != hosted_round:  # a new round: build its cohort, drop the last
+                hosted_round = opened[0]
+                members = sorted(i for i in map(party_index, opened[1]) if i is not None and i < source.size)
+                hosted = []
+                for index in members:
+                    client = builder.client(index, transport)
+                    client.adopt(replies[index])
+                    hosted.append(client)
+                parties = sorted(hosted + extras, key=lambda c: c.stages.attack is not None)
+                honest_ids = {c.client_id for c in parties if c.stages.attack is None}
+            progressed = False
+            for client in parties:
+                if client.finished:
+                    continue
+                if client.stages.attack is None:
+                    outcome: str | None = client.step()
+                else:
+                    outcome = coordinator.step_after(honest_ids, client.step)
+                if outcome in ("trained", "answered"):
+                    progressed = True
+            if not progressed:
+                time.sleep(0.01)
+    except BaseException as exc:
+        coordinator.finish("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"simulation aborted: {exc}")
+        rounds.join(timeout=30)
+        raise
+    rounds.join()
+    return rounds.result()  # re-raises the server's exception in the caller's thread
+
+
+def party_index(client_id: str) -> int | None:
+    """The index of simulated party ``client-<index>``, or ``None`` for another id."""
+    prefix, _, number = client_id.partition("-")
+    return int(number) if prefix == "client" and number.isdigit() else None
+
+
+def join_parties(builder: PartyBuilder, transport: Any, *, progress: bool) -> dict[int, Any]:
+    """Join every party of ``builder``'s source once (built, joined, dropped unless kept); the replies by index."""
+    from tqdm.auto import tqdm
+
+    size = builder.source.size
+    replies = {}
+    for index in tqdm(range(size), desc="joining parties", unit="party", disable=not progress or size < 100, leave=False):
+        replies[index] = builder.client(index, transport).join()
+    return replies

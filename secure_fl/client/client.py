@@ -137,6 +137,7 @@ class FederatedClient:
         chunk_size: int = serde.DEFAULT_CHUNK_SIZE,
         max_download_bytes: int = 1 << 30,
         board: HonestBoard | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         self.client_id = client_id
         self.transport = transport
@@ -151,7 +152,9 @@ class FederatedClient:
         self.finish_message = ""
         self.rounds_trained: list[int] = []
         self._fingerprint = trainer.fingerprint()
-        self._rng = np.random.default_rng(derive_seed(seed, "attack", client_id))
+        #: A simulated attacker's randomness; a simulation that rebuilds the party each round passes
+        #: the same generator in again, so its draws continue across rounds.
+        self._rng = rng if rng is not None else np.random.default_rng(derive_seed(seed, "attack", client_id))
         state = trainable_state(trainer.adapted.model)
         # what this client uploads: its own tensors, or the global shapes when its rule pads them
         tensors = {k: state[k] for k in trainer.update_keys}
@@ -166,19 +169,25 @@ class FederatedClient:
 
     def join(self) -> pb.JoinReply:
         """Join the run; the reply fixes the run id used in every later message."""
-        reply = self.transport.join(
-            pb.JoinRequest(
-                envelope=self._envelope(),
-                protocol_version=PROTOCOL_VERSION,
-                model_fingerprint=self._fingerprint,
-                # under a secure mode that hides updates the example count is not revealed either
-                num_examples=self.trainer.num_examples if self.stages.secure.reveals_individual_updates else 1,
-                info={**self.trainer.join_info(), **self.stages.join_info()},
-            )
+        reply = self.transport.join(self.join_request())
+        self.adopt(reply)
+        return reply
+
+    def join_request(self) -> pb.JoinRequest:
+        """What this party declares at Join: protocol, model fingerprint, example count, layout facts."""
+        return pb.JoinRequest(
+            envelope=self._envelope(),
+            protocol_version=PROTOCOL_VERSION,
+            model_fingerprint=self._fingerprint,
+            # under a secure mode that hides updates the example count is not revealed either
+            num_examples=self.trainer.num_examples if self.stages.secure.reveals_individual_updates else 1,
+            info={**self.trainer.join_info(), **self.stages.join_info()},
         )
+
+    def adopt(self, reply: pb.JoinReply) -> None:
+        """Take on a Join this party made earlier (a simulated party rebuilt when selected again)."""
         self.run_id = reply.envelope.run_id
         self.retry_after = reply.poll_interval_ms / 1000
-        return reply
 
     def step(self) -> str:
         """Poll once and act on the answer: ``"wait"``, ``"trained"``, ``"answered"`` or ``"finished"``.

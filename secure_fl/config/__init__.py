@@ -34,6 +34,7 @@ from secure_fl.config.sections import (
     RobustnessConfig,
     RunConfig,
     SecureConfig,
+    SimulationConfig,
     TransportConfig,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "RobustnessConfig",
     "RunConfig",
     "SecureConfig",
+    "SimulationConfig",
     "TransportConfig",
     "_ALIASES",
     "_SECTIONS",

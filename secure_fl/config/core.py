@@ -31,6 +31,7 @@ from secure_fl.config.sections import (
     RobustnessConfig,
     RunConfig,
     SecureConfig,
+    SimulationConfig,
     TransportConfig,
 )
 from secure_fl.errors import ConfigError
@@ -50,6 +51,7 @@ class Config:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
         if self.data.dataset == "synthetic" and self.data.synthetic_examples < 2 * self.run.num_clients:
@@ -176,7 +178,7 @@ def _check_causal_lm(config: Config) -> None:
 
 
 #: The keys of a section that hold a plug-in's settings table (``--set section.params.key=value``).
-_PARAMS_TABLES = ("params", "rule_params", "dp_sgd_params")
+_PARAMS_TABLES = ("params", "rule_params", "dp_sgd_params", "client_resources")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

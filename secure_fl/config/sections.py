@@ -440,6 +440,50 @@ class TransportConfig:
             _fail("transport.chunk_size", f"{self.chunk_size} exceeds gRPC's default 4 MiB message limit")
 
 
+#: ``[simulation] backend`` values.
+BACKENDS = ("in-process", "ray")
+#: The resources a Ray party runner may ask for, with their defaults.
+CLIENT_RESOURCES = {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """``[simulation]``: where ``secure-fl simulate`` runs the selected parties' work."""
+
+    backend: str = field(default="in-process", metadata={
+        "help": "'in-process' (threads of this process) or 'ray' (Ray actors, local instance or a cluster; "
+                "pip install 'secure-fl[ray]')"
+    })
+    ray_address: str = field(default="", metadata={
+        "help": "Ray cluster to join (e.g. 'ray://head:10001' or 'auto'); '' starts a local Ray instance"
+    })
+    client_resources: Params = field(default_factory=lambda: Params(CLIENT_RESOURCES), metadata={
+        "help": "resources of each Ray party runner: {num_cpus = 1, num_gpus = 0} (num_gpus < 1 shares a GPU)"
+    })
+    max_runners: int = field(default=0, metadata={
+        "help": "most Ray party runners at once (0: as many as the cluster's resources and the cohort allow)"
+    })
+
+    def __post_init__(self) -> None:
+        _choice("simulation.backend", self.backend, BACKENDS)
+        if not isinstance(self.ray_address, str):
+            _fail("simulation.ray_address", f"must be a string, got {self.ray_address!r}")
+        _non_negative_int("simulation.max_runners", self.max_runners)
+        given = dict(self.client_resources)
+        unknown = sorted(set(given) - set(CLIENT_RESOURCES))
+        if unknown:
+            _fail(f"simulation.client_resources.{unknown[0]}",
+                  f"is not a resource secure-fl asks Ray for; allowed: {', '.join(CLIENT_RESOURCES)}")
+        for name, value in given.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail(f"simulation.client_resources.{name}", f"must be a number >= 0, got {value!r}")
+            _non_negative_float(f"simulation.client_resources.{name}", float(value))
+        resources = {**CLIENT_RESOURCES, **{k: float(v) for k, v in given.items()}}
+        if resources["num_cpus"] <= 0 and resources["num_gpus"] <= 0:
+            _fail("simulation.client_resources", "asks for no CPU and no GPU; give num_cpus > 0 or num_gpus > 0")
+        object.__setattr__(self, "client_resources", Params(resources))
+
+
 _SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -451,5 +495,6 @@ _SECTIONS: dict[str, type] = {
     "robustness": RobustnessConfig,
     "attack": AttackConfig,
     "transport": TransportConfig,
+    "simulation": SimulationConfig,
 }
 

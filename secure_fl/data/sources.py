@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Union
 
+import numpy as np
+
 from secure_fl.config import Config
 from secure_fl.errors import ConfigError
 from secure_fl.data.datasets import DataError, TextDataset, load_bbc_news, load_text_file, make_synthetic
@@ -74,10 +76,14 @@ def _require_file(key: str, path: str) -> None:
 
 def client_partitions(config: Config, train: ConfigDataset) -> list[ConfigDataset]:
     """Split ``train`` among ``run.num_clients`` clients as ``[data] partition`` says."""
-    parts = partition(
+    return [train.subset(indices) for indices in client_partition_indices(config, train)]
+
+
+def client_partition_indices(config: Config, train: ConfigDataset) -> list[np.ndarray]:
+    """The indices into ``train`` of each client's partition (what `client_partitions` cuts)."""
+    return partition(
         train.labels, config.run.num_clients, method=config.data.partition, alpha=config.data.alpha, seed=config.run.seed
     )
-    return [train.subset(indices) for indices in parts]
 
 
 def client_dataset(config: Config, index: int) -> ConfigDataset:

@@ -31,6 +31,9 @@ class ClientRecord:
     last_seen: float = field(default_factory=time.monotonic)
     #: The Poisson sampling rate of its DP-SGD steps, declared at Join (``None`` without DP-SGD).
     sample_rate: float | None = None
+    #: A simulated party the simulation vouches for: it only polls once selected, so silence
+    #: does not make it unresponsive (`Coordinator.vouch`).
+    virtual: bool = False
 
 
 @dataclass

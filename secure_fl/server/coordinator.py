@@ -289,8 +289,43 @@ class Coordinator:
         """
         now = time.monotonic()
         with self._cond:
-            responsive = sorted(c for c, r in self._clients.items() if now - r.last_seen <= self.liveness_timeout)
+            responsive = sorted(
+                c for c, r in self._clients.items() if r.virtual or now - r.last_seen <= self.liveness_timeout
+            )
             return responsive, sorted(set(self._clients) - set(responsive))
+
+    def vouch(self, clients: Iterable[str]) -> None:
+        """Mark joined ``clients`` as simulated parties that stay selectable while silent.
+
+        A simulation builds a party only when a cohort selects it, so between its rounds it never
+        polls; without this, the liveness timeout would leave it out of every later cohort.
+        """
+        with self._cond:
+            for client in clients:
+                self._clients[client].virtual = True
+
+    def open_cohort(self) -> tuple[int, tuple[str, ...]] | None:
+        """``(round, cohort)`` of the round open now, or ``None`` between rounds and after the run."""
+        with self._cond:
+            current = self._round
+            if current is None or current.closed or self._finished is not None:
+                return None
+            return current.number, current.cohort
+
+    def drop(self, client_id: str, round_number: int, reason: str) -> bool:
+        """Stop waiting for ``client_id`` in round ``round_number`` (its host saw it die); say ``reason``.
+
+        The party stays joined (it may be selected again); the round goes on as with any
+        dropout, and the reason reaches the round's metrics. False if that round is not open.
+        """
+        with self._cond:
+            current = self._round
+            if current is None or current.number != round_number or current.closed or client_id not in current.cohort:
+                return False
+            current.left.add(client_id)
+            current.drop_reasons[client_id] = reason
+            self._cond.notify_all()
+            return True
 
     def awaiting_training(self) -> set[str]:
         """Clients owed an update in the open training phase that have not sent it (nor left).

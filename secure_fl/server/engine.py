@@ -459,6 +459,10 @@ class FederatedServer:
             "stages": self.stages.names(),
             **_federated_evaluation(client_metrics),
         }
+        if state.drop_reasons:  # parties whose host saw them die (a Ray runner lost): a dropout, with why
+            record["dropout_reasons"] = dict(sorted(state.drop_reasons.items()))
+            for client, reason in sorted(state.drop_reasons.items()):
+                log.warning("round %d: party %s dropped: %s", number, client, reason)
         if refused:  # answers the protocol refused (a corrupt or foreign ciphertext): named, left out of the sums
             record["refused"] = dict(sorted(refused.items()))
             for client, reason in sorted(refused.items()):

@@ -67,6 +67,8 @@ class RoundState:
     phase: PhaseState | None = None
     phases: list[PhaseState] = field(default_factory=list)
     left: set[str] = field(default_factory=set)
+    #: Why a party was dropped from the round by its host (a simulated party's runner died), by id.
+    drop_reasons: dict[str, str] = field(default_factory=dict)
     closed: bool = False
     #: Set when the run was stopped (Ctrl-C, an error) while this round was open: nothing derived
     #: from it may be released.
