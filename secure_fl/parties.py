@@ -92,8 +92,8 @@ class PartyBuilder:
 
     With ``keep`` every party built is kept and handed out again (a run whose extra parties read
     the honest trainers, such as the empirical audit's canaries); otherwise each call builds a
-    fresh party that the caller releases after its round. An attacker's random generator is kept
-    either way (one per attacker), so its draws continue across rounds as if it had never left.
+    fresh party that the caller releases after its round. An attacker's random generator and poisoned
+    data are kept either way (one per attacker), so its draws continue across rounds as if it never left.
     """
 
     source: PartySource
@@ -102,6 +102,7 @@ class PartyBuilder:
     _models: dict[int | None, tuple[Config, Workload, Any]] = field(default_factory=dict, repr=False)
     _rngs: dict[int, np.random.Generator] = field(default_factory=dict, repr=False)
     _kept: dict[int, FederatedClient] = field(default_factory=dict, repr=False)
+    _poisoned: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def model(self, rank: int | None) -> tuple[Config, Workload, Any]:
         """``(config, workload, shared model)`` of the parties of LoRA rank ``rank`` (``None``: ``peft.r``)."""
@@ -119,10 +120,15 @@ class PartyBuilder:
     def trainer(self, index: int, stages: ClientStages | None = None) -> LocalTrainer:
         """Party ``index``'s trainer: its data (poisoned if it attacks) on its rank's shared model."""
         config, workload, adapted = self.model(self.source.rank_of(index))
-        dataset = self.source.partitions[index]
         stages = stages if stages is not None else self._stages(index)
-        if stages.attack is not None:  # label flipping, backdoors: the attacker trains on poisoned data
-            dataset = stages.attack.poison_data(dataset, rng=np.random.default_rng([config.run.seed, 11, index]))
+        if stages.attack is None:
+            dataset = self.source.partitions[index]
+        elif index not in self._poisoned:  # label flipping, backdoors: poisoned once, kept (attackers are few)
+            dataset = stages.attack.poison_data(self.source.partitions[index],
+                                                rng=np.random.default_rng([config.run.seed, 11, index]))
+            self._poisoned[index] = dataset
+        else:
+            dataset = self._poisoned[index]
         return LocalTrainer.create(workload, dataset, config, adapted=adapted)
 
     def _stages(self, index: int) -> ClientStages:

@@ -149,7 +149,7 @@ def simulate(
         observer=CallbackObserver(display, callbacks),
         workload=workload,
         eval_dataset=eval_dataset,
-        transport="in-process",
+        transport=config.simulation.backend,
     )
     if client_ranks is not None and workload is not None:
         raise ConfigError("client_ranks builds each client's model from the config: drop workload or client_ranks")
@@ -227,6 +227,7 @@ def _run_in_process(
                 for index in members:
                     client = builder.client(index, transport)
                     client.adopt(replies[index])
+                    client.round_only = None if builder.keep else hosted_round
                     hosted.append(client)
                 parties = sorted(hosted + extras, key=lambda c: c.stages.attack is not None)
                 honest_ids = {c.client_id for c in parties if c.stages.attack is None}

@@ -99,6 +99,10 @@ class HonestBoard:
         self._updates: dict[int, list[dict[str, np.ndarray]]] = {}
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the settings only: a board sent to another process (a Ray runner) starts empty."""
+        return (_board, (self.keep, self.defense, self.defense_settings, self.server_lr))
+
     def post(self, round_number: int, update: dict[str, np.ndarray]) -> None:
         """Record an honest client's clipped update of ``round_number`` (older rounds are dropped)."""
         if not self.keep:
@@ -121,6 +125,10 @@ class HonestBoard:
             defense=self.defense, defense_settings=dict(self.defense_settings), bucket_size=bucket_size,
             server_lr=self.server_lr,
         )
+
+
+def _board(keep: bool, defense: str, defense_settings: Mapping[str, Any], server_lr: float) -> HonestBoard:
+    return HonestBoard(keep=keep, defense=defense, defense_settings=defense_settings, server_lr=server_lr)
 
 
 class FederatedClient:
@@ -161,6 +169,9 @@ class FederatedClient:
         template = getattr(trainer, "upload_template", None)
         self._update_spec = serde.spec_of(template(tensors) if callable(template) else tensors)
         self._round_session: tuple[int, ClientRound] | None = None
+        #: Set on a simulated party that exists for one round only: tasks of any other round are
+        #: left for the party built for that round (see `secure_fl.parties`).
+        self.round_only: int | None = None
         #: Where honest clients of a simulation leave their clipped updates for white-box attackers.
         self.board = board if board is not None else HonestBoard()
 
@@ -211,8 +222,12 @@ class FederatedClient:
                 self._close_session()  # a later round began without this client: forget the old secrets
             self.retry_after = max(header.retry_after_ms, 1) / 1000
             return "wait"
-        self._check_stages(dict(header.stages))
         round_number = header.envelope.round
+        if self.round_only is not None and round_number != self.round_only:
+            # a simulated party built for another round: its successor (rebuilt for this round) answers
+            self.retry_after = max(header.retry_after_ms, 1) / 1000
+            return "wait"
+        self._check_stages(dict(header.stages))
         phase = header.phase or self.stages.secure.UPLOAD_PHASE
         session = self._session(round_number)
         if header.kind == pb.TaskHeader.TRAIN:

@@ -74,14 +74,14 @@ class FederatedServer:
         self.run_id = run_id or new_run_id()
         self.observer: RoundObserver = observer or SilentObserver()
         # Stages first: a configuration no round could run under is refused before anything is written.
-        if transport != "in-process" and config.privacy.params.get("insecure_seed") is not None:
+        if transport not in SIMULATED_TRANSPORTS and config.privacy.params.get("insecure_seed") is not None:
             raise ConfigError(
                 "privacy.params.insecure_seed is accepted only in simulation (secure-fl simulate or "
                 "secure_fl.simulate): a seeded noise generator lets anyone who knows the seed remove the noise, "
                 f"so a {transport} server refuses it; remove privacy.params.insecure_seed",
                 key="privacy.params.insecure_seed",
             )
-        if transport != "in-process" and config.attack.kind != "none":
+        if transport not in SIMULATED_TRANSPORTS and config.attack.kind != "none":
             raise ConfigError(
                 f"attack.kind={config.attack.kind!r}: simulated attacks run only in simulation (secure-fl simulate or "
                 f"secure_fl.simulate); a {transport} server never builds one; set attack.kind = 'none'",
@@ -652,6 +652,10 @@ class FederatedServer:
             self.rng = rng
         if self.reputation is not None and run_dir is not None:
             restore_reputation(self.reputation, RunDirectory(run_dir), checkpoint.round)
+
+
+#: Transports of a simulation, whose server may run simulated attacks and seeded noise.
+SIMULATED_TRANSPORTS = ("in-process", "ray")
 
 
 class _BudgetStop(Exception):
