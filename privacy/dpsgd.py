@@ -191,9 +191,10 @@ class DPSGD:
         """Run ``steps`` DP-SGD steps on ``model``'s trainable parameters; return local diagnostics.
 
         ``loss_fn(model, batch)`` is the **mean** loss of a batch and ``batch_fn(index)`` builds the
-        batch of the examples at ``index`` (a 1-d int64 tensor). A step whose Poisson draw is empty
-        still adds the noise (and counts). ``on_step(params)`` is called after every step's noised
-        gradient is in ``p.grad``, before the optimizer applies it (diagnostics, tests). The returned
+        batch of the examples at ``index`` (a 1-d int64 CPU tensor) on the model's device. A step
+        whose Poisson draw is empty still adds the noise (and counts). ``on_step(params)`` is called
+        after every step's noised gradient is in ``p.grad``, before the optimizer applies it
+        (diagnostics, tests). The returned
         ``sampled_examples`` and ``empty_steps`` are functions of the private data: keep them local.
 
         ``canaries`` (only the sample-level empirical audit, `secure_fl.empirical_audit.CanaryExamples`):
@@ -313,7 +314,8 @@ def _secure_dp_optimizer() -> type:
     from opacus.optimizers import DPOptimizer
 
     class SecretNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]
-        """``DPOptimizer`` whose Gaussian noise comes from ``rng`` (one vectorised draw per step)."""
+        """``DPOptimizer`` whose Gaussian noise comes from ``rng`` (one vectorised draw per step, on the CPU,
+        then moved to each parameter's device)."""
 
         def __init__(self, optimizer: Any, *, rng: np.random.Generator, **kwargs: Any) -> None:
             super().__init__(optimizer, **kwargs)
@@ -325,14 +327,14 @@ def _secure_dp_optimizer() -> type:
             sums = [p.summed_grad for p in self.params]
             if self.canary_sum is not None:
                 pieces = torch.split(self.canary_sum, [int(s.numel()) for s in sums])
-                sums = [s + piece.to(s.dtype).view_as(s) for s, piece in zip(sums, pieces)]
+                sums = [s + piece.to(device=s.device, dtype=s.dtype).view_as(s) for s, piece in zip(sums, pieces)]
                 self.canary_sum = None
             std = self.noise_multiplier * self.max_grad_norm
             total = sum(int(s.numel()) for s in sums)
             noise = torch.from_numpy(self.rng.standard_normal(total) * std) if std > 0 else torch.zeros(total)
             pieces = torch.split(noise, [int(s.numel()) for s in sums])
             for p, s, piece in zip(self.params, sums, pieces):
-                p.grad = (s + piece.to(s.dtype).view_as(s)).view_as(p)
+                p.grad = (s + piece.to(device=s.device, dtype=s.dtype).view_as(s)).view_as(p)
 
     _OPTIMIZER.append(SecretNoiseDPOptimizer)
     return SecretNoiseDPOptimizer

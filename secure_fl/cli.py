@@ -238,7 +238,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def server_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``secure-fl-server``."""
-    parser = argparse.ArgumentParser(prog="secure-fl-server", description="Run the federated server over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="secure-fl-server", description="Run the federated server over gRPC.",
+        epilog="Evaluation runs on [run] device: auto (the GPU when torch sees one, else the CPU), cpu, cuda or "
+        "cuda:N, e.g. --set run.device=cpu.",
+    )
     _add_config_args(parser, default_preset=None)
     parser.add_argument("--address", required=True, metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:50051")
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
@@ -274,7 +278,11 @@ def _client(args: argparse.Namespace) -> int:
 
 def client_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``secure-fl-client``."""
-    parser = argparse.ArgumentParser(prog="secure-fl-client", description="Run one federated client over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="secure-fl-client", description="Run one federated client over gRPC.",
+        epilog="Local training runs on this party's [run] device: auto (the GPU when torch sees one, else the CPU), "
+        "cpu, cuda or cuda:N, e.g. --set run.device=cuda:1; each party reads its own config.",
+    )
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="address of secure-fl-server")
     _add_config_args(parser, default_preset=None)
     parser.add_argument("--client-id", required=True, metavar="ID", help="this party's id (e.g. client-3)")

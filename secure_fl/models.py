@@ -203,14 +203,14 @@ def trainable_names(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Copy the trainable parameters out as float32 numpy arrays."""
+    """Copy the trainable parameters out as float32 numpy arrays on the CPU (from any device)."""
     return {
         name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in model.named_parameters() if p.requires_grad
     }
 
 
 def load_trainable_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
-    """Copy ``state`` into the model's trainable parameters (names and shapes must match exactly)."""
+    """Copy ``state`` into the model's trainable parameters (names and shapes must match exactly), on their device."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     extra = sorted(set(state) - set(params))
@@ -221,7 +221,7 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]
             value = torch.tensor(np.asarray(state[name]))
             if tuple(value.shape) != tuple(param.shape):
                 raise ModelError(f"tensor {name!r} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def model_fingerprint(model: torch.nn.Module, *, trainable_shapes: bool = True) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from secure_fl.data import TextDataset
+from secure_fl.device import model_device, to_device
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ class SequenceClassification(Task):
             return {"accuracy": math.nan, "loss": math.nan}
         was_training = model.training
         model.eval()
-        correct, loss_sum = 0, 0.0
+        correct, loss_sum, device = 0, 0.0, model_device(model)
         with torch.inference_mode():
             for start in range(0, len(data), batch_size):
-                batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+                batch = to_device(data.batch(torch.arange(start, min(start + batch_size, len(data)))), device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
@@ -213,10 +214,11 @@ class CausalLanguageModeling(Task):
             return {"loss": math.nan, "perplexity": math.nan}
         was_training = model.training
         model.eval()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, device = 0.0, 0, model_device(model)
         with torch.inference_mode():
             for start in range(0, len(data), batch_size):
-                total, count = self._token_losses(model, data.batch(torch.arange(start, min(start + batch_size, len(data)))))
+                batch = to_device(data.batch(torch.arange(start, min(start + batch_size, len(data)))), device)
+                total, count = self._token_losses(model, batch)
                 loss_sum += float(total)
                 tokens += int(count)
         model.train(was_training)
@@ -269,7 +271,8 @@ def train_steps(
     """Run ``steps`` AdamW steps on the trainable parameters, cycling through shuffled epochs.
 
     A fresh optimizer each round is the usual FedAvg choice (clients keep no optimizer state
-    between rounds, which would otherwise leak across rounds and break statelessness).
+    between rounds, which would otherwise leak across rounds and break statelessness). Batches
+    are moved to the model's device (`secure_fl.device.to_device`).
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -278,12 +281,12 @@ def train_steps(
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(data))
     order = torch.randperm(len(data), generator=generator)
-    cursor, losses = 0, []
+    cursor, losses, device = 0, [], model_device(model)
     model.train()
     for _ in range(steps):
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(data), generator=generator), 0
-        batch = data.batch(order[cursor : cursor + batch_size])
+        batch = to_device(data.batch(order[cursor : cursor + batch_size]), device)
         cursor += batch_size
         loss = task.loss(model, batch)
         optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from secure_fl.config import Config, ModelConfig, PeftSection
 from secure_fl.data import InstructionDataset, TextDataset
+from secure_fl.device import model_device, to_device
 from secure_fl.errors import ModelError
 from secure_fl.models import BUILD_LOCK, AdaptedModel, build_model, save_adapter, trainable_names
 from secure_fl.tasks import create_task
@@ -64,7 +65,11 @@ class Workload(ABC):
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, data: Batches, *, batch_size: int) -> dict[str, float]:
-        """Metrics of ``model`` on ``data`` (``loss`` and, where defined, ``accuracy``)."""
+        """Metrics of ``model`` on ``data`` (``loss`` and, where defined, ``accuracy``).
+
+        ``model`` may be on a GPU (``run.device``): move each batch to its device
+        (`secure_fl.device.to_device`); ``loss`` receives batches already moved.
+        """
 
     @abstractmethod
     def save(self, adapted: AdaptedModel, directory: Path, *, seed: int) -> None:
@@ -262,10 +267,11 @@ class CustomWorkload(Workload):
         was_training = model.training
         model.eval()
         loss_sum, logits_all, labels_all, complete = 0.0, [], [], True
+        device = model_device(model)
         with torch.inference_mode():
             for start in range(0, len(data), batch_size):
                 index = torch.arange(start, min(start + batch_size, len(data)))
-                batch = data.batch(index)
+                batch = to_device(data.batch(index), device)
                 if self.loss_fn is not None:
                     loss_sum += float(self.loss_fn(model, batch)) * len(index)
                     try:

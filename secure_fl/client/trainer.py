@@ -18,6 +18,7 @@ import torch
 from privacy.dpsgd import DPSGD, DPSGDUnsupported, sample_rate
 from secure_fl.config import Config
 from secure_fl.data import InstructionDataset, TextDataset
+from secure_fl.device import on_device, resolve_device, to_device
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import BUILD_LOCK, AdaptedModel, load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg import AggregationRule, create_rule
@@ -89,6 +90,10 @@ class LocalTrainer:
 
     In simulation many trainers share one `AdaptedModel`: each round starts by loading
     the global adapter into it, so sharing is safe as long as clients train one after another.
+
+    Training (and the local evaluation before it) runs on ``device`` (``run.device``, see
+    `secure_fl.device`): the model moves there for the round and back afterwards, and
+    the message is always CPU float32 numpy arrays.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class LocalTrainer:
         rule: AggregationRule | None = None,
         dp_sgd: DPSGD | None = None,
         dp_plan: tuple[int, int] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.workload = workload
         self.adapted = adapted
@@ -123,6 +129,8 @@ class LocalTrainer:
         #: Canary examples' gradients for the sample-level empirical audit (`privacy.dpsgd.DPSGD.train`);
         #: set only by `secure_fl.empirical_audit.CanaryExamples` in an audit run.
         self.canaries: np.ndarray | None = None
+        #: Where local training and evaluation run (``run.device``, resolved); the CPU by default.
+        self.device = device if device is not None else torch.device("cpu")
 
     @classmethod
     def create(
@@ -139,12 +147,14 @@ class LocalTrainer:
         the server (its `prepare_model` and `trained_keys`, see
         `secure_fl.peft_agg.hooks.build_for_rule`; a given ``adapted`` is shaped unless it already
         was), and the tensors that travel are the ones the rule names (its ``update_keys``), so
-        every caller sends exactly what the server expects.
+        every caller sends exactly what the server expects. ``run.device`` is resolved here, so a
+        CUDA setting on a machine without CUDA is refused before anything is built.
 
         With ``client.eval_fraction > 0`` a seeded share of the local examples is held out (never
         trained on) to evaluate each global adapter the client receives (federated evaluation).
         """
         seed = config.run.seed
+        device = resolve_device(config.run.device)
         rule = build_stage(config, "rule")
         adapted = shape_model(adapted or workload.build(seed=seed), rule, seed=seed)
         train_part, eval_part = split_local(dataset, config.client.eval_fraction, seed=seed)
@@ -167,6 +177,7 @@ class LocalTrainer:
             rule=rule,
             dp_sgd=dp_sgd,
             dp_plan=(config.client.local_steps, config.client.batch_size) if dp_sgd is not None else None,
+            device=device,
         )
 
     @classmethod
@@ -220,25 +231,26 @@ class LocalTrainer:
             start = self.start_state(global_state, plan)
             load_trainable_state(model, start)
             evaluation: dict[str, float] = {}
-            if self.eval_data is not None:
-                scores = self.workload.evaluate(model, self.eval_data, batch_size=self.eval_batch_size)
-                evaluation = {f"eval_{k}": v for k, v in scores.items()}
-                evaluation["eval_examples"] = float(len(self.eval_data))
-            torch.manual_seed(seed)
-            if self.dp_sgd is not None:
-                metrics = self._train_private(plan)
-            else:
-                metrics = train_steps(
-                    model,
-                    self.workload,
-                    self.data,
-                    steps=int(plan["local_steps"]),
-                    batch_size=int(plan["batch_size"]),
-                    lr=float(plan["lr"]),
-                    weight_decay=float(plan.get("weight_decay", 0.0)),
-                    max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
-                    seed=seed,
-                )
+            with on_device(model, self.device):
+                if self.eval_data is not None:
+                    scores = self.workload.evaluate(model, self.eval_data, batch_size=self.eval_batch_size)
+                    evaluation = {f"eval_{k}": v for k, v in scores.items()}
+                    evaluation["eval_examples"] = float(len(self.eval_data))
+                torch.manual_seed(seed)
+                if self.dp_sgd is not None:
+                    metrics = self._train_private(plan)
+                else:
+                    metrics = train_steps(
+                        model,
+                        self.workload,
+                        self.data,
+                        steps=int(plan["local_steps"]),
+                        batch_size=int(plan["batch_size"]),
+                        lr=float(plan["lr"]),
+                        weight_decay=float(plan.get("weight_decay", 0.0)),
+                        max_grad_norm=float(plan.get("max_grad_norm", 0.0)),
+                        seed=seed,
+                    )
             local = trainable_state(model)
         message = self.rule.client_message(local, start, self.update_keys)
         if self.rule.aligns_on_client:  # the upload has the global shapes (sums work under every secure mode)
@@ -266,8 +278,9 @@ class LocalTrainer:
                 f"the server's plan asks for local_steps={asked[0]}, batch_size={asked[1]}, but this client's DP-SGD "
                 f"is accounted for client.local_steps={steps}, client.batch_size={batch_size}; refusing to train"
             )
+        device = self.device
         self.dp_sgd.train(
-            self.adapted.model, self.workload.loss, self.data.batch, self.num_examples,
+            self.adapted.model, self.workload.loss, lambda index: to_device(self.data.batch(index), device), self.num_examples,
             steps=steps, batch_size=batch_size, lr=float(plan["lr"]), weight_decay=float(plan.get("weight_decay", 0.0)),
             canaries=self.canaries,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,14 @@ def _choice(key: str, value: str, allowed: Iterable[str]) -> None:
     if value not in allowed:
         _fail(key, f"{value!r} is not one of: {', '.join(allowed)}")
 
+
+_CUDA_INDEX = re.compile(r"cuda:[0-9]+")
+
+
+def _device(key: str, value: object) -> None:
+    """A torch device setting: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked when used)."""
+    if not isinstance(value, str) or (value not in ("auto", "cpu", "cuda") and _CUDA_INDEX.fullmatch(value) is None):
+        _fail(key, f"{value!r} is not one of: auto, cpu, cuda, cuda:N (N a CUDA device index)")
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 
 from secure_fl.config._checks import (
     _choice,
+    _device,
     _fail,
     _fraction,
     _non_negative_float,
@@ -66,6 +67,10 @@ class RunConfig:
     sample_rate: float = field(default=0.0, metadata={
         "help": "sampling = 'poisson' only: each client's selection probability q (0: clients_per_round / num_clients)"
     })
+    device: str = field(default="auto", metadata={
+        "help": "where local training and server evaluation run: 'auto' (the GPU when torch sees one, else the CPU), "
+                "'cpu', 'cuda' or 'cuda:N' (refused where no CUDA device is visible); each party reads its own"
+    })
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "clients_per_round", "min_updates", "keep_checkpoints"):
@@ -84,6 +89,7 @@ class RunConfig:
             _fail("run.min_updates", f"{self.min_updates} exceeds run.clients_per_round={self.clients_per_round}")
         _choice("run.sampling", self.sampling, SAMPLING)
         _fraction("run.sample_rate", self.sample_rate)
+        _device("run.device", self.device)
         if self.sample_rate and self.sampling != "poisson":
             _fail("run.sample_rate", f"is {self.sample_rate} but run.sampling = {self.sampling!r}; set run.sampling = 'poisson'")
 

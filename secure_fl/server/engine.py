@@ -28,6 +28,7 @@ from secure_fl.budget import BudgetGuard, SamplingPlan, confirm_calibration, poi
 from secure_fl.config import Config
 from secure_fl.client.trainer import check_dp_sgd
 from secure_fl.data.sources import load_eval_set
+from secure_fl.device import on_device, resolve_device
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.models import load_trainable_state, model_info, trainable_state
 from secure_fl.peft_agg.hooks import (
@@ -88,6 +89,8 @@ class FederatedServer:
                 key="attack.kind",
             )
         self.stages = Stages.from_config(config)
+        #: Where `evaluate` runs (``run.device``); a CUDA setting without a visible GPU is refused here.
+        self.device = resolve_device(config.run.device)
         self.sampling = SamplingPlan.from_config(config)
         expected = min(config.run.clients_per_round, config.run.num_clients)
         if self.sampling.mode == "poisson":
@@ -246,14 +249,15 @@ class FederatedServer:
         return dict.fromkeys(self.workload.metric_names)
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
-        """Metrics of the global adapter ``state`` on the server's held-out set."""
+        """Metrics of the global adapter ``state`` on the server's held-out set, computed on ``run.device``."""
         if self.eval_data is None:
             return {}
         load_trainable_state(self.adapted.model, state)
         size = self.config.client.eval_batch_size
-        metrics = self.workload.evaluate(self.adapted.model, self.eval_data, batch_size=size)
-        for key, data in self.attack_evaluations.items():
-            metrics[key] = self.workload.evaluate(self.adapted.model, data, batch_size=size)["accuracy"]
+        with on_device(self.adapted.model, self.device) as model:
+            metrics = self.workload.evaluate(model, self.eval_data, batch_size=size)
+            for key, data in self.attack_evaluations.items():
+                metrics[key] = self.workload.evaluate(model, data, batch_size=size)["accuracy"]
         return metrics
 
     def run(self) -> RunResult:
