@@ -8,6 +8,7 @@ A thin layer over the library: parse arguments, resolve the config (file or pres
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -54,6 +55,12 @@ def _guard(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 
 def _simulate(args: argparse.Namespace) -> int:
     config = _config(args, default_preset="bbc-news")
+    if args.ray_address is not None and (args.backend or config.simulation.backend) != "ray":
+        raise ConfigError("--ray-address needs --backend ray (or simulation.backend = 'ray')", key="simulation.ray_address")
+    backend = {"backend": args.backend} if args.backend else {}
+    address = {"ray_address": args.ray_address} if args.ray_address is not None else {}
+    if backend or address:
+        config = config.replace(simulation=dataclasses.replace(config.simulation, **backend, **address))
     from secure_fl.simulation import simulate
 
     started = time.perf_counter()
@@ -173,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="run server and N clients in one process (default preset: bbc-news)")
     _add_config_args(sim, default_preset="bbc-news")
     sim.add_argument("--out", metavar="DIR", help="run directory (default runs/<run-id>)")
+    sim.add_argument("--backend", choices=("in-process", "ray"),
+                     help="where the selected parties' work runs (default: simulation.backend, 'in-process')")
+    sim.add_argument("--ray-address", metavar="ADDR",
+                     help="Ray cluster to join with --backend ray (default: simulation.ray_address; '' starts a local one)")
     sim.set_defaults(fn=_simulate)
     aud = sub.add_parser("audit", help="write the privacy audit report of a run directory (report/privacy_report.*)")
     aud.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")

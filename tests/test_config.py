@@ -100,8 +100,9 @@ def test_to_dict_is_plain_data() -> None:
     data = load_preset("smoke").to_dict()
     assert data["peft"]["target_modules"] == ["query", "value"]
     assert list(data) == [
-        "run", "model", "peft", "data", "client", "secure", "privacy", "robustness", "attack", "transport",
+        "run", "model", "peft", "data", "client", "secure", "privacy", "robustness", "attack", "transport", "simulation",
     ]
+    assert data["simulation"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
 
 # ------------------------------------------------------------------------------ overrides

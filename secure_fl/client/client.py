@@ -209,7 +209,7 @@ class FederatedClient:
         a later round or the end of the run arrives.
         """
         header, payload = serde.read_task_stream(
-            self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope())),
+            self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope(self.round_only or 0))),
             max_bytes=self.max_download_bytes,
             who="server",
         )

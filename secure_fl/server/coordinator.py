@@ -158,7 +158,11 @@ class Coordinator:
         return True
 
     def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
-        """Answer a poll: TRAIN (the global adapter), PHASE (a protocol step), WAIT or FINISHED."""
+        """Answer a poll: TRAIN (the global adapter), PHASE (a protocol step), WAIT or FINISHED.
+
+        A poll whose envelope names a round (not 0) gets work of that round only: a simulated party
+        built for one round never downloads the next round's task meant for its successor.
+        """
         client_id = self._check_client(request.envelope, "PullTask")
         phase: PhaseState | None = None
         with self._cond:
@@ -168,7 +172,8 @@ class Coordinator:
                     envelope=serde.envelope(self.run_id, 0, client_id), kind=pb.TaskHeader.FINISHED, message=self._finished
                 )
                 payload = b""
-            elif current is not None and (phase := phase_owed(current, client_id)) is not None:
+            elif (current is not None and request.envelope.round in (0, current.number)
+                  and (phase := phase_owed(current, client_id)) is not None):  # a round > 0 asks for that round only
                 phase.sent.add(client_id)
                 manifest, own_payload, blobs = phase.tasks[client_id]
                 header = pb.TaskHeader(
