@@ -2,12 +2,14 @@
 
 For each population size P (default 10, 100, 1,000 and 10,000 parties) one child process runs the
 smoke preset's model (tiny-bert, LoRA r = 4) on a synthetic set of ``--examples-per-party`` * P
-examples, IID, with ``--cohort`` parties per round, and prints one JSON line:
+training examples plus 240 held out (the same evaluation for every P), IID, with ``--cohort``
+parties per round, and prints one JSON line:
 
 * ``parties``, ``cohort``, ``rounds``, ``backend``;
 * ``peak_rss_mb``: the child's peak resident set (``ru_maxrss``), everything included: Python,
   torch, the server, the population's raw text and every party built;
-* ``join_s``: seconds for every party to join (each is built once, joins and is dropped);
+* ``join_s``: seconds outside the rounds: the server and the shared model, then every party
+  joining (each is built once, joins and is dropped);
 * ``seconds_per_round``: the mean wall time of a round (the server's ``seconds`` in metrics.jsonl);
 * ``rss_ratio_to_smallest``: peak RSS over the smallest population's (the target: <= 1.5 at 10,000).
 
@@ -31,6 +33,10 @@ import time
 from pathlib import Path
 
 
+#: Examples the server holds out and evaluates every round, whatever the population.
+HELD_OUT = 240
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parties", type=int, nargs="+", default=[10, 100, 1000, 10000])
@@ -49,8 +55,9 @@ def overrides(parties: int, args: argparse.Namespace) -> list[str]:
         f"run.num_clients={parties}", f"run.clients_per_round={min(args.cohort, parties)}",
         f"run.min_updates={min(args.cohort, parties)}", f"run.rounds={args.rounds}",
         "data.dataset='synthetic'", "data.partition='iid'",
-        # the held-out split takes its share of the set: size it so every party keeps its examples
-        f"data.synthetic_examples={int(args.examples_per_party * parties / 0.8) + 1}", "data.test_fraction=0.2",
+        # a held-out set of the same size for every population (the server evaluates it each round)
+        f"data.synthetic_examples={args.examples_per_party * parties + HELD_OUT}",
+        f"data.test_fraction={HELD_OUT / (args.examples_per_party * parties + HELD_OUT)!r}",
         f"simulation.backend='{args.backend}'", "simulation.client_resources.num_cpus=1",
     ]
 

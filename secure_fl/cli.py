@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``secure-fl``."""
     parser = argparse.ArgumentParser(prog="secure-fl", description="Federated fine-tuning of PEFT adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run server and N clients in one process (default preset: bbc-news)")
+    sim = sub.add_parser("simulate", help="run the server and N parties in this process or on Ray (default preset: bbc-news)")
     _add_config_args(sim, default_preset="bbc-news")
     sim.add_argument("--out", metavar="DIR", help="run directory (default runs/<run-id>)")
     sim.add_argument("--backend", choices=("in-process", "ray"),

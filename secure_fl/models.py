@@ -66,6 +66,9 @@ class AdaptedModel:
     merges_done: int = 0
     #: The restart state the last merge returned (what this model trains from), if any.
     merge_start: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    #: Join fingerprints already computed, by (rule, merges done): the frozen weights change only
+    #: by a merge, and every simulated party sharing this model would hash them again.
+    fingerprints: dict[tuple[str, int], str] = field(default_factory=dict, repr=False)
 
 
 def bundled_minilm_path() -> Path:

@@ -1,8 +1,11 @@
-"""Simulation: one server and N clients in one process, over the in-process transport.
+"""Simulation: one server and N parties, in this process or on Ray.
 
-The server and the clients are the same classes a deployment runs; only the transport differs
-(no sockets). The round engine runs in a background thread while the clients, which share one
-model instance to save memory, poll and train one after another in the calling thread.
+The server and the parties are the same classes a deployment runs; only the transport differs.
+The round engine runs in a background thread. A party exists only while a cohort holds it
+(`secure_fl.parties`): it joins once, is built when a round selects it and dropped when the next
+round opens, so memory follows the cohort, not the population. With ``simulation.backend =
+"in-process"`` the cohort's parties step one after another in the calling thread over the
+in-process transport; with ``"ray"`` they run in Ray actors over gRPC (`secure_fl.ray_backend`).
 """
 
 from __future__ import annotations

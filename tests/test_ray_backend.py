@@ -91,3 +91,16 @@ def test_resources_that_do_not_fit_are_refused_naming_the_key(local_ray: Any, tm
     config = smoke_config("simulation.backend='ray'", "simulation.client_resources.num_gpus=1")
     with pytest.raises(ConfigError, match=r"simulation.client_resources=.*does not fit the Ray cluster"):
         simulate(config, tmp_path / "run", progress=False)
+
+
+def test_flora_with_mixed_ranks_merges_the_same_base_in_every_runner(local_ray: Any, tmp_path: Path) -> None:
+    flora = ("peft.rule='flora'", "peft.r=16", "peft.alpha=32.0")  # stacked rank 2 + 4 + 6 + 4
+    on_ray = simulate(smoke_config(*RAY, *flora), tmp_path / "ray", progress=False, client_ranks=[2, 4, 6, 4])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_process = simulate(smoke_config(*flora), tmp_path / "in-process", progress=False, client_ranks=[2, 4, 6, 4])
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in in_process.global_state.items():  # round 2 trained on the base with release 1 merged
+        np.testing.assert_array_equal(on_ray.global_state[name], value, err_msg=name)

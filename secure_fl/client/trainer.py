@@ -189,8 +189,11 @@ class LocalTrainer:
         return cls.create(workload, dataset, config, adapted=adapted)
 
     def fingerprint(self) -> str:
-        """The model fingerprint this client presents at Join (the rule's view of it)."""
-        return rule_fingerprint(self.adapted.model, self.rule)
+        """The model fingerprint this client presents at Join (the rule's view of it); cached on the model."""
+        key = (self.rule.name, self.adapted.merges_done)
+        if key not in self.adapted.fingerprints:
+            self.adapted.fingerprints[key] = rule_fingerprint(self.adapted.model, self.rule)
+        return self.adapted.fingerprints[key]
 
     @property
     def sample_rate(self) -> float | None:

@@ -95,8 +95,8 @@ class TextDataset:
             raise DataError(f"subset indices must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise DataError(f"subset indices must lie in [0, {len(self)}), found [{idx.min()}, {idx.max()}]")
-        texts = np.asarray(self.texts, dtype=object)[idx] if idx.size else ()
-        return TextDataset(tuple(texts), self.labels[idx], self.label_names)
+        texts = self.texts  # picked one by one: the cost is the subset's size, not the whole set's
+        return TextDataset(tuple(texts[i] for i in idx.tolist()), self.labels[idx], self.label_names)
 
 
 @functools.lru_cache(maxsize=1)
@@ -318,6 +318,11 @@ def make_synthetic(num_examples: int, *, num_labels: int = 4, seed: int = 0, wor
     shape = (num_examples, words_per_text)
     n_topic = max(1, round(0.6 * words_per_text))
     is_topic = np.argsort(rng.random(shape), axis=1) < n_topic  # exactly n_topic random positions
-    topic_words = topic[labels[:, None], rng.integers(0, topic.shape[1], shape)]
-    words = np.where(is_topic, topic_words, filler[rng.integers(0, filler.size, shape)])
-    return TextDataset(tuple(" ".join(row) for row in words.tolist()), labels, names)
+    # word ids into one vocabulary (topic words by class, then the filler), not arrays of strings:
+    # a (n, words) unicode array costs ~40 bytes a word, which a 100,000-example set cannot afford
+    topic_ids = labels[:, None] * topic.shape[1] + rng.integers(0, topic.shape[1], shape)
+    filler_ids = topic.size + rng.integers(0, filler.size, shape)
+    ids = np.where(is_topic, topic_ids, filler_ids).astype(np.int32)
+    vocabulary = [str(w) for w in topic.reshape(-1)] + [str(w) for w in filler]
+    texts = tuple(" ".join([vocabulary[i] for i in row]) for row in ids.tolist())
+    return TextDataset(texts, labels, names)

@@ -69,9 +69,8 @@ class InstructionDataset:
             raise DataError(f"subset indices must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
         if idx.min() < 0 or idx.max() >= len(self):
             raise DataError(f"subset indices must lie in [0, {len(self)}), found [{idx.min()}, {idx.max()}]")
-        prompts = np.asarray(self.prompts, dtype=object)[idx]
-        responses = np.asarray(self.responses, dtype=object)[idx]
-        return InstructionDataset(tuple(prompts.tolist()), tuple(responses.tolist()))
+        picked = idx.tolist()  # the cost is the subset's size, not the whole set's
+        return InstructionDataset(tuple(self.prompts[i] for i in picked), tuple(self.responses[i] for i in picked))
 
 
 def load_instruction_file(
