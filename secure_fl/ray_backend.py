@@ -217,7 +217,9 @@ def run_on_ray(server: FederatedServer, source: PartySource, board: HonestBoard,
     if started_ray:
         ray.init(address=sim.ray_address or None, include_dashboard=False, log_to_driver=True,
                  namespace=NAMESPACE, configure_logging=False)
-    host = "127.0.0.1" if not sim.ray_address else ray.util.get_node_ip_address()
+    # actors on other nodes must reach the driver's port: loopback only on a one-node instance
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    host = "127.0.0.1" if not sim.ray_address and len(alive) <= 1 else ray.util.get_node_ip_address()
     transport_cfg = server.config.transport
     grpc_server = GrpcServer(
         server.coordinator, f"{host}:0", max_streams=transport_cfg.max_streams,
