@@ -38,6 +38,12 @@ class UnknownClient(ProtocolError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class Impersonation(ProtocolError):
+    """A message declares a client id other than the party its connection authenticated as."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Refused(ProtocolError):
     """A well-formed message the server will not accept (not in the cohort, duplicate, ...)."""
 

@@ -34,6 +34,7 @@ from secure_fl.progress import ProgressObserver
 from secure_fl.server.engine import BackgroundRun, FederatedServer, RunResult
 from secure_fl.transport.address import check_id, parse_address
 from secure_fl.transport.grpc_client import GrpcTransport
+from secure_fl.transport.credentials import ClientTLS, ServerTLS
 from secure_fl.transport.grpc_server import GrpcServer
 from secure_fl.workload import Workload
 
@@ -59,6 +60,10 @@ class Server:
         Per-round hooks; one returning ``True`` stops the run after that round.
     progress:
         Show a progress bar and a metrics line per round.
+    tls:
+        `ServerTLS.load` of the server bundle from ``secure-fl provision`` (mutual TLS by default:
+        every party needs its certificate, and its certificate's identity is who it is in the
+        round); ``None``: plaintext gRPC, for loopback experiments only (the report warns).
     """
 
     def __init__(
@@ -71,8 +76,10 @@ class Server:
         eval_dataset: Any | None = None,
         callbacks: Sequence[RoundCallback] = (),
         progress: bool = False,
+        tls: ServerTLS | None = None,
     ) -> None:
         parse_address(address, what="server address", allow_port_zero=True)  # before anything is written
+        self._tls = tls
         observer = CallbackObserver(ProgressObserver(config.run.rounds, enabled=progress), callbacks)
         self.federated = FederatedServer(config, out_dir, observer=observer, workload=workload, eval_dataset=eval_dataset)
         self._bind = address
@@ -101,7 +108,11 @@ class Server:
             max_streams_per_peer=t.max_streams_per_peer,
             first_message_timeout=t.first_message_timeout,
             idle_timeout=t.idle_timeout,
+            tls=self._tls,
         ).start()
+        info = self.federated.run_dir.read_run_info()  # the report says whether the wire was protected
+        info["transport_security"] = self._grpc.security
+        self.federated.run_dir.write_run_info(info)
         self._rounds = BackgroundRun(self.federated)
         return self
 
@@ -158,6 +169,7 @@ def run_client(
     workload: Workload | None = None,
     connect_timeout: float | None = None,
     stop: threading.Event | None = None,
+    tls: ClientTLS | None = None,
 ) -> ClientSummary:
     """Join the server at ``server`` (``host:port``) and train until the run finishes.
 
@@ -171,11 +183,17 @@ def run_client(
         the configured dataset, where ``client_id`` ends with ``N``.
     workload:
         Your own model/data handling (must equal the server's).
+    tls:
+        TLS credentials (`ClientTLS.load` of a party bundle from ``secure-fl provision``: mutual
+        TLS, the certificate's party must be ``client_id``); ``None``: plaintext (loopback only).
     """
     from secure_fl.data.sources import client_dataset
 
     check_id(client_id, what="client id")
     parse_address(server, what="server address")
+    if tls is not None and tls.party is not None and tls.party != client_id:
+        raise ConfigError(f"the party bundle is for {tls.party!r} but the client id is {client_id!r}: a party may only "
+                          "act as the identity in its certificate")
     if config.privacy.params.get("insecure_seed") is not None:
         raise ConfigError(
             "privacy.params.insecure_seed is accepted only in simulation (secure-fl simulate or secure_fl.simulate): "
@@ -198,7 +216,7 @@ def run_client(
         trainer = LocalTrainer.create(workload, dataset, config)
     client = FederatedClient(
         client_id,
-        GrpcTransport(server),
+        GrpcTransport(server, tls=tls),
         trainer,
         ClientStages.from_config(config),
         seed=config.run.seed,

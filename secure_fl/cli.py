@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from protocols.errors import ProtocolError
 from secure_fl.config import Config, load_config, presets
@@ -185,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--ray-address", metavar="ADDR",
                      help="Ray cluster to join with --backend ray (default: simulation.ray_address; '' starts a local one)")
     sim.set_defaults(fn=_simulate)
+    _add_provision(sub)
     aud = sub.add_parser("audit", help="write the privacy audit report of a run directory (report/privacy_report.*)")
     aud.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
     aud.add_argument(
@@ -232,10 +234,11 @@ def _serve(args: argparse.Namespace) -> int:
     from secure_fl.transport.address import parse_address
 
     parse_address(args.address, what="--address", allow_port_zero=True)  # before the config and model load
+    tls = _server_tls(args)
     config = _config(args)
     from secure_fl.api import Server
 
-    server = Server(config, address=args.address, out_dir=args.out, progress=True).start()
+    server = Server(config, address=args.address, out_dir=args.out, progress=True, tls=tls).start()
     print(f"run {server.run_id}: listening on {server.address}; waiting for {config.run.clients_per_round} clients", flush=True)
     try:
         result = server.wait(linger=args.linger)
@@ -258,6 +261,13 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--address", required=True, metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:50051")
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
     parser.add_argument("--linger", type=float, default=15.0, help="seconds to keep serving after the last round so clients learn the run is over")
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument("--tls", metavar="DIR", help="server bundle from secure-fl provision (DIR/server): TLS, and "
+                          "mutual TLS unless --no-client-auth (required unless --insecure)")
+    security.add_argument("--insecure", action="store_true",
+                          help="plaintext gRPC, for loopback experiments only (warns; the privacy report flags it [high])")
+    parser.add_argument("--no-client-auth", action="store_true",
+                        help="with --tls: do not require party certificates (parties are then identified by the id they declare)")
     args = parser.parse_args(argv)
     _setup_logging()
     return _guard(_serve, args)
@@ -266,6 +276,11 @@ def server_main(argv: Sequence[str] | None = None) -> int:
 def _client(args: argparse.Namespace) -> int:
     from secure_fl.transport.address import check_id, parse_address
 
+    tls = _client_tls(args)
+    if args.client_id is None:
+        if tls is None or tls.party is None:
+            raise ConfigError("--client-id is required without a party bundle (--tls DIR/parties/<id>)")
+        args.client_id = tls.party
     check_id(args.client_id, what="--client-id")  # before anything is loaded or printed
     parse_address(args.server, what="--server")
     config = _config(args)
@@ -282,7 +297,7 @@ def _client(args: argparse.Namespace) -> int:
         dataset = load_data_file(config, args.data)
     where = f"{len(dataset)} local examples from {args.data}" if dataset is not None else "its partition of the configured data"
     print(f"client {args.client_id}: {where}; connecting to {args.server}", flush=True)
-    summary = run_client(config, server=args.server, client_id=args.client_id, dataset=dataset)
+    summary = run_client(config, server=args.server, client_id=args.client_id, dataset=dataset, tls=tls)
     print(f"client {args.client_id}: trained rounds {summary.rounds_trained}; {summary.message}")
     return 0
 
@@ -296,7 +311,14 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="address of secure-fl-server")
     _add_config_args(parser, default_preset=None)
-    parser.add_argument("--client-id", required=True, metavar="ID", help="this party's id (e.g. client-3)")
+    parser.add_argument("--client-id", metavar="ID",
+                        help="this party's id (e.g. client-3); default: the party of the --tls bundle")
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument("--tls", metavar="DIR", help="party bundle from secure-fl provision (DIR/parties/<id>: mutual "
+                          "TLS), or a directory with only ca.crt (TLS); required unless --insecure")
+    security.add_argument("--insecure", action="store_true", help="plaintext gRPC, for loopback experiments only (warns)")
+    parser.add_argument("--server-name", metavar="NAME",
+                        help="the name the server's certificate carries, if not the --server host (e.g. localhost)")
     parser.add_argument("--data", metavar="PATH", help="local CSV/JSONL data (default: partition <index> of the configured dataset)")
     parser.add_argument(
         "--lora-rank", type=int, metavar="R",
@@ -306,6 +328,78 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     return _guard(_client, args)
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The server's TLS from ``--tls``; ``None`` with ``--insecure`` (warned); refused with neither."""
+    from secure_fl.transport.credentials import ServerTLS
+
+    if args.insecure:
+        if args.no_client_auth:
+            raise ConfigError("--no-client-auth belongs to --tls")
+        print("warning: --insecure: plaintext gRPC, anyone on the path reads every message and any party can claim "
+              "any client id; use it on loopback only (the privacy report flags the run [high])", file=sys.stderr)
+        return None
+    if not args.tls:
+        raise ConfigError("secure-fl-server needs --tls DIR (a server bundle: secure-fl provision --out DIR --parties ...) "
+                          "or --insecure for a loopback experiment")
+    return ServerTLS.load(args.tls, require_client_auth=not args.no_client_auth)
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    """The client's TLS from ``--tls``; ``None`` with ``--insecure`` (warned); refused with neither."""
+    from secure_fl.transport.credentials import ClientTLS
+
+    if args.insecure:
+        print("warning: --insecure: plaintext gRPC, for loopback experiments only", file=sys.stderr)
+        return None
+    if not args.tls:
+        raise ConfigError("secure-fl-client needs --tls DIR (its party bundle from secure-fl provision) or --insecure "
+                          "for a loopback experiment")
+    return ClientTLS.load(args.tls, server_name=args.server_name)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from secure_fl.transport.credentials import add_party, provision, revoke
+
+    if args.revoke:
+        revoke(args.out, args.revoke)
+        print(f"revoked {args.revoke}: the server refuses it from its next call on ({args.out}/server/parties.json)")
+        return 0
+    if args.add_party:
+        bundle = add_party(args.out, args.add_party, days=args.days)
+        print(f"party bundle: {bundle} (give it to {args.add_party} only)")
+        return 0
+    parties = [p.strip() for p in (args.parties or "").split(",") if p.strip()]
+    if args.clients:
+        parties += [f"client-{i}" for i in range(args.clients)]
+    if not parties:
+        raise ConfigError("secure-fl provision needs --parties A,B,... or --clients N")
+    made = provision(args.out, parties, server_names=tuple(args.server_name), server_ips=tuple(args.server_ip), days=args.days)
+    print(f"CA: {made.root}/ca (keep ca.key offline); server bundle: {made.server}; "
+          f"{len(made.parties)} party bundles under {made.root}/parties/ (files 0600)")
+    return 0
+
+
+def _add_provision(sub: Any) -> None:
+    prov = sub.add_parser("provision", help="create a run's CA, the server's TLS bundle and one bundle per party")
+    prov.add_argument("--out", required=True, metavar="DIR", help="where the CA and the bundles go")
+    prov.add_argument("--parties", metavar="A,B,...", help="party ids to issue bundles for")
+    prov.add_argument("--clients", type=int, metavar="N", help="also issue client-0 .. client-<N-1>")
+    prov.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                      help="DNS name in the server certificate (repeat; default localhost)")
+    prov.add_argument("--server-ip", action="append", default=[], metavar="IP",
+                      help="IP address in the server certificate (repeat; default 127.0.0.1)")
+    prov.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
+    prov.add_argument("--add-party", metavar="ID", help="issue one more party bundle with the existing CA")
+    prov.add_argument("--revoke", metavar="ID", help="revoke a party: the server refuses it on every later call")
+    prov.set_defaults(fn=_provision_defaults)
+
+
+def _provision_defaults(args: argparse.Namespace) -> int:
+    args.server_name = args.server_name or ["localhost"]
+    args.server_ip = args.server_ip or ["127.0.0.1"]
+    return _provision(args)
 
 
 def _setup_logging() -> None:

@@ -264,12 +264,18 @@ def test_simulate_overrides_reach_the_run(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------ server + clients
 def _federate(procs: Procs, out: Path, clients: Sequence[tuple[str, Sequence[str]]], common: Sequence[str]) -> list[Proc]:
+    """Server and clients over mutual TLS, with bundles from ``secure-fl provision`` (the binaries' default)."""
+    pki = out.parent / f"{out.name}-pki"
+    made = _run("secure-fl", "provision", "--out", str(pki), "--parties", ",".join(cid for cid, _ in clients))
+    assert made.returncode == 0, _describe(made)
     address = f"127.0.0.1:{_free_port()}"
     procs.start(
-        "server", "secure-fl-server", "--preset", "smoke", *common, "--address", address, "--out", str(out), "--linger", "5"
+        "server", "secure-fl-server", "--preset", "smoke", *common, "--address", address, "--out", str(out), "--linger", "5",
+        "--tls", str(pki / "server"),
     )
     started = [
-        procs.start(cid, "secure-fl-client", "--server", address, "--preset", "smoke", *common, "--client-id", cid, *extra)
+        procs.start(cid, "secure-fl-client", "--server", address, "--preset", "smoke", *common, "--client-id", cid,
+                    "--tls", str(pki / "parties" / cid), "--server-name", "localhost", *extra)
         for cid, extra in clients
     ]
     procs.wait_all(FEDERATION_TIMEOUT)
@@ -286,6 +292,11 @@ def test_server_and_two_clients_over_grpc(tmp_path: Path, procs: Procs) -> None:
     for client in clients:
         assert "trained rounds [1, 2]" in client.stdout, procs.describe()
     assert (out / "adapter" / "adapter_config.json").is_file()
+    # mutual TLS (the binaries' default): recorded, and the report raises no plaintext warning
+    report = json.loads((out / "report" / "privacy_report.json").read_text(encoding="utf-8"))
+    assert report["run"]["transport"] == "grpc"
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["transport_security"] == "mtls"
+    assert not {"no-tls", "no-client-auth"} & {w["code"] for w in report["warnings"]}
 
 
 #: Every PEFT rule with the binaries: (server and client settings, each client's extra flags).
@@ -352,10 +363,14 @@ def test_client_with_local_data_file(tmp_path: Path, procs: Procs) -> None:
         ("secure-fl", ["simulate", "--preset", "smoke", "--set", "peft.rank=4"], ["peft.rank", "did you mean 'r'"]),
         ("secure-fl", ["simulate", "--config", "/nonexistent.toml"], ["/nonexistent.toml"]),
         ("secure-fl", ["simulate", "--preset", "nope"], ["available", "smoke", "bbc-news"]),
-        ("secure-fl-client", ["--server", "127.0.0.1:1", "--preset", "smoke", "--client-id", "alice"], ["--data", "alice"]),
+        ("secure-fl-client", ["--insecure", "--server", "127.0.0.1:1", "--preset", "smoke", "--client-id", "alice"],
+         ["--data", "alice"]),
+        ("secure-fl-server", ["--preset", "smoke", "--address", "127.0.0.1:0", "--out", "/tmp/never"], ["--tls", "--insecure"]),
+        ("secure-fl-client", ["--server", "127.0.0.1:1", "--preset", "smoke", "--client-id", "c-0"], ["--tls", "--insecure"]),
         ("secure-fl", ["simulate", "--preset", "smoke", "--set", "secure.mode=magic"], ["secure.mode", "plain"]),
     ],
-    ids=["unknown-key-alias", "missing-config", "unknown-preset", "client-id-without-index", "bad-secure-mode"],
+    ids=["unknown-key-alias", "missing-config", "unknown-preset", "client-id-without-index", "server-without-tls",
+         "client-without-tls", "bad-secure-mode"],
 )
 def test_bad_input_is_one_clear_line(script: str, args: list[str], expected: list[str]) -> None:
     proc = _run(script, *args)

@@ -331,7 +331,7 @@ def test_lora_rank_flag_keeps_the_scaling() -> None:
     assert (config.peft.r, config.peft.alpha) == (2, 4.0)
     with pytest.raises(ConfigError, match="--lora-rank"):
         with_lora_rank(smoke_config(), 0)
-    assert client_main(["--server", "127.0.0.1:1", "--client-id", "c", "--preset", "smoke", "--lora-rank", "0"]) == 2
+    assert client_main(["--insecure", "--server", "127.0.0.1:1", "--client-id", "c", "--preset", "smoke", "--lora-rank", "0"]) == 2
 
 
 # ------------------------------------------------------------------------------ refusals

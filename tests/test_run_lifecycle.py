@@ -138,13 +138,13 @@ def _free_port() -> int:
 
 def test_cli_refuses_bad_port_and_bad_id_before_connecting(tmp_path: Path) -> None:
     bad_port = subprocess.run(
-        [str(BIN / "secure-fl-server"), "--preset", "smoke", "--address", "127.0.0.1:99999", "--out", str(tmp_path / "a")],
+        [str(BIN / "secure-fl-server"), "--insecure", "--preset", "smoke", "--address", "127.0.0.1:99999", "--out", str(tmp_path / "a")],
         capture_output=True, text=True, timeout=120,
     )
     assert bad_port.returncode == 2 and "out of range" in bad_port.stderr
     assert not (tmp_path / "a").exists()
     bad_id = subprocess.run(
-        [str(BIN / "secure-fl-client"), "--server", "127.0.0.1:50999", "--preset", "smoke", "--client-id", "client 0\x1b"],
+        [str(BIN / "secure-fl-client"), "--insecure", "--server", "127.0.0.1:50999", "--preset", "smoke", "--client-id", "client 0\x1b"],
         capture_output=True, text=True, timeout=120,
     )
     assert bad_id.returncode == 2 and "--client-id" in bad_id.stderr
@@ -155,7 +155,7 @@ def test_client_says_at_once_what_it_waits_for() -> None:
     """The probe: a client pointed at a closed port printed nothing for 120 s."""
     port = _free_port()
     proc = subprocess.Popen(
-        [str(BIN / "secure-fl-client"), "--server", f"127.0.0.1:{port}", "--preset", "smoke", "--client-id", "client-0",
+        [str(BIN / "secure-fl-client"), "--insecure", "--server", f"127.0.0.1:{port}", "--preset", "smoke", "--client-id", "client-0",
          "--set", "transport.connect_timeout=300"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -178,7 +178,7 @@ def test_two_servers_cannot_share_a_port(tmp_path: Path) -> None:
     """The issue's probe: a second secure-fl-server on the same address must not start."""
     port = _free_port()
     first = subprocess.Popen(
-        [str(BIN / "secure-fl-server"), "--preset", "smoke", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "A"),
+        [str(BIN / "secure-fl-server"), "--insecure", "--preset", "smoke", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "A"),
          "--set", "run.join_timeout=60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
     )
@@ -186,7 +186,7 @@ def test_two_servers_cannot_share_a_port(tmp_path: Path) -> None:
         assert first.stdout is not None
         assert "listening on" in first.stdout.readline()
         second = subprocess.run(
-            [str(BIN / "secure-fl-server"), "--preset", "smoke", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "B")],
+            [str(BIN / "secure-fl-server"), "--insecure", "--preset", "smoke", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "B")],
             capture_output=True, text=True, timeout=120,
         )
         assert second.returncode != 0 and "another server" in second.stderr

@@ -149,7 +149,7 @@ def _federate(running: Any, config: Config, procs: Procs) -> Federation:
     common = ("--preset", "smoke", *(arg for o in OVERRIDES for arg in ("--set", o)))
     for i in range(CLIENTS):
         cid = f"client-{i}"
-        clients[cid] = procs.start(cid, "secure-fl-client", "--server", running.address, *common, "--client-id", cid)
+        clients[cid] = procs.start(cid, "secure-fl-client", "--insecure", "--server", running.address, *common, "--client-id", cid)
 
     deadline = began + RUN_TIMEOUT
     while running.rounds.is_alive() and time.monotonic() < deadline:

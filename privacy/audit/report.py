@@ -469,7 +469,14 @@ def _threat_model(
                      "protected_by": "nothing: " + str(params["adversary_model"])})
     if sample_level is not None:
         rows.insert(0, sample_level_threat_row(sample_level))
-    if run.get("transport") == "grpc":
+    if run.get("transport") == "grpc" and run.get("transport_security") in ("tls", "mtls"):
+        rows.append({
+            "party": "network observer",
+            "sees": "who talks to the server, when, and how many bytes (message contents are under TLS)",
+            "protected_by": "TLS" + (" with party certificates (mutual TLS: the round uses the certificate's identity)"
+                                     if run.get("transport_security") == "mtls" else " (parties not authenticated)"),
+        })
+    elif run.get("transport") == "grpc":
         rows.append({
             "party": "network observer",
             "sees": "everything the server receives and sends (the gRPC channel has no TLS configured)",
@@ -511,8 +518,15 @@ def _warnings(
     if not reveals and str(secure_params.get("adversary_model", "")).startswith("honest-but-curious"):
         out.append(_warn("honest-but-curious", "medium", f"secure.mode = {mode} protects against a server that follows "
                          f"the protocol only: {secure_params['adversary_model']}"))
-    if run.get("transport") == "grpc":
-        out.append(_warn("no-tls", "medium", "the gRPC transport is unencrypted: anyone on the network path sees what the server sees"))
+    security = run.get("transport_security")
+    if run.get("transport") == "grpc" and security not in ("tls", "mtls"):
+        how = ("the server ran with --insecure" if security == "insecure"
+               else "the run did not record TLS (written before secure-fl had it)")
+        out.append(_warn("no-tls", "high", f"the gRPC transport was plaintext ({how}): anyone on the network path sees "
+                         "what the server sees, and any party could claim any client id"))
+    elif run.get("transport") == "grpc" and security == "tls":
+        out.append(_warn("no-client-auth", "medium", "TLS without party certificates (--no-client-auth): the wire is "
+                         "encrypted, but parties are identified by the client id they declare"))
     if dict(stages.get("defense", {})).get("name") == "none":
         out.append(_warn("no-defense", "info", "robustness.defense = none: a poisoned update enters the aggregate unchecked"))
     attack = dict(config.get("attack", {}))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -11,6 +11,9 @@ from protocols.wire.v1 import federation_pb2 as pb
 from protocols.wire.v1 import federation_pb2_grpc as pb_grpc
 from secure_fl.errors import TransportError
 from secure_fl.transport.base import ClientTransport
+
+if TYPE_CHECKING:
+    from secure_fl.transport.credentials import ClientTLS
 
 T = TypeVar("T")
 
@@ -33,12 +36,18 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 class GrpcTransport(ClientTransport):
-    """Talks to a ``secure-fl-server`` at ``address`` (``host:port``) over plaintext gRPC."""
+    """Talks to a ``secure-fl-server`` at ``address`` (``host:port``): TLS with ``tls``, else plaintext gRPC."""
 
-    def __init__(self, address: str, *, timeout: float = 600.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 600.0, tls: ClientTLS | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(address, tls.credentials, options=options)
         self._stub = pb_grpc.FederationStub(self._channel)
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:

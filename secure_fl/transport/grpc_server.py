@@ -32,10 +32,11 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protocols.errors import MalformedMessage, ProtocolError
+from protocols.errors import Impersonation, MalformedMessage, ProtocolError
 from protocols.wire.v1 import federation_pb2 as pb
 from secure_fl.server.coordinator import Coordinator
 from secure_fl.transport.address import parse_address
+from secure_fl.transport.credentials import PeerIdentity, ServerTLS, Unauthenticated
 from secure_fl.transport.grpc_client import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,18 @@ class StreamGuard:
 
 
 class FederationServicer:
-    """Maps each RPC onto the coordinator; decodes requests itself and guards the streams."""
+    """Maps each RPC onto the coordinator; decodes requests itself and guards the streams.
 
-    def __init__(self, coordinator: Coordinator, guard: StreamGuard) -> None:
+    With an ``identity`` (mutual TLS), every call must come with a valid party certificate
+    (UNAUTHENTICATED otherwise: none, unknown, revoked) and every message's ``client_id`` must be
+    that certificate's party (PERMISSION_DENIED otherwise): the authenticated identity, not the
+    declared id, is who acts in the round.
+    """
+
+    def __init__(self, coordinator: Coordinator, guard: StreamGuard, identity: PeerIdentity | None = None) -> None:
         self.coordinator = coordinator
         self.guard = guard
+        self.identity = identity
 
     def _unary(self, method: str, fn: Callable[[], T], context: grpc.ServicerContext) -> T:
         try:
@@ -182,29 +190,64 @@ class FederationServicer:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, the server keeps serving
             _abort(context, exc, method)
 
+    def _bound(self, message: M, context: grpc.ServicerContext, method: str, party: str | None) -> M:
+        """``message`` if its envelope names the authenticated ``party`` (no check without mTLS)."""
+        if party is None:
+            return message
+        envelope = getattr(message, "envelope", None)
+        if envelope is None and isinstance(message, pb.UpdateChunk):
+            envelope = message.header.envelope if message.WhichOneof("part") == "header" else None
+        if envelope is not None and envelope.client_id != party:
+            raise Impersonation(f"{method}: message for client {envelope.client_id!r} on the connection of "
+                                f"authenticated party {party!r}; a party may only act as itself")
+        return message
+
+    def _party(self, context: grpc.ServicerContext, method: str) -> str | None:
+        if self.identity is None:
+            return None
+        try:
+            return self.identity.authenticate(context)
+        except Unauthenticated as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a certificate we cannot read is no identity
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: unreadable client certificate: {exc}")
+        raise AssertionError("unreachable")  # context.abort raises
+
     def join(self, raw: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
         """Join RPC."""
-        return self._unary("Join", lambda: self.coordinator.join(_decode(pb.JoinRequest, raw, "Join")), context)
+        party = self._party(context, "Join")
+        return self._unary(
+            "Join", lambda: self.coordinator.join(self._bound(_decode(pb.JoinRequest, raw, "Join"), context, "Join", party)),
+            context,
+        )
 
     def pull_task(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
         """PullTask RPC (server stream)."""
+        party = self._party(context, "PullTask")
         with self.guard.admit(context, "PullTask"):
             try:
-                yield from self.coordinator.pull_task(_decode(pb.PullTaskRequest, raw, "PullTask"))
+                request = self._bound(_decode(pb.PullTaskRequest, raw, "PullTask"), context, "PullTask", party)
+                yield from self.coordinator.pull_task(request)
             except Exception as exc:  # noqa: BLE001
                 _abort(context, exc, "PullTask")
 
     def push_update(self, raw_messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushReply:
         """PushUpdate RPC (client stream)."""
+        party = self._party(context, "PushUpdate")
         with self.guard.admit(context, "PushUpdate"):
             messages = (
-                _decode(pb.UpdateChunk, raw, "PushUpdate") for raw in self.guard.watched(raw_messages, context, "PushUpdate")
+                self._bound(_decode(pb.UpdateChunk, raw, "PushUpdate"), context, "PushUpdate", party)
+                for raw in self.guard.watched(raw_messages, context, "PushUpdate")
             )
             return self._unary("PushUpdate", lambda: self.coordinator.push_update(messages), context)
 
     def leave(self, raw: bytes, context: grpc.ServicerContext) -> pb.LeaveReply:
         """Leave RPC."""
-        return self._unary("Leave", lambda: self.coordinator.leave(_decode(pb.LeaveRequest, raw, "Leave")), context)
+        party = self._party(context, "Leave")
+        return self._unary(
+            "Leave", lambda: self.coordinator.leave(self._bound(_decode(pb.LeaveRequest, raw, "Leave"), context, "Leave", party)),
+            context,
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler of the Federation service (requests arrive as raw bytes)."""
@@ -238,8 +281,11 @@ class GrpcServer:
         max_streams_per_peer: int = 8,
         first_message_timeout: float = 10.0,
         idle_timeout: float = 60.0,
+        tls: ServerTLS | None = None,
     ) -> None:
         host, _ = parse_address(address, what="server address", allow_port_zero=True)
+        #: ``"insecure"``, ``"tls"`` or ``"mtls"``: what this server's port speaks.
+        self.security = "insecure" if tls is None else tls.mode
         if max_streams >= max_workers:
             raise ValueError(f"max_streams={max_streams} must leave worker threads for Join and health checks (max_workers={max_workers})")
         self.guard = StreamGuard(
@@ -248,11 +294,15 @@ class GrpcServer:
         )
         options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        self._server.add_generic_rpc_handlers((FederationServicer(coordinator, self.guard).handler(),))
+        identity = tls.identity if tls is not None else None
+        self._server.add_generic_rpc_handlers((FederationServicer(coordinator, self.guard, identity).handler(),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         try:
-            self.port = self._server.add_insecure_port(address)
+            if tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, tls.credentials)
         except RuntimeError as exc:  # grpc >= 1.5x raises instead of returning 0
             self.guard.close()
             raise OSError(f"cannot listen on {address}: {exc} (is another server already using this port?)") from None
