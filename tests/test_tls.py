@@ -1,14 +1,16 @@
 """Transport security with real certificates (``cryptography``) and real TLS (grpc) on loopback.
 
 Refused: no credentials, a certificate from another CA, a revoked party (at Join and on a later
-call), one party acting as another; accepted: a provisioned party over mutual TLS. The run
-records what its port spoke and the privacy report flags a plaintext run [high].
+call), one party acting as another, a replayed upload (in the same round, in a later round, on
+another party's connection); accepted: a provisioned party over mutual TLS. The run records what
+its port spoke and the privacy report flags a plaintext run [high].
 """
 
 from __future__ import annotations
 
 import json
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +132,49 @@ def test_tls_without_client_certificates_when_asked(pki: Path, tmp_path: Path) -
         assert info["transport_security"] == "tls"
     finally:
         running.stop()
+
+
+class Recording(GrpcTransport):
+    """A party's real transport that keeps a copy of every upload stream it sends."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sent: list[list[pb.UpdateChunk]] = []
+
+    def push_update(self, messages):  # type: ignore[no-untyped-def]
+        kept = list(messages)
+        self.sent.append(kept)
+        return super().push_update(iter(kept))
+
+
+def _step_until(client: FederatedClient, outcome: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.step() != outcome:
+        assert time.monotonic() < deadline, f"{client.client_id} never reached {outcome!r}"
+        time.sleep(0.05)
+
+
+def test_replayed_and_stolen_uploads_are_refused(pki: Path, server: Server) -> None:
+    recording = Recording(server.address, tls=_tls(pki, "client-0"))
+    first, second = _client("client-0", recording), _client("client-1", GrpcTransport(server.address, tls=_tls(pki, "client-1")))
+    first.join()
+    second.join()
+    _step_until(first, "trained")  # round 1: client-0's upload accepted, client-1's still owed
+    upload = recording.sent[-1]
+    with pytest.raises(TransportError) as same_round:
+        recording.push_update(iter(upload))
+    assert same_round.value.code in ("ALREADY_EXISTS", "FAILED_PRECONDITION"), same_round.value
+    with pytest.raises(TransportError) as stolen:  # client-1's connection sends client-0's captured upload
+        second.transport.push_update(iter(upload))
+    assert stolen.value.code == "PERMISSION_DENIED"
+    _step_until(second, "trained")  # round 1 closes; round 2 opens
+    _step_until(first, "trained")
+    with pytest.raises(TransportError) as old_round:
+        recording.push_update(iter(upload))
+    assert old_round.value.code == "FAILED_PRECONDITION" and "round 1" in old_round.value.details
+    records: list[dict[str, object]] = []
+    deadline = time.monotonic() + 60
+    while len(records) < 1 and time.monotonic() < deadline:
+        records = [json.loads(line) for line in server.federated.run_dir.metrics_path.read_text().splitlines() if line]
+        time.sleep(0.1)
+    assert records[0]["clients"] == 2 and records[0]["status"] == "ok"  # one upload each, the replays left out
