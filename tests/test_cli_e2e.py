@@ -297,6 +297,8 @@ def test_server_and_two_clients_over_grpc(tmp_path: Path, procs: Procs) -> None:
     assert report["run"]["transport"] == "grpc"
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["transport_security"] == "mtls"
     assert not {"no-tls", "no-client-auth"} & {w["code"] for w in report["warnings"]}
+    observer = next(row for row in report["threat_model"] if row["party"] == "network observer")
+    assert observer["protected_by"].startswith("TLS with party certificates"), observer
 
 
 #: Every PEFT rule with the binaries: (server and client settings, each client's extra flags).
