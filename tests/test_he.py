@@ -380,6 +380,8 @@ def test_simulation_with_buckets_and_central_dp(tmp_path: Path, mode: str) -> No
     config = smoke_config(
         f"secure.mode='{mode}'", "run.num_clients=6", "run.clients_per_round=6", "secure.bucket_size=3",
         "privacy.mode='central'", "privacy.params.noise_multiplier=0.3", "privacy.params.clip_norm=1.0",
+        # a fixed noise draw: the accuracy bound below is then checked on one reproducible run, not on luck
+        "privacy.params.insecure_seed=0",
     )
     result = simulate(config, tmp_path / "run", progress=False)
     records = result.metrics
