@@ -70,9 +70,8 @@ class PartyRunner:
     address:
         The driver's gRPC server.
     threads:
-        Torch intra-op threads (the actor's ``num_cpus``).
-    device:
-        Set in the actor's environment by Ray (``CUDA_VISIBLE_DEVICES``): nothing to do here.
+        Torch intra-op threads (the actor's ``num_cpus``). The GPU, if any, is the one Ray put in
+        the actor's ``CUDA_VISIBLE_DEVICES``, which ``run.device = "auto"`` picks up.
     """
 
     def __init__(self, source: PartySource, board: HonestBoard, address: str, threads: int) -> None:
