@@ -32,11 +32,15 @@ from secure_fl.config import Config
 from secure_fl.errors import ConfigError, RunError
 from secure_fl.progress import ProgressObserver
 from secure_fl.server.engine import BackgroundRun, FederatedServer, RunResult
+from secure_fl.server.resume import ResumePlan, recover
 from secure_fl.transport.address import check_id, parse_address
 from secure_fl.transport.grpc_client import GrpcTransport
 from secure_fl.transport.credentials import ClientTLS, ServerTLS
 from secure_fl.transport.grpc_server import GrpcServer
 from secure_fl.workload import Workload
+
+#: ``run.json`` ``transport_security`` values, weakest first.
+_SECURITY_ORDER = ("insecure", "tls", "mtls")
 
 
 class Server:
@@ -77,14 +81,42 @@ class Server:
         callbacks: Sequence[RoundCallback] = (),
         progress: bool = False,
         tls: ServerTLS | None = None,
+        resume: ResumePlan | None = None,
     ) -> None:
         parse_address(address, what="server address", allow_port_zero=True)  # before anything is written
         self._tls = tls
         observer = CallbackObserver(ProgressObserver(config.run.rounds, enabled=progress), callbacks)
-        self.federated = FederatedServer(config, out_dir, observer=observer, workload=workload, eval_dataset=eval_dataset)
+        self.federated = FederatedServer(config, out_dir, observer=observer, workload=workload, eval_dataset=eval_dataset,
+                                         resume=resume)
         self._bind = address
         self._grpc: GrpcServer | None = None
         self._rounds: BackgroundRun | None = None
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        *,
+        address: str,
+        workload: Workload | None = None,
+        eval_dataset: Any | None = None,
+        callbacks: Sequence[RoundCallback] = (),
+        progress: bool = False,
+        tls: ServerTLS | None = None,
+    ) -> Server:
+        """Continue the run in ``run_dir`` after its server was killed (``secure-fl-server --resume``).
+
+        The run's own ``config.toml`` and run id are used; what the crash left half-done is
+        repaired first (`secure_fl.server.resume.recover`: pending checkpoints promoted or
+        deleted by whether their ledger line exists). The run continues after its last complete
+        round with the global adapter, plug-in state and reputations of its last release, the
+        accountants replayed from the ledger (nothing is spent twice), and an interrupted round
+        run again with a new cohort; parties that reconnect rejoin.
+        """
+        parse_address(address, what="server address", allow_port_zero=True)
+        plan = recover(run_dir)
+        return cls(plan.config, address=address, out_dir=plan.run_dir, workload=workload, eval_dataset=eval_dataset,
+                   callbacks=callbacks, progress=progress, tls=tls, resume=plan)
 
     @property
     def run_id(self) -> str:
@@ -111,7 +143,11 @@ class Server:
             tls=self._tls,
         ).start()
         info = self.federated.run_dir.read_run_info()  # the report says whether the wire was protected
-        info["transport_security"] = self._grpc.security
+        # a resumed run keeps the weakest protection any of its server processes used
+        info["transport_security"] = min(
+            [self._grpc.security, *([info["transport_security"]] if "transport_security" in info else [])],
+            key=lambda mode: _SECURITY_ORDER.index(mode) if mode in _SECURITY_ORDER else 0,
+        )
         self.federated.run_dir.write_run_info(info)
         self._rounds = BackgroundRun(self.federated)
         return self

@@ -28,8 +28,8 @@ EXIT_AUDIT_VIOLATION = 3
 _NO_RELEASE = "no release: nothing spent"
 
 
-def _add_config_args(parser: argparse.ArgumentParser, *, default_preset: str | None) -> None:
-    group = parser.add_mutually_exclusive_group(required=default_preset is None)
+def _add_config_args(parser: argparse.ArgumentParser, *, default_preset: str | None, required: bool | None = None) -> None:
+    group = parser.add_mutually_exclusive_group(required=default_preset is None if required is None else required)
     group.add_argument("--config", metavar="FILE", help="TOML config file")
     group.add_argument("--preset", metavar="NAME", help="bundled preset (see `secure-fl presets`)")
     parser.add_argument(
@@ -234,12 +234,29 @@ def _serve(args: argparse.Namespace) -> int:
     from secure_fl.transport.address import parse_address
 
     parse_address(args.address, what="--address", allow_port_zero=True)  # before the config and model load
+    if args.resume:
+        given = [flag for flag, value in (("--config", args.config), ("--preset", args.preset), ("--set", args.overrides),
+                                          ("--out", args.out)) if value]
+        if given:
+            raise ConfigError(f"--resume continues with the run's own config.toml in {args.resume}; "
+                              f"drop {', '.join(given)}")
+    elif not (args.config or args.preset) or not args.out:
+        raise ConfigError("secure-fl-server needs --config FILE or --preset NAME, and --out DIR "
+                          "(or --resume RUN_DIR to continue a run whose server was stopped)")
     tls = _server_tls(args)
-    config = _config(args)
     from secure_fl.api import Server
 
-    server = Server(config, address=args.address, out_dir=args.out, progress=True, tls=tls).start()
-    print(f"run {server.run_id}: listening on {server.address}; waiting for {config.run.clients_per_round} clients", flush=True)
+    if args.resume:
+        server = Server.resume(args.resume, address=args.address, progress=True, tls=tls).start()
+        config = server.federated.config
+        print(f"run {server.run_id}: resumed from {args.resume} at round {server.federated.first_round} of "
+              f"{config.run.rounds}; listening on {server.address}; waiting for {config.run.clients_per_round} clients",
+              flush=True)
+    else:
+        config = _config(args)
+        server = Server(config, address=args.address, out_dir=args.out, progress=True, tls=tls).start()
+        print(f"run {server.run_id}: listening on {server.address}; waiting for {config.run.clients_per_round} clients",
+              flush=True)
     try:
         result = server.wait(linger=args.linger)
     finally:
@@ -257,9 +274,12 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         epilog="Evaluation runs on [run] device: auto (the GPU when torch sees one, else the CPU), cpu, cuda or "
         "cuda:N, e.g. --set run.device=cpu.",
     )
-    _add_config_args(parser, default_preset=None)
+    _add_config_args(parser, default_preset=None, required=False)
     parser.add_argument("--address", required=True, metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:50051")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--out", metavar="DIR", help="run directory of a new run (must not hold a run)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR after its server stopped or was killed: its own config, the "
+                        "last released round's adapter and state, the ledger replayed (nothing spent twice)")
     parser.add_argument("--linger", type=float, default=15.0, help="seconds to keep serving after the last round so clients learn the run is over")
     security = parser.add_mutually_exclusive_group()
     security.add_argument("--tls", metavar="DIR", help="server bundle from secure-fl provision (DIR/server): TLS, and "

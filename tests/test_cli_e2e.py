@@ -97,11 +97,12 @@ class Procs:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
 
-    def start(self, name: str, script: str, *args: str) -> Proc:
+    def start(self, name: str, script: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         out, err = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
         with out.open("wb") as out_handle, err.open("wb") as err_handle:
             popen = subprocess.Popen(
-                [_script(script), *args], stdout=out_handle, stderr=err_handle, stdin=subprocess.DEVNULL, env=_env()
+                [_script(script), *args], stdout=out_handle, stderr=err_handle, stdin=subprocess.DEVNULL,
+                env={**_env(), **(env or {})},
             )
         proc = Proc(name, popen, out, err)
         self.procs.append(proc)

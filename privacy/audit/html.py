@@ -224,6 +224,9 @@ def _header_section(report: Mapping[str, Any], run: Mapping[str, Any], accountan
     stopped = _mapping(run.get("stopped"))
     if stopped:
         rounds += f" (stopped at round {_fmt(stopped.get('round'))}: {_fmt(stopped.get('cause'))})"
+    resumes = _seq(run.get("resumes"))
+    if resumes:  # the server was stopped or killed and a new one continued the run
+        rounds += f" (resumed {len(resumes)} time{'s' if len(resumes) != 1 else ''} after the server stopped)"
     if run.get("interrupted") is True:
         rounds += " (run interrupted)"
         banner = (

@@ -157,7 +157,9 @@ def build_report(
     else:
         epsilon_notes = {}
     completed = [m for m in metrics if m.get("status", "ok") == "ok"]
-    interrupted = [m for m in metrics if _is_interrupted(m)]
+    # a round cut short and then run again by a resumed server is not an interrupted round of the run
+    ended_rounds = {m.get("round") for m in metrics if not _is_interrupted(m)}
+    interrupted = [m for m in metrics if _is_interrupted(m) and m.get("round") not in ended_rounds]
     skipped = [m for m in metrics if m.get("status") == "skipped"]
     language_model = any("perplexity" in m for m in metrics)
     return {
@@ -170,10 +172,12 @@ def build_report(
             "transport": run.get("transport"),
             "rounds_planned": int(dict(config.get("run", {})).get("rounds", len(metrics))),
             "rounds_completed": len(completed),
-            "rounds_failed": len(metrics) - len(completed) - len(interrupted) - len(skipped),
+            "rounds_failed": len([m for m in metrics if m.get("status") in ("failed", "aborted")]),
             "rounds_skipped": len(skipped),
             "rounds_interrupted": len(interrupted),
             "stopped": run.get("stopped"),
+            # each time a server continued the run after its predecessor stopped (secure-fl-server --resume)
+            "resumes": list(run.get("resumes", [])),
             "interrupted": bool(interrupted) or bool(run.get("interrupted", False)),
             "clients": [row["client_id"] for row in clients],
             "final_accuracy": next((m["accuracy"] for m in reversed(completed) if m.get("accuracy") is not None), None),

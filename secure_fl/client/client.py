@@ -179,7 +179,12 @@ class FederatedClient:
         return serde.envelope(self.run_id, round_number, self.client_id)
 
     def join(self) -> pb.JoinReply:
-        """Join the run; the reply fixes the run id used in every later message."""
+        """Join the run; the reply fixes the run id used in every later message.
+
+        A (re)join closes any open protocol session: after a server restart the round it was in
+        runs again from scratch, and its secrets (key pairs, mask seeds) are never reused for it.
+        """
+        self._close_session()
         reply = self.transport.join(self.join_request())
         self.adopt(reply)
         return reply

@@ -9,7 +9,14 @@ One ``checkpoints/round-NNNN.safetensors`` file per round holds, written atomica
 * the cohort RNG state (``numpy.random.Generator.bit_generator.state``, metadata ``rng_state``);
 * for a rule that merges every release into the base weights (flora), the merged base
   (`secure_fl.peft_agg.hooks.merged_base_state`, metadata ``base``): without it a resumed
-  server would apply the next stack to the original base.
+  server would apply the next stack to the original base;
+* the RFFL reputations (metadata ``reputation``) and the round's metrics record (metadata
+  ``record``), so a server killed between the checkpoint and ``metrics.jsonl`` resumes with both.
+
+A round's checkpoint is first written as ``round-NNNN.pending`` (before its ledger line) and
+renamed to ``round-NNNN.safetensors`` once the ledger line is on disk: a pending file without a
+ledger line was never released (`secure_fl.server.resume` deletes it), one with a ledger line
+is promoted on resume.
 
 `read_checkpoint` returns them all; `restore` puts plug-in state and RNG back into fresh stages
 (resuming a whole run from its directory builds on this).
@@ -27,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+from secure_fl.server.faults import crash_point
 
 if TYPE_CHECKING:
     from secure_fl.stages import Stages
@@ -49,6 +58,10 @@ class Checkpoint:
     base: dict[str, Any] | None = None
     run_id: str = ""
     path: Path | None = None
+    #: The RFFL reputations after this round (``[robustness] reputation``), else ``None``.
+    reputation: dict[str, Any] | None = None
+    #: The round's metrics record as it stood when the checkpoint was written (``None`` in older files).
+    record: dict[str, Any] | None = None
 
     def rng(self) -> np.random.Generator:
         """A generator in the saved cohort RNG state (it draws what the original would have drawn next)."""
@@ -99,8 +112,10 @@ def write_checkpoint(
     plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
     rng_state: Mapping[str, Any] | None = None,
     base: Mapping[str, Any] | None = None,
+    reputation: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint file atomically (temporary file + rename)."""
+    """Write one checkpoint file atomically (temporary file, fsync, rename)."""
     tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
     clash = [k for k in tensors if k.startswith(STATE_PREFIX)]
     if clash:
@@ -113,11 +128,32 @@ def write_checkpoint(
         "plugin_state": json.dumps(_encode(dict(plugin_state or {}), "plugins", extra)),
         "rng_state": json.dumps(_encode(dict(rng_state), "rng", extra) if rng_state is not None else None),
         "base": json.dumps(_encode(dict(base), "base", extra) if base is not None else None),
+        "reputation": json.dumps(_encode(dict(reputation), "reputation", extra) if reputation is not None else None),
+        "record": json.dumps(_json_record(record) if record is not None else None, allow_nan=False),
     }
     tmp = target.with_suffix(".tmp")
     save_file({**tensors, **extra}, str(tmp), metadata=metadata)
+    with tmp.open("rb") as handle:  # on disk before the rename makes it count
+        os.fsync(handle.fileno())
+    crash_point("checkpoint-write", round_number)
     os.replace(tmp, target)
     return target
+
+
+def _json_record(record: Mapping[str, Any]) -> Any:
+    """A metrics record as JSON: non-finite floats become ``null``, numpy scalars plain numbers."""
+    def safe(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not np.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {str(k): safe(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [safe(v) for v in value]
+        return value
+
+    return safe(dict(record))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -129,6 +165,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     plugin_state = _decode(json.loads(metadata.get("plugin_state", "{}")), tensors)
     rng_state = _decode(json.loads(metadata.get("rng_state", "null")), tensors)
     base = _decode(json.loads(metadata.get("base", "null")), tensors)
+    reputation = _decode(json.loads(metadata.get("reputation", "null")), tensors)
+    record = json.loads(metadata.get("record", "null"))
     return Checkpoint(
         round=int(metadata.get("round", path.stem.split("-")[-1])),
         state={k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)},
@@ -137,6 +175,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         base=base,
         run_id=metadata.get("run_id", ""),
         path=path,
+        reputation=reputation,
+        record=record,
     )
 
 

@@ -39,6 +39,8 @@ from robustness.errors import RobustnessError
 from protocols.secagg import BucketSum, Phase, PhaseResult, RoundContext
 from secure_fl.server.checkpoint import Checkpoint, restore
 from secure_fl.server.coordinator import Coordinator
+from secure_fl.server.faults import crash_point
+from secure_fl.server.resume import RESUMES_KEY, ResumePlan
 from secure_fl.server.rounds import RoundState
 from secure_fl.server.pipeline import AggregationOutcome, ServerPipeline, Stages
 from secure_fl.server.results import (
@@ -70,8 +72,16 @@ class FederatedServer:
         workload: Workload | None = None,
         eval_dataset: Any | None = None,
         transport: str = "grpc",
+        resume: ResumePlan | None = None,
     ) -> None:
         self.config = config
+        #: What `secure_fl.server.resume.recover` found when this server continues a killed run, else ``None``.
+        self.resume = resume
+        if resume is not None:
+            run_id = resume.run_id
+            if config.to_toml() != resume.config.to_toml():
+                raise ConfigError(f"a resumed run continues with its own {Path(out_dir) / 'config.toml'}; "
+                                  "the config given differs from it (resume without --config, --preset or --set)")
         self.run_id = run_id or new_run_id()
         self.observer: RoundObserver = observer or SilentObserver()
         # Stages first: a configuration no round could run under is refused before anything is written.
@@ -105,19 +115,27 @@ class FederatedServer:
         self.skip_probability = 0.0
         self._expected_cohort = expected
         self.run_dir = RunDirectory(out_dir)
-        if self.run_dir.holds_run():
+        if resume is None and self.run_dir.holds_run():
             raise RunError(
                 f"{self.run_dir.path} already holds a run (metrics.jsonl / ledger.jsonl); choose a new output "
                 "directory: two runs never share one privacy ledger"
             )
         #: Draws each round's cohort; saved with every checkpoint so a resumed run draws the same cohorts.
         self.rng = np.random.default_rng(config.run.seed)
-        self.run_dir.write_config(config)
+        #: The first round `run` runs (later than 1 for a resumed run).
+        self.first_round = 1
+        if resume is None:
+            self.run_dir.write_config(config)
+            info: dict[str, Any] = {
+                "schema": "secure-fl/run/v1",
+                "run_id": self.run_id,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "transport": transport,
+            }
+        else:  # keep what the first start wrote (start time, transport security so far)
+            info = {**self.run_dir.read_run_info(), "interrupted": False}
         self.run_dir.write_run_info({
-            "schema": "secure-fl/run/v1",
-            "run_id": self.run_id,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "transport": transport,
+            **info,
             "stages": self.stages.describe(),
             "sampling": {**self.sampling.describe(), "min_cohort": run_min_cohort(config)},
             "budget": self._budget_info(),
@@ -213,6 +231,32 @@ class FederatedServer:
                 f"but secure.mode={config.secure.mode!r} only reveals sums; use secure.mode='plain'",
                 key="peft.rule",
             )
+        #: Metrics records of rounds that ended before a resume (empty for a new run).
+        self._earlier: list[dict[str, Any]] = []
+        if resume is not None:
+            self._continue(resume)
+
+    def _continue(self, plan: ResumePlan) -> None:
+        """Load a killed run's last release and plan (see `secure_fl.server.resume`)."""
+        if plan.checkpoint is not None:
+            self.restore_from_checkpoint(plan.checkpoint, run_dir=self.run_dir.path)
+            if not self.stages.rule.merges_into_base:
+                self.releases = self.accounting.releases
+        # An independent stream on every resume: the re-run round draws a new cohort and new buckets.
+        self.rng = np.random.Generator(self.rng.bit_generator.jumped(plan.previous_resumes + 1))
+        if plan.recovered_record is not None:
+            self.run_dir.append_metrics(plan.recovered_record)
+        unconfirmed = self.accounting.ledger.verify(metrics=self.run_dir.read_metrics(), delta=self.config.privacy.delta)
+        if unconfirmed:
+            raise RunError(f"{self.run_dir.ledger_path}: round(s) {unconfirmed} have ledger lines but no metrics record "
+                           "after recovery; the run directory was edited")
+        self.first_round = plan.next_round
+        self._earlier = list(plan.earlier)
+        self.run_dir.append_run_event(RESUMES_KEY, plan.describe())
+        for action in plan.actions:
+            log.warning("resume: %s", action)
+        log.warning("resuming run %s at round %d of %d (last release: round %s)", self.run_id, plan.next_round,
+                    self.config.run.rounds, plan.checkpoint.round if plan.checkpoint is not None else "none")
 
     def _client_payload_spec(self, client_id: str, info: Mapping[str, str]) -> dict[str, TensorSpec] | None:
         """The upload specs of one client, from what it declared at Join (rules with per-client shapes).
@@ -313,8 +357,8 @@ class FederatedServer:
                 raise RunError(f"{shortfall}; run.require_full_cohort = true, so the run does not start")
             log.warning("%s; running with smaller cohorts (set run.require_full_cohort = true to refuse)", shortfall)
         self._save_adapter()
-        records: list[dict[str, Any]] = []
-        for number in range(1, run.rounds + 1):
+        records: list[dict[str, Any]] = list(self._earlier)
+        for number in range(self.first_round, run.rounds + 1):
             try:
                 record, stop = self._round(number, rng)
             except _BudgetStop as exc:
@@ -480,6 +524,7 @@ class FederatedServer:
             record["status"] = "failed"
             record["reason"] = f"{len(contributors)} update(s) before the deadline; run.min_updates={run.min_updates}"
         else:
+            crash_point("before-aggregation", number)
             try:
                 outcome = self.pipeline.aggregate_buckets(start, buckets, num_contributions=len(contributors))
             except RobustnessError as exc:  # e.g. dropouts left fewer rows than the defense's f needs
@@ -504,47 +549,54 @@ class FederatedServer:
                 self.stages.privacy, cohort_size=len(cohort), population=len(available),
                 contributions=len(contributors), sample_rate=self.sampling.sample_rate,
             )
-            # The ledger line is fsynced before anything derived from the new state leaves the
-            # server (checkpoint, adapter directory, next round's task).
-            entry = self.accounting.record(
-                round=number,
-                event=event,
-                mechanism=self.stages.privacy.describe(),
-                details={
-                    "run_id": self.run_id,
-                    "cohort": cohort,
-                    "contributors": contributors,
-                    "dropouts": dropped,
-                    "excluded": list(outcome.excluded),
-                    "sampling": self.sampling.mode,
-                    **({"noise_multiplier_calibrated": self.stages.calibration.calibrated}
-                       if self.stages.calibration is not None else {}),
-                    **self.stages.privacy.ledger_details(),
-                    **({"sample_level": sample_level} if sample_level else {}),
-                },
-            )
-            self.budget.record_release(event, contributors)
-            # Only now, with the round's cost on record, may the mechanism use what the clients
-            # reported (adaptive clipping: the noised unclipped count moves C for the next round).
+            details = {
+                "run_id": self.run_id,
+                "cohort": cohort,
+                "contributors": contributors,
+                "dropouts": dropped,
+                "excluded": list(outcome.excluded),
+                "sampling": self.sampling.mode,
+                **({"noise_multiplier_calibrated": self.stages.calibration.calibrated}
+                   if self.stages.calibration is not None else {}),
+                **self.stages.privacy.ledger_details(),
+                **({"sample_level": sample_level} if sample_level else {}),
+            }
+            # Everything the release changes is computed here, in memory: the mechanism's next state
+            # (adaptive clipping moves C by the noised unclipped count), the reputations and the
+            # evaluation. None of it leaves the server before the ledger line is on disk.
             record.update(self.stages.privacy.end_round(
                 [client_metrics.get(c, {}) for c in contributors], num_contributions=len(contributors),
                 denominator=self.pipeline.expected_contributions,
             ))
-            self.global_state = outcome.state
             self.releases += 1
             record["excluded"] = list(outcome.excluded)
-            record["epsilon"] = entry["epsilon"]
             record.update(outcome.info)
             if self.reputation is not None and outcome.scored is not None:
                 record.update(self.reputation.update(*outcome.scored))
-                self.run_dir.write_reputation({**self.reputation.state_dict(), "round": number, "run_id": self.run_id})
-            self.run_dir.save_checkpoint(
-                number, self.global_state, run_id=self.run_id, keep=run.keep_checkpoints,
-                plugin_state=self.stages.state_dict(), rng_state=rng.bit_generator.state,
+            record.update(self.evaluate(outcome.state))
+            # Crash-safe release (see secure_fl.server.resume): pending checkpoint -> ledger line (the
+            # release) -> committed checkpoint -> reputation, adapter, metrics. A kill before the ledger
+            # line leaves a pending file a resume deletes; after it, one a resume promotes.
+            self.run_dir.stage_checkpoint(
+                number, outcome.state, run_id=self.run_id, plugin_state=self.stages.state_dict(),
+                rng_state=rng.bit_generator.state,
                 base=merged_base_state(self.adapted, self.releases) if self.stages.rule.merges_into_base else None,
+                reputation=self.reputation.state_dict() if self.reputation is not None else None,
+                record=record,
             )
+            crash_point("before-ledger", number)
+            entry = self.accounting.record(
+                round=number, event=event, mechanism=self.stages.privacy.describe(), details=details,
+            )
+            crash_point("after-ledger", number)
+            self.budget.record_release(event, contributors)
+            self.global_state = outcome.state
+            record["epsilon"] = entry["epsilon"]
+            self.run_dir.commit_checkpoint(number, keep=run.keep_checkpoints)
+            crash_point("after-checkpoint", number)
+            if self.reputation is not None:
+                self.run_dir.write_reputation({**self.reputation.state_dict(), "round": number, "run_id": self.run_id})
             self._save_adapter()
-            record.update(self.evaluate(self.global_state))
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.run_dir.append_metrics(record)
         stop = self.observer.on_round_end(record) is True
@@ -642,8 +694,8 @@ class FederatedServer:
 
         With ``run_dir`` (the directory the checkpoint came from) and ``[robustness] reputation``,
         the reputations are reloaded from its ``reputation.json``, which must be of the same
-        round as the checkpoint. Only the in-memory state; resuming a run from its directory
-        (ledger, metrics, rounds left) is the job of the hardening work.
+        round as the checkpoint (a checkpoint that holds the reputations itself is used first). Only
+        the in-memory state: `secure_fl.server.resume` resumes a whole run (ledger, metrics, rounds left).
         """
         self.global_state = {k: np.array(v, copy=True) for k, v in checkpoint.state.items()}
         if self.stages.rule.merges_into_base:  # flora: the base holds every earlier release
@@ -654,7 +706,12 @@ class FederatedServer:
         rng = restore(self.stages, checkpoint)
         if rng is not None:
             self.rng = rng
-        if self.reputation is not None and run_dir is not None:
+        if self.reputation is not None and checkpoint.reputation is not None:  # saved with the checkpoint
+            self.reputation.load_state_dict(checkpoint.reputation)
+            if run_dir is not None:  # reputation.json may be of a round the crash cut short
+                RunDirectory(run_dir).write_reputation(
+                    {**self.reputation.state_dict(), "round": checkpoint.round, "run_id": self.run_id})
+        elif self.reputation is not None and run_dir is not None:
             restore_reputation(self.reputation, RunDirectory(run_dir), checkpoint.round)
 
 

@@ -4,7 +4,8 @@ Layout (``OUT/``): ``config.toml`` (resolved), ``run.json`` (run id, transport, 
 plug-in class and parameters), ``metrics.jsonl`` (one JSON line a round), ``ledger.jsonl`` (the
 privacy ledger, one fsynced line per release, see `privacy.ledger`),
 ``checkpoints/round-NNNN.safetensors`` (global adapter state after each round with the plug-ins'
-state and the cohort RNG state, the last few kept),
+state and the cohort RNG state, the last few kept; ``round-NNNN.pending`` while the round's
+ledger line is being written),
 ``adapter/`` (the latest global adapter, loadable with ``PeftModel.from_pretrained``) and
 ``report/`` (``privacy_report.json`` and ``privacy_report.html``). Every file is written atomically
 (temporary file + rename) and metrics and ledger lines are fsynced, so a crash never leaves a
@@ -97,19 +98,67 @@ class RunDirectory:
         plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
         rng_state: Mapping[str, Any] | None = None,
         base: Mapping[str, Any] | None = None,
+        reputation: Mapping[str, Any] | None = None,
+        record: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save the global adapter state after ``round_number``; keep the newest ``keep`` files.
 
         ``plugin_state`` (`Stages.state_dict`), ``rng_state`` (the cohort generator's
-        ``bit_generator.state``) and ``base`` (a merging rule's merged base) go into the same
-        atomically written file (see `secure_fl.server.checkpoint`).
+        ``bit_generator.state``), ``base`` (a merging rule's merged base), ``reputation`` and
+        ``record`` (the round's metrics record) go into the same atomically written file (see
+        `secure_fl.server.checkpoint`). The engine stages and commits in two steps around the
+        ledger line (`stage_checkpoint`, `commit_checkpoint`); this does both at once.
         """
-        target = self.checkpoints / f"round-{round_number:04d}.safetensors"
-        write_checkpoint(target, round_number, state, run_id=run_id, plugin_state=plugin_state,
-                         rng_state=rng_state, base=base)
+        self.stage_checkpoint(round_number, state, run_id=run_id, plugin_state=plugin_state, rng_state=rng_state,
+                              base=base, reputation=reputation, record=record)
+        return self.commit_checkpoint(round_number, keep=keep)
+
+    def stage_checkpoint(
+        self,
+        round_number: int,
+        state: Mapping[str, np.ndarray],
+        *,
+        run_id: str,
+        plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
+        rng_state: Mapping[str, Any] | None = None,
+        base: Mapping[str, Any] | None = None,
+        reputation: Mapping[str, Any] | None = None,
+        record: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write round ``round_number``'s checkpoint as ``round-NNNN.pending`` (not yet a release).
+
+        The engine writes it before the round's ledger line and promotes it with
+        `commit_checkpoint` after: a crash in between leaves a pending file that a resume
+        promotes (the ledger line is there) or deletes (it is not).
+        """
+        target = self.pending_path(round_number)
+        return write_checkpoint(target, round_number, state, run_id=run_id, plugin_state=plugin_state,
+                                rng_state=rng_state, base=base, reputation=reputation, record=record)
+
+    def commit_checkpoint(self, round_number: int, *, keep: int) -> Path:
+        """Promote the pending checkpoint of ``round_number``; keep the newest ``keep`` checkpoints."""
+        target = self.checkpoint_path(round_number)
+        os.replace(self.pending_path(round_number), target)
+        _fsync_dir(self.checkpoints)
         for old in sorted(self.checkpoints.glob("round-*.safetensors"))[:-keep]:
             old.unlink()
         return target
+
+    def checkpoint_path(self, round_number: int) -> Path:
+        """Where round ``round_number``'s released checkpoint lives."""
+        return self.checkpoints / f"round-{round_number:04d}.safetensors"
+
+    def pending_path(self, round_number: int) -> Path:
+        """Where round ``round_number``'s checkpoint waits for its ledger line."""
+        return self.checkpoints / f"round-{round_number:04d}.pending"
+
+    def pending_checkpoints(self) -> list[int]:
+        """Rounds with a pending checkpoint (a server stopped between staging and committing one)."""
+        return sorted(int(p.stem.split("-")[-1]) for p in self.checkpoints.glob("round-*.pending"))
+
+    def checkpoint_rounds(self) -> list[int]:
+        """Rounds with a released (committed) checkpoint, oldest first."""
+        return sorted(int(p.stem.split("-")[-1]) for p in self.checkpoints.glob("round-*.safetensors"))
 
     def latest_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """The newest checkpoint as ``(round, adapter state)``, or ``None`` (see `load_checkpoint` for the rest)."""
@@ -119,7 +168,7 @@ class RunDirectory:
     def load_checkpoint(self, round_number: int | None = None) -> Checkpoint | None:
         """The checkpoint of ``round_number`` (default: the newest) with plug-in and RNG state, or ``None``."""
         if round_number is not None:
-            path = self.checkpoints / f"round-{round_number:04d}.safetensors"
+            path = self.checkpoint_path(round_number)
             return read_checkpoint(path) if path.exists() else None
         files = sorted(self.checkpoints.glob("round-*.safetensors"))
         return read_checkpoint(files[-1]) if files else None
@@ -140,6 +189,12 @@ class RunDirectory:
             raise RunError(f"{self.reputation_path} does not hold a JSON object")
         return state
 
+    def append_run_event(self, key: str, event: Mapping[str, Any]) -> None:
+        """Append ``event`` to the list ``key`` of ``run.json`` (e.g. each resume), atomically."""
+        info = self.read_run_info()
+        info[key] = [*info.get(key, []), dict(event)]
+        self.write_run_info(info)
+
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -148,3 +203,17 @@ class RunDirectory:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: fsync the directory); a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
