@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import secure_fl
+from secure_fl.server.resume import recover
 from privacy.ledger import PrivacyLedger, chain_lines
 from secure_fl.audit import audit as audit_run_dir
 from secure_fl.simulation import simulate
@@ -58,6 +59,10 @@ def test_the_ledger_line_is_written_before_the_release(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="injected"):
         secure_fl.simulate(smoke_config("run.rounds=3"), tmp_path, progress=False)
     assert [e["round"] for e in PrivacyLedger(tmp_path / "ledger.jsonl").entries()] == [1]
+    # round 2's checkpoint is still pending (no ledger line, so never released); a resume deletes it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-0001.safetensors", "round-0002.pending"]
+    plan = recover(tmp_path)
+    assert plan.next_round == 2 and plan.checkpoint is not None and plan.checkpoint.round == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-0001.safetensors"]
     released = {k: v.detach().numpy() for k, v in load_adapter(tmp_path / "adapter")[0].state_dict().items()}
     round_one = load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors"))

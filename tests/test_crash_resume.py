@@ -199,3 +199,41 @@ def test_resume_refusals_are_one_clear_line(tmp_path: Path) -> None:
     assert mixed.returncode == 2 and "drop --preset" in mixed.stderr, _describe(mixed)
     neither = _run("secure-fl-server", "--address", "127.0.0.1:0", "--insecure")
     assert neither.returncode == 2 and "--resume RUN_DIR" in neither.stderr, _describe(neither)
+
+
+# ------------------------------------------------------------------ in-process pieces of a resume
+def test_a_rejoin_closes_the_round_session_so_its_secrets_are_never_reused(tmp_path: Path) -> None:
+    from tests.conftest import smoke_config
+    from tests.harness import in_process_parties
+
+    _, clients = in_process_parties(smoke_config("secure.mode='secagg+'"), tmp_path / "run", {})
+    client = clients[0]
+    before = client._session(1)  # the session of round 1, holding its key pairs and mask seeds
+    client.leave("test")  # free the id, as a restarted server has forgotten it
+    client.join()  # what a client does when a restarted server no longer knows it
+    assert client._round_session is None
+    assert client._session(1) is not before  # round 1 run again gets a new session: new keys
+
+
+def test_each_resume_draws_cohorts_from_a_new_stream(tmp_path: Path) -> None:
+    import secure_fl
+    from secure_fl.server.engine import FederatedServer
+    from secure_fl.server.resume import recover
+    from tests.conftest import smoke_config
+
+    config = smoke_config("run.rounds=3")
+    secure_fl.simulate(config, tmp_path, progress=False, callbacks=[lambda record: record["round"] == 1])
+    saved = recover(tmp_path)
+    assert saved.next_round == 2 and saved.checkpoint is not None
+    original = saved.checkpoint.rng().random(8)  # what the unbroken run would draw next
+    draws = []
+    for _ in range(2):
+        plan = recover(tmp_path)
+        server = FederatedServer(plan.config, tmp_path, transport="in-process", resume=plan)
+        draws.append(server.rng.random(8))
+    assert not np.array_equal(draws[0], original) and not np.array_equal(draws[1], original)
+    assert not np.array_equal(draws[0], draws[1])  # the second resume does not repeat the first one's cohorts
+    info = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
+    assert [r["next_round"] for r in info["resumes"]] == [2, 2]
+    with pytest.raises(Exception, match="differs from it"):
+        FederatedServer(smoke_config("run.rounds=4"), tmp_path, transport="in-process", resume=recover(tmp_path))

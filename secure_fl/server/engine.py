@@ -243,7 +243,9 @@ class FederatedServer:
             if not self.stages.rule.merges_into_base:
                 self.releases = self.accounting.releases
         # An independent stream on every resume: the re-run round draws a new cohort and new buckets.
-        self.rng = np.random.Generator(self.rng.bit_generator.jumped(plan.previous_resumes + 1))
+        bits = np.random.PCG64()  # default_rng's generator (the checkpoint saved its state)
+        bits.state = self.rng.bit_generator.state  # type: ignore[assignment]
+        self.rng = np.random.Generator(bits.jumped(plan.previous_resumes + 1))
         if plan.recovered_record is not None:
             self.run_dir.append_metrics(plan.recovered_record)
         unconfirmed = self.accounting.ledger.verify(metrics=self.run_dir.read_metrics(), delta=self.config.privacy.delta)
