@@ -127,7 +127,8 @@ class Coordinator:
         active is refused with ALREADY_EXISTS unless its holder went silent for longer than the
         liveness timeout (a client restarting after a crash). When ``max_clients`` are active, a
         silent party that owes nothing is evicted to make room; if none is, the Join is refused
-        with RESOURCE_EXHAUSTED.
+        with RESOURCE_EXHAUSTED. Silent parties beyond ``max_silent_parties`` are evicted first
+        (`_evict_silent_beyond_cap`), full run or not.
         """
         client_id, declared, own_spec = self.admission.check(request)
         rate = self.admission.sample_rate(request)
