@@ -213,6 +213,10 @@ class FederatedClient:
         protocol session; a PHASE task is answered by the session (key agreement, unmasking). The
         session of a round keeps its secrets between phases and is closed, secrets forgotten, when
         a later round or the end of the run arrives.
+
+        RESOURCE_EXHAUSTED (a rate limit, the stream caps, the in-flight byte budget) means "retry
+        later": a refused poll is a ``"wait"`` with a growing back-off in `retry_after`, a refused
+        upload is retried with back-off until the phase's deadline.
         """
         try:
             header, payload = serde.read_task_stream(
@@ -226,6 +230,7 @@ class FederatedClient:
             self.retry_after = self._busy(exc, "PullTask")  # over a server limit: poll again later
             return "wait"
         self._backoff = 0.0
+        arrived = time.monotonic()
         if header.kind == pb.TaskHeader.FINISHED:
             self._close_session()
             self.finished, self.finish_message = True, header.message
@@ -257,20 +262,19 @@ class FederatedClient:
             encoding=self.stages.secure.name,
             blobs=dict(body.blobs),
         )
-        if not self._push(upload, raw, header.deadline_s):
+        if not self._push(upload, raw, arrived + (header.deadline_s if header.deadline_s > 0 else 60.0)):
             return "wait"
         if header.kind == pb.TaskHeader.TRAIN:
             self.rounds_trained.append(round_number)
             return "trained"
         return "answered"
 
-    def _push(self, upload: pb.UpdateHeader, raw: bytes, deadline_s: float) -> bool:
+    def _push(self, upload: pb.UpdateHeader, raw: bytes, deadline: float) -> bool:
         """Upload an answer; back off and retry while the server says RESOURCE_EXHAUSTED.
 
-        Retries until the phase's deadline (``deadline_s`` from now, as the task said). False if
+        Retries until the phase's ``deadline`` (``time.monotonic()``, from the task). False if
         the answer was refused as stale or duplicate, or never got through before the deadline.
         """
-        deadline = time.monotonic() + (deadline_s if deadline_s > 0 else 60.0)
         phase, round_number = upload.envelope.phase, upload.envelope.round
         while True:
             try:
