@@ -132,15 +132,8 @@ class Server:
 
     def start(self) -> Server:
         """Start listening and running rounds (returns at once)."""
-        t = self.federated.config.transport
-        self._grpc = GrpcServer(
-            self.federated.coordinator,
-            self._bind,
-            max_streams=t.max_streams,
-            max_streams_per_peer=t.max_streams_per_peer,
-            first_message_timeout=t.first_message_timeout,
-            idle_timeout=t.idle_timeout,
-            tls=self._tls,
+        self._grpc = GrpcServer.from_config(
+            self.federated.coordinator, self._bind, self.federated.config.transport, tls=self._tls
         ).start()
         info = self.federated.run_dir.read_run_info()  # the report says whether the wire was protected
         # a resumed run keeps the weakest protection any of its server processes used

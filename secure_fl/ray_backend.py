@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 NAMESPACE = "secure-fl"
 #: Seconds a runner's `PartyRunner.step` call works before it returns to the driver.
 STEP_BUDGET = 0.2
+#: Shortest time between two polls of one hosted party (one sweep over them): at most 50 a second,
+#: half of ``transport.max_requests_per_second``'s default, so a runner never meets the rate limit.
+SWEEP_SECONDS = 0.02
 
 
 def import_ray() -> Any:
@@ -113,6 +116,7 @@ class PartyRunner:
         deadline = time.monotonic() + budget
         while True:
             progressed = False
+            swept = time.monotonic()
             for client in self.parties:
                 if client.finished:
                     continue
@@ -127,7 +131,7 @@ class PartyRunner:
             done = all(c.finished for c in self.parties)
             if progressed or done or time.monotonic() >= deadline:
                 return {"round": self.round, "trained": trained, "answered": answered, "finished": done}
-            time.sleep(0.01)
+            time.sleep(max(0.01, SWEEP_SECONDS - (time.monotonic() - swept)))
 
     def _honest_done(self) -> bool:
         """Whether every hosted honest party trained this round (white-box attackers wait for them)."""
@@ -220,10 +224,9 @@ def run_on_ray(server: FederatedServer, source: PartySource, board: HonestBoard,
     alive = [node for node in ray.nodes() if node.get("Alive")]
     host = "127.0.0.1" if not sim.ray_address and len(alive) <= 1 else ray.util.get_node_ip_address()
     transport_cfg = server.config.transport
-    grpc_server = GrpcServer(
-        server.coordinator, f"{host}:0", max_streams=transport_cfg.max_streams,
-        max_streams_per_peer=transport_cfg.max_streams, first_message_timeout=transport_cfg.first_message_timeout,
-        idle_timeout=transport_cfg.idle_timeout,
+    # every runner is one peer address holding many parties: only the overall stream cap applies
+    grpc_server = GrpcServer.from_config(
+        server.coordinator, f"{host}:0", transport_cfg, max_streams_per_peer=transport_cfg.max_streams
     ).start()
     pool: RunnerPool | None = None
     rounds: BackgroundRun | None = None

@@ -47,11 +47,7 @@ def grpc_server(tmp_path: Path) -> Iterator[Any]:
 
     def start(config: Config) -> RunningServer:
         server = FederatedServer(config, tmp_path / f"run{len(started)}")
-        t = config.transport
-        grpc = GrpcServer(
-            server.coordinator, "127.0.0.1:0", max_streams=t.max_streams, max_streams_per_peer=t.max_streams_per_peer,
-            first_message_timeout=t.first_message_timeout, idle_timeout=t.idle_timeout,
-        ).start()
+        grpc = GrpcServer.from_config(server.coordinator, "127.0.0.1:0", config.transport).start()
         running = RunningServer(server, grpc, BackgroundRun(server))
         started.append(running)
         return running

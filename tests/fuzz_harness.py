@@ -589,11 +589,7 @@ def run_fuzz(config: Config, run_dir: Path, *, messages: int, seed: int = 0) -> 
     pull_budget = max(0, messages - per_push * pushes - (per_join + per_leave + per_leave // 4) * (honest + 1))
     tally = Tally()
     server = FederatedServer(config, run_dir)
-    t = config.transport
-    grpc_server = GrpcServer(
-        server.coordinator, "127.0.0.1:0", max_streams=t.max_streams, max_streams_per_peer=t.max_streams_per_peer,
-        first_message_timeout=t.first_message_timeout, idle_timeout=t.idle_timeout,
-    ).start()
+    grpc_server = GrpcServer.from_config(server.coordinator, "127.0.0.1:0", config.transport).start()
     rounds_thread = BackgroundRun(server)
     fuzzer = Fuzzer(grpc_server.address, server, seed=seed, tally=tally, per_push=per_push, per_pull=10,
                     pull_budget=pull_budget, per_join=per_join, per_leave=per_leave, num_parties=honest + 1)

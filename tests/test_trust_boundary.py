@@ -309,7 +309,7 @@ def test_evicted_client_rejoins_and_finishes(grpc_server, caplog) -> None:
         time.sleep(0.5)
         with coordinator._cond:  # injected fault: the server forgets the client (as after an eviction)
             del coordinator._clients["client-0"]
-            coordinator._evicted.add("client-0")
+            coordinator._evicted["client-0"] = None
         time.sleep(1.0)
         second = make_client(config, 1, GrpcTransport(running.address))
         second_worker = threading.Thread(target=second.run, kwargs={"connect_timeout": 30})

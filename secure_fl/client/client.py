@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,9 @@ T = TypeVar("T")
 _RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 # Most times in a row a client rejoins after the server forgot it (NOT_FOUND) before giving up.
 _MAX_REJOINS = 3
+# Back-off after RESOURCE_EXHAUSTED (a rate limit, the stream caps, the in-flight byte budget):
+# doubles from the first to the last value, with jitter, and resets after a call goes through.
+_BUSY_BACKOFF = (0.25, 5.0)
 
 
 @dataclass
@@ -174,6 +178,8 @@ class FederatedClient:
         self.round_only: int | None = None
         #: Where honest clients of a simulation leave their clipped updates for white-box attackers.
         self.board = board if board is not None else HonestBoard()
+        self._backoff = 0.0
+        self._stop = threading.Event()  # set by `run`'s caller: ends a back-off wait early
 
     def _envelope(self, round_number: int = 0) -> pb.Envelope:
         return serde.envelope(self.run_id, round_number, self.client_id)
@@ -212,12 +218,24 @@ class FederatedClient:
         protocol session; a PHASE task is answered by the session (key agreement, unmasking). The
         session of a round keeps its secrets between phases and is closed, secrets forgotten, when
         a later round or the end of the run arrives.
+
+        RESOURCE_EXHAUSTED (a rate limit, the stream caps, the in-flight byte budget) means "retry
+        later": a refused poll is a ``"wait"`` with a growing back-off in `retry_after`, a refused
+        upload is retried with back-off until the phase's deadline.
         """
-        header, payload = serde.read_task_stream(
-            self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope(self.round_only or 0))),
-            max_bytes=self.max_download_bytes,
-            who="server",
-        )
+        try:
+            header, payload = serde.read_task_stream(
+                self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope(self.round_only or 0))),
+                max_bytes=self.max_download_bytes,
+                who="server",
+            )
+        except TransportError as exc:
+            if exc.code != "RESOURCE_EXHAUSTED":
+                raise
+            self.retry_after = self._busy(exc, "PullTask")  # over a server limit: poll again later
+            return "wait"
+        self._backoff = 0.0
+        arrived = time.monotonic()
         if header.kind == pb.TaskHeader.FINISHED:
             self._close_session()
             self.finished, self.finish_message = True, header.message
@@ -249,19 +267,46 @@ class FederatedClient:
             encoding=self.stages.secure.name,
             blobs=dict(body.blobs),
         )
-        try:
-            self.transport.push_update(serde.update_stream(upload, raw, self.chunk_size))
-        except TransportError as exc:
-            if exc.code not in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
-                raise
-            log.warning(
-                "client %s: answer to phase %r of round %d refused: %s", self.client_id, phase, round_number, exc.details
-            )
+        if not self._push(upload, raw, arrived + (header.deadline_s if header.deadline_s > 0 else 60.0)):
             return "wait"
         if header.kind == pb.TaskHeader.TRAIN:
             self.rounds_trained.append(round_number)
             return "trained"
         return "answered"
+
+    def _push(self, upload: pb.UpdateHeader, raw: bytes, deadline: float) -> bool:
+        """Upload an answer; back off and retry while the server says RESOURCE_EXHAUSTED.
+
+        Retries until the phase's ``deadline`` (``time.monotonic()``, from the task). False if
+        the answer was refused as stale or duplicate, or never got through before the deadline.
+        """
+        phase, round_number = upload.envelope.phase, upload.envelope.round
+        while True:
+            try:
+                self.transport.push_update(serde.update_stream(upload, raw, self.chunk_size))
+                self._backoff = 0.0
+                return True
+            except TransportError as exc:
+                if exc.code == "RESOURCE_EXHAUSTED":
+                    wait = self._busy(exc, "PushUpdate")
+                    if time.monotonic() + wait < deadline and not self._stop.is_set():
+                        self._stop.wait(wait)
+                        continue
+                elif exc.code not in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
+                    raise
+                log.warning(
+                    "client %s: answer to phase %r of round %d refused: %s", self.client_id, phase, round_number, exc.details
+                )
+                return False
+
+    def _busy(self, exc: TransportError, method: str) -> float:
+        """The next back-off (seconds) after a RESOURCE_EXHAUSTED answer to ``method``."""
+        low, high = _BUSY_BACKOFF
+        first = self._backoff == 0.0
+        self._backoff = min(high, max(low, 2 * self._backoff))
+        if first:
+            log.info("client %s: %s refused for now (%s); backing off", self.client_id, method, exc.details)
+        return self._backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
 
     def _train(
         self, header: pb.TaskHeader, payload: bytes, session: ClientRound, round_number: int
@@ -331,6 +376,7 @@ class FederatedClient:
     def run(self, *, connect_timeout: float = 120.0, stop: threading.Event | None = None) -> None:
         """Join unless already joined (retrying while the server is unreachable), then poll and train until finished."""
         stop = stop or threading.Event()
+        self._stop = stop
         if not self.run_id:  # a client that already joined keeps its place
             self._retrying(self.join, connect_timeout, stop)
         rejoins = 0

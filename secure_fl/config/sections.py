@@ -430,6 +430,28 @@ class TransportConfig:
     max_streams_per_peer: int = field(
         default=8, metadata={"help": "most streams one network peer (IP address) may hold open at once"}
     )
+    max_chunks: int = field(default=4096, metadata={
+        "help": "most chunks one upload stream may carry beyond what its payload needs at chunk_size: a stream "
+                "may carry max(max_chunks, ceil(total_bytes / chunk_size)) chunks, so a client that chunks as "
+                "configured is never refused and a stream of tiny chunks is cut off early (INVALID_ARGUMENT)"
+    })
+    max_requests_per_second: float = field(default=100.0, metadata={
+        "help": "calls per second one party (its certificate id under mTLS, else its client id) may make on "
+                "average; more gets RESOURCE_EXHAUSTED and the client retries later; 0 turns the limit off. "
+                "Honest clients poll twice a second, the Ray runner at most about 50 times"
+    })
+    request_burst: int = field(default=200, metadata={
+        "help": "calls a party may make at once above max_requests_per_second (its token bucket's size)"
+    })
+    max_silent_parties: int = field(default=256, metadata={
+        "help": "most joined parties kept while silent for longer than liveness_timeout; beyond it the "
+                "longest-silent are evicted (never one the open round waits for; they may join again)"
+    })
+    max_inflight_bytes: int = field(default=2 << 30, metadata={
+        "help": "bytes of uploads the server holds at once: an upload reserves its declared size before its "
+                "first chunk is read, or is refused with RESOURCE_EXHAUSTED (the client retries); "
+                "at least max_update_bytes"
+    })
 
     def __post_init__(self) -> None:
         _positive_int("transport.chunk_size", self.chunk_size)
@@ -444,6 +466,15 @@ class TransportConfig:
             _fail("transport.max_streams_per_peer", f"{self.max_streams_per_peer} exceeds transport.max_streams={self.max_streams}")
         if self.chunk_size > 4 << 20:
             _fail("transport.chunk_size", f"{self.chunk_size} exceeds gRPC's default 4 MiB message limit")
+        _positive_int("transport.max_chunks", self.max_chunks)
+        _non_negative_float("transport.max_requests_per_second", self.max_requests_per_second)
+        _positive_int("transport.request_burst", self.request_burst)
+        _non_negative_int("transport.max_silent_parties", self.max_silent_parties)
+        _positive_int("transport.max_inflight_bytes", self.max_inflight_bytes)
+        if self.max_inflight_bytes < self.max_update_bytes:
+            _fail("transport.max_inflight_bytes",
+                  f"{self.max_inflight_bytes} is below transport.max_update_bytes={self.max_update_bytes}: "
+                  "the largest accepted upload could never be received")
 
 
 #: ``[simulation] backend`` values.

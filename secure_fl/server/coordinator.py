@@ -12,6 +12,7 @@ client's stream, so a slow upload does not block other clients.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,6 +27,7 @@ from protocols.wire import serde
 from protocols.wire.limits import PROTOCOL_VERSION, shown
 from protocols.wire.v1 import federation_pb2 as pb
 from secure_fl.server.admission import Admission, ClientRecord
+from secure_fl.server.limits import ByteBudget
 from secure_fl.server.rounds import (
     CountingIterator, PhaseState, RoundState, check_blobs, pack_phase_tasks, phase_for_answer, phase_owed,
 )
@@ -34,6 +36,11 @@ __all__ = ["PROTOCOL_VERSION", "ClientRecord", "Coordinator", "RoundState"]
 
 #: Default bound on an update's weight (its example count), whatever a client declares.
 DEFAULT_MAX_WEIGHT = 1e9
+#: Defaults of the ``[transport]`` limits the coordinator enforces (see `secure_fl.config`).
+DEFAULT_MAX_CHUNKS = 4096
+DEFAULT_MAX_INFLIGHT_BYTES = 2 << 30
+#: Most evicted ids remembered (to tell an evicted party why it is unknown); oldest forgotten first.
+MAX_REMEMBERED_EVICTIONS = 65536
 T = TypeVar("T")
 
 
@@ -60,6 +67,9 @@ class Coordinator:
         stage_fingerprints: Mapping[str, str] | None = None,
         sample_level: bool = False,
         validate_update: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        max_inflight_bytes: int | None = None,
+        max_silent_parties: int | None = None,
     ) -> None:
         self.run_id = run_id
         #: The upload spec of `open_round`'s one-phase rounds (the engine's phases carry their own).
@@ -71,6 +81,14 @@ class Coordinator:
         self.on_update = on_update
         self.max_clients = max_clients
         self.liveness_timeout = float(liveness_timeout)
+        #: Chunks one upload may carry beyond what its payload needs at ``chunk_size``.
+        self.max_chunks = max_chunks
+        #: Bytes of uploads held at once (``transport.max_inflight_bytes``; default at least one upload).
+        self.budget = ByteBudget(
+            max_inflight_bytes if max_inflight_bytes is not None else max(DEFAULT_MAX_INFLIGHT_BYTES, max_update_bytes)
+        )
+        #: Most joined parties kept while silent past the liveness timeout (``None``: no cap).
+        self.max_silent_parties = max_silent_parties
         #: False under a secure mode that hides updates: uploads then carry no weight and no
         #: metrics in the clear (the protocol carries the weight inside the masked payload).
         self.weights_in_clear = weights_in_clear
@@ -89,7 +107,7 @@ class Coordinator:
         self._round: RoundState | None = None
         self._closed_rounds: set[int] = set()
         self._finished: str | None = None
-        self._evicted: set[str] = set()
+        self._evicted: dict[str, None] = {}  # an ordered set, bounded by MAX_REMEMBERED_EVICTIONS
 
     @property
     def model_fingerprint(self) -> str:
@@ -109,7 +127,8 @@ class Coordinator:
         active is refused with ALREADY_EXISTS unless its holder went silent for longer than the
         liveness timeout (a client restarting after a crash). When ``max_clients`` are active, a
         silent party that owes nothing is evicted to make room; if none is, the Join is refused
-        with RESOURCE_EXHAUSTED.
+        with RESOURCE_EXHAUSTED. Silent parties beyond ``max_silent_parties`` are evicted first
+        (`_evict_silent_beyond_cap`), full run or not.
         """
         client_id, declared, own_spec = self.admission.check(request)
         rate = self.admission.sample_rate(request)
@@ -124,6 +143,7 @@ class Coordinator:
                     f"(an id is freed when its holder leaves or is silent for {self.liveness_timeout:g} s)",
                     code=grpc.StatusCode.ALREADY_EXISTS,
                 )
+            self._evict_silent_beyond_cap(now)
             if existing is None and self.max_clients is not None and len(self._clients) >= self.max_clients:
                 if not self._evict_one_silent(now):
                     raise Refused(
@@ -141,21 +161,48 @@ class Coordinator:
             poll_interval_ms=self.poll_ms,
         )
 
-    def _evict_one_silent(self, now: float) -> bool:
-        """Forget the longest-silent party that owes nothing in the open round; False if none is silent."""
+    def _evictable(self, now: float) -> list[ClientRecord]:
+        """Joined parties silent past the liveness timeout that owe nothing and no simulator vouches for."""
         owing: set[str] = set()
         current = self._round
         if current is not None and not current.closed:  # any phase of the open round may still need them
             owing = set(current.cohort) - current.left
-        silent = [
-            r for r in self._clients.values() if now - r.last_seen > self.liveness_timeout and r.client_id not in owing
+        return [
+            r for r in self._clients.values()
+            if not r.virtual and now - r.last_seen > self.liveness_timeout and r.client_id not in owing
         ]
+
+    def _evict(self, client_id: str) -> None:
+        del self._clients[client_id]
+        self._client_specs.pop(client_id, None)
+        self._evicted[client_id] = None
+        if len(self._evicted) > MAX_REMEMBERED_EVICTIONS:
+            del self._evicted[next(iter(self._evicted))]
+
+    def _evict_one_silent(self, now: float) -> bool:
+        """Forget the longest-silent party that owes nothing in the open round; False if none is silent."""
+        silent = self._evictable(now)
         if not silent:
             return False
-        oldest = min(silent, key=lambda r: r.last_seen)
-        del self._clients[oldest.client_id]
-        self._evicted.add(oldest.client_id)
+        self._evict(min(silent, key=lambda r: r.last_seen).client_id)
         return True
+
+    def _evict_silent_beyond_cap(self, now: float) -> list[str]:
+        """Evict the longest-silent parties beyond ``max_silent_parties`` (``transport.max_silent_parties``).
+
+        Called (under the lock) at every Join and whenever the engine picks a cohort, so parties
+        that joined and went silent cannot pile up even while the run is not full. O(joined).
+        """
+        if self.max_silent_parties is None:
+            return []
+        silent = self._evictable(now)
+        excess = len(silent) - self.max_silent_parties
+        if excess <= 0:
+            return []
+        gone = [r.client_id for r in sorted(silent, key=lambda r: r.last_seen)[:excess]]
+        for client_id in gone:
+            self._evict(client_id)
+        return gone
 
     def pull_task(self, request: pb.PullTaskRequest) -> Iterator[pb.TaskChunk]:
         """Answer a poll: TRAIN (the global adapter), PHASE (a protocol step), WAIT or FINISHED.
@@ -240,18 +287,23 @@ class Coordinator:
         # The manifest is checked against the expected answer before a byte of it is read, and
         # memory grows only with the data that actually arrives.
         where = f"{who} in phase {phase.phase.name!r}"
-        _, payload = serde.read_update_stream(
-            itertools.chain([first], counted), max_bytes=self.max_update_bytes, who=where, expected=expected
-        )
-        tensors = serde.unpack_tensors(header.manifest, payload, expected=expected, who=where, verify_checksum=False)
-        for name, value in tensors.items():
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise MalformedMessage(f"{where}: tensor {name!r} contains NaN or infinite values")
-        if trains and self.validate_update is not None:
-            try:
-                self.validate_update(tensors)
-            except ValueError as exc:
-                raise MalformedMessage(f"{where}: {exc}") from None
+        serde.check_manifest(header.manifest, expected=expected, max_bytes=self.max_update_bytes, who=where)
+        # The declared size is reserved from the server-wide budget before a chunk is read, and
+        # given back however the upload ends (done, refused, cancelled by the idle timeout).
+        with self.budget.reserve(header.manifest.total_bytes, where):
+            chunks = self._capped(counted, header.manifest.total_bytes, where)
+            _, payload = serde.read_update_stream(
+                itertools.chain([first], chunks), max_bytes=self.max_update_bytes, who=where, expected=expected
+            )
+            tensors = serde.unpack_tensors(header.manifest, payload, expected=expected, who=where, verify_checksum=False)
+            for name, value in tensors.items():
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise MalformedMessage(f"{where}: tensor {name!r} contains NaN or infinite values")
+            if trains and self.validate_update is not None:
+                try:
+                    self.validate_update(tensors)
+                except ValueError as exc:
+                    raise MalformedMessage(f"{where}: {exc}") from None
         with self._cond:
             current = self._check_round_open(header.envelope.round, client_id)
             if phase_for_answer(current, header.envelope.phase, client_id) is not phase:
@@ -268,6 +320,22 @@ class Coordinator:
             message="accepted",
             received_bytes=len(payload),
         )
+
+    def _capped(self, messages: Iterator[pb.UpdateChunk], total_bytes: int, where: str) -> Iterator[pb.UpdateChunk]:
+        """The chunks of an upload, refused (INVALID_ARGUMENT) past ``max(max_chunks, ceil(total / chunk_size))``.
+
+        A client that chunks at ``transport.chunk_size`` needs ``ceil(total / chunk_size)``; a
+        stream of 1-byte chunks is cut off after a bounded number of messages, not after
+        ``total_bytes`` of them.
+        """
+        allowance = max(self.max_chunks, math.ceil(total_bytes / self.chunk_size))
+        for count, message in enumerate(messages, start=1):
+            if count > allowance:
+                raise MalformedMessage(
+                    f"{where}: upload stream carries more than {allowance} chunks for {total_bytes} bytes "
+                    f"(transport.max_chunks={self.max_chunks}); send chunks of up to transport.chunk_size={self.chunk_size} bytes"
+                )
+            yield message
 
     def leave(self, request: pb.LeaveRequest) -> pb.LeaveReply:
         """Forget a client; if it owed an update for the open round, stop waiting for it."""
@@ -294,6 +362,7 @@ class Coordinator:
         """
         now = time.monotonic()
         with self._cond:
+            self._evict_silent_beyond_cap(now)
             responsive = sorted(
                 c for c, r in self._clients.items() if r.virtual or now - r.last_seen <= self.liveness_timeout
             )

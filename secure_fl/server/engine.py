@@ -216,6 +216,9 @@ class FederatedServer:
             max_clients=config.run.num_clients,
             max_weight=config.run.max_weight,
             liveness_timeout=config.transport.liveness_timeout,
+            max_chunks=config.transport.max_chunks,
+            max_inflight_bytes=config.transport.max_inflight_bytes,
+            max_silent_parties=config.transport.max_silent_parties,
             model_info=model_info(self.adapted.model),
             spec_for=self._client_payload_spec if own_shapes(self.stages.rule) else None,
             # plaintext uploads are checked by the rule as they arrive (rank votes: permutations)

@@ -13,6 +13,10 @@ The server is the trust boundary, so it defends its threads and its port:
   the client retries);
 - an upload stream that sends no first message within ``first_message_timeout``, or stalls for
   ``idle_timeout`` between two messages, is cancelled and its thread freed;
+- every call counts against its party's rate limit (``transport.max_requests_per_second``,
+  bursts of ``transport.request_burst``): the party is its certificate's id under mutual TLS,
+  else the client id its message declares, never the IP address (simulations run every party on
+  127.0.0.1); over the limit the call gets RESOURCE_EXHAUSTED and the client retries later;
 - the port is bound exclusively: a second server on the same address fails to start instead of
   sharing the clients with the first (gRPC enables ``SO_REUSEPORT`` by default).
 """
@@ -26,18 +30,23 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protocols.errors import Impersonation, MalformedMessage, ProtocolError
+from protocols.wire.limits import MAX_ID_LENGTH
 from protocols.wire.v1 import federation_pb2 as pb
 from secure_fl.server.coordinator import Coordinator
+from secure_fl.server.limits import OverLimit, RateLimiter
 from secure_fl.transport.address import parse_address
 from secure_fl.transport.credentials import PeerIdentity, ServerTLS, Unauthenticated
 from secure_fl.transport.grpc_client import CHANNEL_OPTIONS
+
+if TYPE_CHECKING:
+    from secure_fl.config import TransportConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,7 +56,8 @@ SERVICE_NAME = "secure_fl.v1.Federation"
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> NoReturn:
     if isinstance(exc, ProtocolError):
-        log.info("%s refused: %s", method, exc)
+        if not isinstance(exc, OverLimit):  # the limiter logs the first refusal of a flood, not each one
+            log.info("%s refused: %s", method, exc)
         context.abort(exc.code, str(exc))
     log.exception("%s failed", method)
     context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error: {type(exc).__name__}")
@@ -179,10 +189,23 @@ class FederationServicer:
     declared id, is who acts in the round.
     """
 
-    def __init__(self, coordinator: Coordinator, guard: StreamGuard, identity: PeerIdentity | None = None) -> None:
+    def __init__(
+        self, coordinator: Coordinator, guard: StreamGuard, identity: PeerIdentity | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self.guard = guard
         self.identity = identity
+        self.limiter = limiter if limiter is not None else RateLimiter(rate=0, burst=1)
+
+    def _limit(self, party: str | None, envelope: pb.Envelope | None, method: str) -> None:
+        """Count one call against its party's rate limit: the authenticated id, else the declared one.
+
+        A declared id is cut to `MAX_ID_LENGTH` + 1 characters so that made-up long ids cannot
+        make the bucket table large (the coordinator refuses such ids anyway).
+        """
+        key = party if party is not None else (envelope.client_id if envelope is not None else "")
+        self.limiter.check(key[: MAX_ID_LENGTH + 1], method)
 
     def _unary(self, method: str, fn: Callable[[], T], context: grpc.ServicerContext) -> T:
         try:
@@ -216,17 +239,24 @@ class FederationServicer:
     def join(self, raw: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
         """Join RPC."""
         party = self._party(context, "Join")
-        return self._unary(
-            "Join", lambda: self.coordinator.join(self._bound(_decode(pb.JoinRequest, raw, "Join"), context, "Join", party)),
-            context,
-        )
+
+        def call() -> pb.JoinReply:
+            request = self._bound(_decode(pb.JoinRequest, raw, "Join"), context, "Join", party)
+            self._limit(party, request.envelope, "Join")
+            return self.coordinator.join(request)
+
+        return self._unary("Join", call, context)
 
     def pull_task(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
         """PullTask RPC (server stream)."""
         party = self._party(context, "PullTask")
+        try:  # the rate limit is checked before a stream slot is taken: a flood holds none
+            request = self._bound(_decode(pb.PullTaskRequest, raw, "PullTask"), context, "PullTask", party)
+            self._limit(party, request.envelope, "PullTask")
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc, "PullTask")
         with self.guard.admit(context, "PullTask"):
             try:
-                request = self._bound(_decode(pb.PullTaskRequest, raw, "PullTask"), context, "PullTask", party)
                 yield from self.coordinator.pull_task(request)
             except Exception as exc:  # noqa: BLE001
                 _abort(context, exc, "PullTask")
@@ -234,20 +264,34 @@ class FederationServicer:
     def push_update(self, raw_messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushReply:
         """PushUpdate RPC (client stream)."""
         party = self._party(context, "PushUpdate")
+        if party is not None:  # authenticated: counted before a stream slot is taken
+            self._unary("PushUpdate", lambda: self._limit(party, None, "PushUpdate"), context)
         with self.guard.admit(context, "PushUpdate"):
-            messages = (
-                self._bound(_decode(pb.UpdateChunk, raw, "PushUpdate"), context, "PushUpdate", party)
-                for raw in self.guard.watched(raw_messages, context, "PushUpdate")
+            messages = self._limited(
+                (self._bound(_decode(pb.UpdateChunk, raw, "PushUpdate"), context, "PushUpdate", party)
+                 for raw in self.guard.watched(raw_messages, context, "PushUpdate")),
+                party,
             )
             return self._unary("PushUpdate", lambda: self.coordinator.push_update(messages), context)
+
+    def _limited(self, messages: Iterator[pb.UpdateChunk], party: str | None) -> Iterator[pb.UpdateChunk]:
+        """The upload's messages; without mTLS its first (header) message counts against the declared id."""
+        for index, message in enumerate(messages):
+            if index == 0 and party is None:
+                header = message.header if message.WhichOneof("part") == "header" else None
+                self._limit(None, header.envelope if header is not None else None, "PushUpdate")
+            yield message
 
     def leave(self, raw: bytes, context: grpc.ServicerContext) -> pb.LeaveReply:
         """Leave RPC."""
         party = self._party(context, "Leave")
-        return self._unary(
-            "Leave", lambda: self.coordinator.leave(self._bound(_decode(pb.LeaveRequest, raw, "Leave"), context, "Leave", party)),
-            context,
-        )
+
+        def call() -> pb.LeaveReply:
+            request = self._bound(_decode(pb.LeaveRequest, raw, "Leave"), context, "Leave", party)
+            self._limit(party, request.envelope, "Leave")
+            return self.coordinator.leave(request)
+
+        return self._unary("Leave", call, context)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler of the Federation service (requests arrive as raw bytes)."""
@@ -281,6 +325,8 @@ class GrpcServer:
         max_streams_per_peer: int = 8,
         first_message_timeout: float = 10.0,
         idle_timeout: float = 60.0,
+        max_requests_per_second: float = 100.0,
+        request_burst: int = 200,
         tls: ServerTLS | None = None,
     ) -> None:
         host, _ = parse_address(address, what="server address", allow_port_zero=True)
@@ -292,10 +338,13 @@ class GrpcServer:
             max_streams=max_streams, max_streams_per_peer=max_streams_per_peer,
             first_message_timeout=first_message_timeout, idle_timeout=idle_timeout,
         )
+        #: Per-party token buckets (``transport.max_requests_per_second``, ``transport.request_burst``).
+        self.limiter = RateLimiter(rate=max_requests_per_second, burst=request_burst)
         options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         identity = tls.identity if tls is not None else None
-        self._server.add_generic_rpc_handlers((FederationServicer(coordinator, self.guard, identity).handler(),))
+        servicer = FederationServicer(coordinator, self.guard, identity, self.limiter)
+        self._server.add_generic_rpc_handlers((servicer.handler(),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         try:
@@ -310,6 +359,19 @@ class GrpcServer:
             self.guard.close()
             raise OSError(f"cannot listen on {address} (is another server already using this port?)")
         self.address = f"{host}:{self.port}"
+
+    @classmethod
+    def from_config(
+        cls, coordinator: Coordinator, address: str, transport: TransportConfig, *,
+        tls: ServerTLS | None = None, max_streams_per_peer: int | None = None,
+    ) -> GrpcServer:
+        """A server with every ``[transport]`` limit of ``transport`` (``max_streams_per_peer`` overrides one)."""
+        return cls(
+            coordinator, address, max_streams=transport.max_streams,
+            max_streams_per_peer=transport.max_streams_per_peer if max_streams_per_peer is None else max_streams_per_peer,
+            first_message_timeout=transport.first_message_timeout, idle_timeout=transport.idle_timeout,
+            max_requests_per_second=transport.max_requests_per_second, request_burst=transport.request_burst, tls=tls,
+        )
 
     def start(self) -> GrpcServer:
         """Start serving and report SERVING on the health service."""
