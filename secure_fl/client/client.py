@@ -156,6 +156,8 @@ class FederatedClient:
         self.max_download_bytes = max_download_bytes
         self.run_id = ""
         self.retry_after = 0.5
+        #: Seconds between two attempts of a call refused as busy or unreachable.
+        self.retry_wait = 1.0
         self.finished = False
         self.finish_message = ""
         self.rounds_trained: list[int] = []
@@ -200,13 +202,18 @@ class FederatedClient:
         self.run_id = reply.envelope.run_id
         self.retry_after = reply.poll_interval_ms / 1000
 
-    def step(self) -> str:
+    def step(self, *, retry_timeout: float = 120.0, stop: threading.Event | None = None) -> str:
         """Poll once and act on the answer: ``"wait"``, ``"trained"``, ``"answered"`` or ``"finished"``.
 
         A TRAIN task runs the fixed client-side order (`secure_fl.client.mods`) inside the round's
         protocol session; a PHASE task is answered by the session (key agreement, unmasking). The
         session of a round keeps its secrets between phases and is closed, secrets forgotten, when
         a later round or the end of the run arrives.
+
+        An upload refused as busy or unreachable (RESOURCE_EXHAUSTED, UNAVAILABLE,
+        DEADLINE_EXCEEDED) is sent again, the same answer, for up to ``retry_timeout`` seconds: the
+        task is not fetched and answered a second time, which a multi-phase session (SecAgg+) could
+        not do (its secrets have moved on to the next phase) and training would waste.
         """
         header, payload = serde.read_task_stream(
             self.transport.pull_task(pb.PullTaskRequest(envelope=self._envelope(self.round_only or 0))),
@@ -245,7 +252,10 @@ class FederatedClient:
             blobs=dict(body.blobs),
         )
         try:
-            self.transport.push_update(serde.update_stream(upload, raw, self.chunk_size))
+            self._retrying(
+                lambda: self.transport.push_update(serde.update_stream(upload, raw, self.chunk_size)),
+                retry_timeout, stop or threading.Event(),
+            )
         except TransportError as exc:
             if exc.code not in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
                 raise
@@ -332,7 +342,7 @@ class FederatedClient:
         try:
             while not stop.is_set():
                 try:
-                    outcome = self._retrying(self.step, connect_timeout, stop)
+                    outcome = self._retrying(lambda: self.step(retry_timeout=connect_timeout, stop=stop), connect_timeout, stop)
                 except TransportError as exc:
                     if exc.code != "NOT_FOUND" or rejoins >= _MAX_REJOINS:
                         raise
@@ -378,7 +388,7 @@ class FederatedClient:
                         "client %s: waiting for the server at %s (%s); retrying until %s (transport.connect_timeout=%gs)",
                         self.client_id, where, reason, until, timeout,
                     )
-                stop.wait(1.0)
+                stop.wait(self.retry_wait)
 
     def _check_stages(self, announced: dict[str, str]) -> None:
         for stage, mine in self.stages.names().items():
