@@ -17,10 +17,13 @@ standard gRPC health check every ``--probe-interval`` seconds over its own mTLS 
 ``probe``, which never joins). Prints one JSON line:
 
 * ``parties``, ``rounds``, ``rounds_ok``, ``seconds_per_round`` (the server's ``seconds`` in
-  ``metrics.jsonl``) and ``join_s`` (server start to the first round's opening, roughly: every
-  worker importing torch and building its trainers, then every party joining);
+  ``metrics.jsonl``), ``server_ready_s`` (start to listening: imports, model, TLS) and ``join_s``
+  (everything outside the rounds: every worker importing torch and building its trainers, every
+  party joining, the server lingering (up to 10 s) until the parties left);
 * ``server_peak_rss_mb`` (VmHWM), ``server_rss_mb_after_round`` (VmRSS when each metrics line
   appeared), ``server_rss_mb_start`` (VmRSS once listening);
+* ``server_cpu_s_per_round``: the server's CPU seconds (user + system) between two metrics lines,
+  so rounds 2 .. R;
 * ``health_ms``: p50, p99, max latency of the health checks, with ``checks`` and ``failures``;
 * ``client_status_codes``: gRPC errors the parties saw, by code (retried ones included), and
   ``server_refusals`` (the server's logged stream refusals, transport.max_streams[_per_peer]);
@@ -165,6 +168,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- measurement
+def _proc_cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _proc_kb(pid: int, key: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -201,6 +213,7 @@ class Probe:
         self.latencies: list[float] = []
         self.failures: Counter[str] = Counter()
         self.rss_after_round: list[float] = []
+        self.cpu_at_round: list[float] = []  # server CPU seconds when each metrics line appeared
         self.rss_start: float | None = None
         self.peak_kb = 0
         self._stop = threading.Event()
@@ -241,6 +254,7 @@ class Probe:
             lines = metrics.read_text().count("\n") if metrics.exists() else 0
             if lines > seen:
                 self.rss_after_round += [round(rss / 1024, 1)] * (lines - seen)
+                self.cpu_at_round += [_proc_cpu_s(self.pid) or 0.0] * (lines - seen)
                 seen = lines
                 self.done = seen >= self.rounds
 
@@ -295,8 +309,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                    *(["--insecure"] if args.insecure else []), *[a for s in args.settings for a in ("--set", s)]]
         with (logs / f"worker-{index}.out").open("wb") as out, (logs / f"worker-{index}.err").open("wb") as err:
             workers.append(subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=_env()))
-    probe = Probe(address, server.pid, run_dir, args.probe_interval, pki, args.rounds).start()
     deadline = began + args.timeout
+    # The probe's channel is opened once the server listens: opened earlier, gRPC's reconnect
+    # backoff (1 s, x1.6 per failure) would leave it failing fast for seconds after the server is up.
+    ready_s = None
+    while time.monotonic() < deadline and server.poll() is None:
+        if "listening on" in (logs / "server.out").read_text(errors="replace"):
+            ready_s = round(time.monotonic() - began, 1)
+            break
+        time.sleep(0.1)
+    probe = Probe(address, server.pid, run_dir, args.probe_interval, pki, args.rounds).start()
     try:
         while time.monotonic() < deadline and any(p.poll() is None for p in [server, *workers]):
             if server.poll() not in (None, 0):
@@ -336,8 +358,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "dropped_per_round": [len(m.get("dropped", [])) for m in metrics],
         "seconds_per_round": round(sum(seconds) / len(seconds), 2) if seconds else None,
         "round_seconds": [round(s, 2) for s in seconds],
-        "join_s": round(wall - sum(seconds), 1), "wall_s": round(wall, 1),
+        "server_ready_s": ready_s, "join_s": round(wall - sum(seconds), 1), "wall_s": round(wall, 1),
         "server_exit": server.returncode,
+        "server_cpu_s_per_round": [round(b - a, 2) for a, b in zip(probe.cpu_at_round, probe.cpu_at_round[1:])],
         "server_peak_rss_mb": round(probe.peak_kb / 1024, 1), "server_rss_mb_start": probe.rss_start,
         "server_rss_mb_after_round": probe.rss_after_round,
         "health_ms": probe.health(),
