@@ -28,7 +28,8 @@ standard gRPC health check every ``--probe-interval`` seconds over its own mTLS 
 * ``client_status_codes``: gRPC errors the parties saw, by code (retried ones included), and
   ``server_refusals`` (the server's logged stream refusals, transport.max_streams[_per_peer]);
 * ``bytes_up_per_party_round`` / ``bytes_down_per_party_round`` (from the server's metrics);
-* ``settings``: every ``--set`` given on top of the benchmark's own, so a changed default shows.
+* ``settings``: every ``--set`` given on top of the benchmark's own, so a changed default shows;
+  ``load_1m``: the machine's 1-minute load average when the run started (other work on it).
 
 Run:  PYTHONPATH=. python benchmarks/load.py --parties 200 --rounds 3 --record benchmarks/results/load.jsonl
 """
@@ -145,7 +146,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         def push_update(self, messages: Any) -> Any:
             return self._count(super().push_update, messages)
 
-    api.GrpcTransport = CountingTransport  # type: ignore[misc]  # run_client builds its transport from this name
+    api.GrpcTransport = CountingTransport  # type: ignore[attr-defined]  # run_client builds its transport from this name
     config = load_preset("smoke").with_overrides(overrides(args))
     mine = [f"client-{i}" for i in range(args.worker, args.parties, args.client_procs)]
     trained: dict[str, list[int]] = {}
@@ -295,6 +296,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     run_dir = work / "run"
     settings = [a for s in overrides(args) for a in ("--set", s)]
     security = ["--insecure"] if pki is None else ["--tls", str(pki / "server")]
+    load_1m = round(os.getloadavg()[0], 2)  # other work on the machine, when the run starts
     began = time.monotonic()
     with (logs / "server.out").open("wb") as out, (logs / "server.err").open("wb") as err:
         server = subprocess.Popen([*_script("secure-fl-server"), "--preset", "smoke", *settings, "--address", address,
@@ -304,8 +306,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for index in range(args.client_procs):
         command = [sys.executable, __file__, "--worker", str(index), "--address", address, "--pki", str(pki or ""),
                    "--parties", str(args.parties), "--rounds", str(args.rounds), "--client-procs", str(args.client_procs),
-                   "--examples-per-party", str(args.examples_per_party), "--local-steps", str(args.local_steps), "--bucket-size", str(args.bucket_size),
-                   "--round-timeout", str(args.round_timeout), "--timeout", str(args.timeout),
+                   "--examples-per-party", str(args.examples_per_party), "--local-steps", str(args.local_steps),
+                   "--bucket-size", str(args.bucket_size), "--round-timeout", str(args.round_timeout),
+                   "--timeout", str(args.timeout),
                    *(["--insecure"] if args.insecure else []), *[a for s in args.settings for a in ("--set", s)]]
         with (logs / f"worker-{index}.out").open("wb") as out, (logs / f"worker-{index}.err").open("wb") as err:
             workers.append(subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=_env()))
@@ -371,8 +374,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                           for c in r.get("trained", {})),
         "bytes_up_per_party_round": round(sum(m["bytes_up"] for m in ok) / max(1, sum(m["clients"] for m in ok))),
         "bytes_down_per_party_round": round(sum(m["bytes_down"] for m in ok) / max(1, sum(m["clients"] for m in ok))),
-        "settings": args.settings, "local_steps": args.local_steps, "examples_per_party": args.examples_per_party,
-        "round_timeout": args.round_timeout,
+        "load_1m": load_1m, "settings": args.settings, "local_steps": args.local_steps,
+        "examples_per_party": args.examples_per_party, "round_timeout": args.round_timeout,
     }
     if not metrics or server.returncode != 0:
         result["server_log_tail"] = server_log[-1500:]
