@@ -87,3 +87,21 @@ def test_he_benchmark_runs() -> None:
     ratios = lines[-1]["ratios"]
     assert set(ratios) == {"ours-bfv", "ours-ckks"}
     assert ratios["ours-bfv"]["bytes_per_param"] == round(bfv["bytes_per_param"] / records["flare"]["bytes_per_param"], 4)
+
+
+def test_load_benchmark_runs(tmp_path: Path) -> None:
+    record = tmp_path / "load.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--parties", "4", "--rounds", "1", "--client-procs", "2",
+         "--round-timeout", "60", "--timeout", "240", "--record", str(record)],
+        check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert json.loads(record.read_text(encoding="utf-8")) == result
+    assert result["benchmark"] == "load" and result["transport_security"] == "mtls" and result["secure_mode"] == "secagg+"
+    assert result["rounds_ok"] == 1 and result["clients_per_round"] == [4] and result["parties_trained_all_rounds"] == 4
+    assert result["server_exit"] == 0 and result["parties_failed"] == 0
+    assert result["server_peak_rss_mb"] > 0 and len(result["server_rss_mb_after_round"]) == 1
+    assert result["health_ms"]["checks"] > 0 and result["health_ms"]["failures"] == {}
+    assert result["bytes_up_per_party_round"] > 0 and result["bytes_down_per_party_round"] > 0

@@ -9,8 +9,9 @@ clients dropping out through `DroppingTransport` (`tests/harness.py`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,11 +25,15 @@ from protocols.secagg.quantize import dequantize_sum
 from protocols.secagg.registry import create_secure_aggregation
 from protocols.secagg.secaggplus import SecAggPlus
 from protocols.wire.serde import TensorSpec
-from secure_fl.errors import ConfigError
+from protocols.wire.v1 import federation_pb2 as pb
+from secure_fl.errors import ConfigError, TransportError
+from secure_fl.server.engine import FederatedServer
 from secure_fl.simulation import simulate
 from secure_fl.stages import Stages
+from secure_fl.transport.inprocess import InProcessTransport
 from tests.conftest import smoke_config
 from tests.harness import drive, in_process_parties, step_all
+from tests.test_grpc_round import make_client
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 SPEC = {k: TensorSpec(k, "float32", s) for k, s in SHAPES.items()}
@@ -321,3 +326,42 @@ def test_random_graphs_and_drops_give_the_exact_survivor_sum_or_abort(data) -> N
         return
     assert sums is not None and sums[0].members == tuple(sorted(answered[st.MASKED_INPUT]))
     _check_exact(protocol, sums, quantised, weights, (cohort,))
+
+
+class _BusyOnce(InProcessTransport):
+    """Injected fault: the first upload of every (round, phase) is refused as busy before it is read."""
+
+    def __init__(self, coordinator: Any) -> None:
+        super().__init__(coordinator)
+        self.refused: list[tuple[int, str]] = []
+        self.sent: dict[tuple[int, str], list[bytes]] = {}
+
+    def push_update(self, messages: Iterable[pb.UpdateChunk]) -> pb.PushReply:
+        chunks = list(messages)
+        envelope = chunks[0].header.envelope
+        key = (envelope.round, envelope.phase)
+        self.sent.setdefault(key, []).append(b"".join(c.SerializeToString() for c in chunks))
+        if key not in self.refused:
+            self.refused.append(key)
+            raise TransportError("PushUpdate: the server is serving 16 streams (transport.max_streams); retry shortly",
+                                 code="RESOURCE_EXHAUSTED")
+        return super().push_update(chunks)
+
+
+def test_an_upload_refused_as_busy_is_sent_again_not_recomputed(tmp_path: Path) -> None:
+    """A RESOURCE_EXHAUSTED upload (the server's stream caps, e.g. 200 parties behind one IP) is
+    retried with the same answer: re-fetching the task would replay a phase the SecAgg+ session
+    already left (StageTransitionError, the party lost) and train again."""
+    config = smoke_config("secure.mode='secagg+'", "run.rounds=2", "run.num_clients=4", "run.clients_per_round=4")
+    server = FederatedServer(config, tmp_path / "run", transport="in-process")
+    transports = [_BusyOnce(server.coordinator) for _ in range(4)]
+    clients = [make_client(config, i, t) for i, t in enumerate(transports)]
+    for client in clients:
+        client.retry_wait = 0.0
+        client.join()
+    result = step_all(server, clients).result()
+    assert [(r["status"], r["clients"]) for r in result.metrics] == [("ok", 4), ("ok", 4)]
+    assert all(c.rounds_trained == [1, 2] for c in clients)
+    for t in transports:
+        assert t.refused == [(r, phase) for r in (1, 2) for phase in st.PHASES]
+        assert all(len(attempts) == 2 and attempts[0] == attempts[1] for attempts in t.sent.values())

@@ -40,6 +40,9 @@ T = TypeVar("T")
 
 # Codes meaning "the server is not there (yet)" or "busy": retried until the connect timeout.
 _RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+# An upload refused with one of these is sent again, the same bytes, until the phase's deadline:
+# fetching and answering the task again would replay a phase the SecAgg+ session already left.
+_RESEND_CODES = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 # Most times in a row a client rejoins after the server forgot it (NOT_FOUND) before giving up.
 _MAX_REJOINS = 3
 # Back-off after RESOURCE_EXHAUSTED (a rate limit, the stream caps, the in-flight byte budget):
@@ -160,6 +163,8 @@ class FederatedClient:
         self.max_download_bytes = max_download_bytes
         self.run_id = ""
         self.retry_after = 0.5
+        #: Seconds between two attempts of a call refused as busy or unreachable.
+        self.retry_wait = 1.0
         self.finished = False
         self.finish_message = ""
         self.rounds_trained: list[int] = []
@@ -220,8 +225,10 @@ class FederatedClient:
         a later round or the end of the run arrives.
 
         RESOURCE_EXHAUSTED (a rate limit, the stream caps, the in-flight byte budget) means "retry
-        later": a refused poll is a ``"wait"`` with a growing back-off in `retry_after`, a refused
-        upload is retried with back-off until the phase's deadline.
+        later": a refused poll is a ``"wait"`` with a growing back-off in `retry_after`. A refused
+        upload (also UNAVAILABLE or DEADLINE_EXCEEDED) is sent again, the same answer, with back-off
+        until the phase's deadline: the task is not fetched and answered a second time, which a
+        multi-phase session (SecAgg+) could not do and training would waste.
         """
         try:
             header, payload = serde.read_task_stream(
@@ -275,7 +282,7 @@ class FederatedClient:
         return "answered"
 
     def _push(self, upload: pb.UpdateHeader, raw: bytes, deadline: float) -> bool:
-        """Upload an answer; back off and retry while the server says RESOURCE_EXHAUSTED.
+        """Upload an answer; back off and send it again while the server is busy or unreachable.
 
         Retries until the phase's ``deadline`` (``time.monotonic()``, from the task). False if
         the answer was refused as stale or duplicate, or never got through before the deadline.
@@ -287,7 +294,7 @@ class FederatedClient:
                 self._backoff = 0.0
                 return True
             except TransportError as exc:
-                if exc.code == "RESOURCE_EXHAUSTED":
+                if exc.code in _RESEND_CODES:  # the same answer again: the session has moved past this phase
                     wait = self._busy(exc, "PushUpdate")
                     if time.monotonic() + wait < deadline and not self._stop.is_set():
                         self._stop.wait(wait)
@@ -429,7 +436,7 @@ class FederatedClient:
                         "client %s: waiting for the server at %s (%s); retrying until %s (transport.connect_timeout=%gs)",
                         self.client_id, where, reason, until, timeout,
                     )
-                stop.wait(1.0)
+                stop.wait(self.retry_wait)
 
     def _check_stages(self, announced: dict[str, str]) -> None:
         for stage, mine in self.stages.names().items():
