@@ -88,31 +88,6 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def save_checkpoint(
-        self,
-        round_number: int,
-        state: Mapping[str, np.ndarray],
-        *,
-        run_id: str,
-        keep: int,
-        plugin_state: Mapping[str, Mapping[str, Any]] | None = None,
-        rng_state: Mapping[str, Any] | None = None,
-        base: Mapping[str, Any] | None = None,
-        reputation: Mapping[str, Any] | None = None,
-        record: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Save the global adapter state after ``round_number``; keep the newest ``keep`` files.
-
-        ``plugin_state`` (`Stages.state_dict`), ``rng_state`` (the cohort generator's
-        ``bit_generator.state``), ``base`` (a merging rule's merged base), ``reputation`` and
-        ``record`` (the round's metrics record) go into the same atomically written file (see
-        `secure_fl.server.checkpoint`). The engine stages and commits in two steps around the
-        ledger line (`stage_checkpoint`, `commit_checkpoint`); this does both at once.
-        """
-        self.stage_checkpoint(round_number, state, run_id=run_id, plugin_state=plugin_state, rng_state=rng_state,
-                              base=base, reputation=reputation, record=record)
-        return self.commit_checkpoint(round_number, keep=keep)
-
     def stage_checkpoint(
         self,
         round_number: int,
@@ -126,6 +101,11 @@ class RunDirectory:
         record: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write round ``round_number``'s checkpoint as ``round-NNNN.pending`` (not yet a release).
+
+        ``plugin_state`` (`Stages.state_dict`), ``rng_state`` (the cohort generator's
+        ``bit_generator.state``), ``base`` (a merging rule's merged base), ``reputation`` and
+        ``record`` (the round's metrics record) go into the same atomically written file (see
+        `secure_fl.server.checkpoint`).
 
         The engine writes it before the round's ledger line and promotes it with
         `commit_checkpoint` after: a crash in between leaves a pending file that a resume
