@@ -566,6 +566,7 @@ class FederatedServer:
                 **self.stages.privacy.ledger_details(),
                 **({"sample_level": sample_level} if sample_level else {}),
             }
+            mechanism = self.stages.privacy.describe()  # this round's parameters (C), before end_round moves them
             # Everything the release changes is computed here, in memory: the mechanism's next state
             # (adaptive clipping moves C by the noised unclipped count), the reputations and the
             # evaluation. None of it leaves the server before the ledger line is on disk.
@@ -591,7 +592,7 @@ class FederatedServer:
             )
             crash_point("before-ledger", number)
             entry = self.accounting.record(
-                round=number, event=event, mechanism=self.stages.privacy.describe(), details=details,
+                round=number, event=event, mechanism=mechanism, details=details,
             )
             crash_point("after-ledger", number)
             self.budget.record_release(event, contributors)
