@@ -38,11 +38,10 @@ from secure_fl.transport.base import ClientTransport
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Codes meaning "the server is not there (yet)" or "busy": retried until the connect timeout.
+# Codes meaning "the server is not there (yet)" or "busy": a call is retried until the connect
+# timeout, an upload sent again, the same bytes, until the phase's deadline (fetching and answering
+# the task again would replay a phase the SecAgg+ session already left).
 _RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
-# An upload refused with one of these is sent again, the same bytes, until the phase's deadline:
-# fetching and answering the task again would replay a phase the SecAgg+ session already left.
-_RESEND_CODES = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 # Most times in a row a client rejoins after the server forgot it (NOT_FOUND) before giving up.
 _MAX_REJOINS = 3
 # Back-off after RESOURCE_EXHAUSTED (a rate limit, the stream caps, the in-flight byte budget):
@@ -294,7 +293,7 @@ class FederatedClient:
                 self._backoff = 0.0
                 return True
             except TransportError as exc:
-                if exc.code in _RESEND_CODES:  # the same answer again: the session has moved past this phase
+                if exc.code in _RETRY_CODES:  # the same answer again: the session has moved past this phase
                     wait = self._busy(exc, "PushUpdate")
                     if time.monotonic() + wait < deadline and not self._stop.is_set():
                         self._stop.wait(wait)

@@ -25,6 +25,7 @@ is promoted on resume.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def write_checkpoint(
         "rng_state": json.dumps(_encode(dict(rng_state), "rng", extra) if rng_state is not None else None),
         "base": json.dumps(_encode(dict(base), "base", extra) if base is not None else None),
         "reputation": json.dumps(_encode(dict(reputation), "reputation", extra) if reputation is not None else None),
-        "record": json.dumps(_json_record(record) if record is not None else None, allow_nan=False),
+        "record": json.dumps(json_safe(dict(record)) if record is not None else None, allow_nan=False),
     }
     tmp = target.with_suffix(".tmp")
     save_file({**tensors, **extra}, str(tmp), metadata=metadata)
@@ -140,20 +141,18 @@ def write_checkpoint(
     return target
 
 
-def _json_record(record: Mapping[str, Any]) -> Any:
-    """A metrics record as JSON: non-finite floats become ``null``, numpy scalars plain numbers."""
-    def safe(value: Any) -> Any:
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not np.isfinite(value):
-            return None
-        if isinstance(value, Mapping):
-            return {str(k): safe(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [safe(v) for v in value]
-        return value
-
-    return safe(dict(record))
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON can hold it: non-finite floats become ``null``, numpy scalars plain numbers
+    (run.json, metrics lines, reputations and the record a checkpoint keeps)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return json_safe(value.item())
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

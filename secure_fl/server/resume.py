@@ -33,6 +33,7 @@ without its ledger line, a release without a checkpoint) is refused, naming the 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,8 @@ def recover(run_dir: str | Path) -> ResumePlan:
     for tmp in sorted(rd.checkpoints.glob("*.tmp")):
         tmp.unlink()
         actions.append(f"deleted {tmp.name}, a checkpoint the server was writing when it stopped (never released)")
-    released = [int(entry["round"]) for entry in PrivacyLedger(rd.ledger_path).entries()]  # checks the hash chain
+    ledger = PrivacyLedger(rd.ledger_path).entries()  # checks the hash chain
+    released = [int(entry["round"]) for entry in ledger]
     committed = set(rd.checkpoint_rounds())
     for number in rd.pending_checkpoints():
         if number in released and number not in committed:
@@ -130,15 +132,17 @@ def recover(run_dir: str | Path) -> ResumePlan:
     checkpoint = rd.load_checkpoint(last_checkpoint) if last_checkpoint else None
     if checkpoint is not None and checkpoint.run_id and checkpoint.run_id != run_id:
         raise RunError(f"{checkpoint.path} belongs to run {checkpoint.run_id}, not {run_id} (run.json)")
-    metrics, torn = _read_metrics(rd)
-    if torn:
+    if _repair_metrics_tail(rd):
         actions.append("dropped a half-written last line of metrics.jsonl")
+    try:
+        metrics = rd.read_metrics()
+    except ValueError as exc:
+        raise RunError(f"{rd.metrics_path} is not valid JSON lines ({exc}); it was edited") from None
     ended = {int(m["round"]): m for m in metrics if m.get("status") != "interrupted" and "round" in m}
     recovered: dict[str, Any] | None = None
     if checkpoint is not None and last_checkpoint not in ended:
-        entry = PrivacyLedger(rd.ledger_path).entries()[-1]
         recovered = {**(checkpoint.record or {"round": last_checkpoint, "status": "ok"}),
-                     "epsilon": entry.get("epsilon"), "seconds": None,
+                     "epsilon": ledger[-1].get("epsilon"), "seconds": None,
                      "recovered": "the server stopped before writing this line; restored from the round's checkpoint"}
         actions.append(f"wrote the metrics line of round {last_checkpoint} from its checkpoint")
         ended[last_checkpoint] = recovered
@@ -155,33 +159,22 @@ def recover(run_dir: str | Path) -> ResumePlan:
     )
 
 
-def _read_metrics(rd: RunDirectory) -> tuple[list[dict[str, Any]], bool]:
-    """``metrics.jsonl``'s records, dropping (and truncating away) a half-written last line."""
-    import json
+def _repair_metrics_tail(rd: RunDirectory) -> bool:
+    """End an unterminated last line of ``metrics.jsonl``; truncate it away if it is half-written.
 
+    True if a half-written line was dropped (the server was killed while appending it).
+    """
     if not rd.metrics_path.exists():
-        return [], False
-    text = rd.metrics_path.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    torn = False
-    if lines and not lines[-1].endswith("\n"):
-        try:
-            json.loads(lines[-1])
-            with rd.metrics_path.open("a", encoding="utf-8") as handle:  # whole but unterminated: end it
-                handle.write("\n")
-            lines[-1] += "\n"
-        except ValueError:
-            torn = True
-            kept = "".join(lines[:-1])
-            with rd.metrics_path.open("r+", encoding="utf-8") as handle:
-                handle.truncate(len(kept.encode("utf-8")))
-            lines = lines[:-1]
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as exc:
-            raise RunError(f"{rd.metrics_path} line {number} is not valid JSON ({exc}); it was edited") from None
-    return records, torn
+        return False
+    lines = rd.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if not lines or lines[-1].endswith("\n"):
+        return False
+    try:
+        json.loads(lines[-1])
+    except ValueError:
+        with rd.metrics_path.open("r+", encoding="utf-8") as handle:
+            handle.truncate(len("".join(lines[:-1]).encode("utf-8")))
+        return True
+    with rd.metrics_path.open("a", encoding="utf-8") as handle:  # whole but unterminated: end it
+        handle.write("\n")
+    return False

@@ -15,7 +15,6 @@ half-written file behind.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,19 +23,7 @@ from typing import Any
 import numpy as np
 from secure_fl.config import Config
 from secure_fl.errors import RunError
-from secure_fl.server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+from secure_fl.server.checkpoint import Checkpoint, json_safe, read_checkpoint, write_checkpoint
 
 
 class RunDirectory:
@@ -61,7 +48,7 @@ class RunDirectory:
 
     def write_run_info(self, info: Mapping[str, Any]) -> None:
         """Write ``run.json`` (what the audit report needs besides config, metrics and ledger)."""
-        self._atomic_write(self.run_info_path, (json.dumps(_json_safe(dict(info)), indent=2) + "\n").encode())
+        self._atomic_write(self.run_info_path, (json.dumps(json_safe(dict(info)), indent=2) + "\n").encode())
 
     def read_run_info(self) -> dict[str, Any]:
         """The parsed ``run.json``, or an empty dict if it is missing."""
@@ -76,7 +63,7 @@ class RunDirectory:
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to ``metrics.jsonl`` and fsync it."""
-        line = json.dumps(_json_safe(dict(record)), sort_keys=False) + "\n"
+        line = json.dumps(json_safe(dict(record)), sort_keys=False) + "\n"
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -155,7 +142,7 @@ class RunDirectory:
 
     def write_reputation(self, state: Mapping[str, Any]) -> None:
         """Write ``reputation.json`` atomically (a crash leaves the previous round's file whole)."""
-        self._atomic_write(self.reputation_path, (json.dumps(_json_safe(dict(state)), indent=2) + "\n").encode())
+        self._atomic_write(self.reputation_path, (json.dumps(json_safe(dict(state)), indent=2) + "\n").encode())
 
     def read_reputation(self) -> dict[str, Any] | None:
         """The parsed ``reputation.json``, or ``None`` if this run keeps none (a damaged file raises `RunError`)."""
