@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
+#: The unary requests, each carrying an envelope.
+R = TypeVar("R", pb.JoinRequest, pb.PullTaskRequest, pb.LeaveRequest)
 SERVICE_NAME = "secure_fl.v1.Federation"
 
 
@@ -236,23 +238,24 @@ class FederationServicer:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: unreadable client certificate: {exc}")
         raise AssertionError("unreachable")  # context.abort raises
 
+    def _request(self, kind: type[R], raw: bytes, context: grpc.ServicerContext, method: str, party: str | None) -> R:
+        """Decode one request, bind it to the authenticated party and count it against the rate limit."""
+        request = self._bound(_decode(kind, raw, method), context, method, party)
+        self._limit(party, request.envelope, method)
+        return request
+
     def join(self, raw: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
         """Join RPC."""
         party = self._party(context, "Join")
-
-        def call() -> pb.JoinReply:
-            request = self._bound(_decode(pb.JoinRequest, raw, "Join"), context, "Join", party)
-            self._limit(party, request.envelope, "Join")
-            return self.coordinator.join(request)
-
-        return self._unary("Join", call, context)
+        return self._unary(
+            "Join", lambda: self.coordinator.join(self._request(pb.JoinRequest, raw, context, "Join", party)), context
+        )
 
     def pull_task(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
         """PullTask RPC (server stream)."""
         party = self._party(context, "PullTask")
         try:  # the rate limit is checked before a stream slot is taken: a flood holds none
-            request = self._bound(_decode(pb.PullTaskRequest, raw, "PullTask"), context, "PullTask", party)
-            self._limit(party, request.envelope, "PullTask")
+            request = self._request(pb.PullTaskRequest, raw, context, "PullTask", party)
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc, "PullTask")
         with self.guard.admit(context, "PullTask"):
@@ -285,13 +288,9 @@ class FederationServicer:
     def leave(self, raw: bytes, context: grpc.ServicerContext) -> pb.LeaveReply:
         """Leave RPC."""
         party = self._party(context, "Leave")
-
-        def call() -> pb.LeaveReply:
-            request = self._bound(_decode(pb.LeaveRequest, raw, "Leave"), context, "Leave", party)
-            self._limit(party, request.envelope, "Leave")
-            return self.coordinator.leave(request)
-
-        return self._unary("Leave", call, context)
+        return self._unary(
+            "Leave", lambda: self.coordinator.leave(self._request(pb.LeaveRequest, raw, context, "Leave", party)), context
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler of the Federation service (requests arrive as raw bytes)."""
